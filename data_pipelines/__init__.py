@@ -1,0 +1,1 @@
+"""Data sources, augmentation, synthetic occlusion, samplers and Grain pipelines."""

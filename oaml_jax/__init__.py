@@ -1,0 +1,1 @@
+"""oaml_jax: Occlusion-Aware Metric Learning for face recognition in JAX/Flax."""
