@@ -1,0 +1,122 @@
+"""Image decoding and encoding for face crops (JPEG fast path, everything else through OpenCV)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import cv2
+import numpy as np
+import simplejpeg
+
+ImageBytes = Union[bytes, bytearray, memoryview, np.ndarray]
+
+_JPEG_SOI = b"\xff\xd8"
+
+
+class CorruptImageError(ValueError):
+    """An image (or the record holding it) could not be decoded.
+
+    Attributes:
+        where: the location of the bad data, e.g. "/data/train.rec record 17".
+        reason: what went wrong.
+    """
+
+    def __init__(self, where: str, reason: str):
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where or '<image>'}: {reason}")
+
+    def __reduce__(self):
+        # Grain workers send exceptions back to the main process by pickling them; the default
+        # reduction would call __init__ with the formatted message only.
+        return (type(self), (self.where, self.reason))
+
+
+def _as_bytes(data: ImageBytes, where: str) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise CorruptImageError(
+                where, f"expected encoded image bytes or a 1-D uint8 array, got array "
+                f"{data.dtype}{list(data.shape)}")
+        return data.tobytes()
+    raise CorruptImageError(where, f"expected encoded image bytes, got {type(data).__name__}")
+
+
+def decode_image(data: ImageBytes, where: str = "") -> np.ndarray:
+    """Decodes an encoded image (JPEG, PNG, BMP, ...) to RGB.
+
+    JPEGs go through simplejpeg (libjpeg-turbo, strict: truncated or corrupt data is an error);
+    other formats, and JPEG variants simplejpeg refuses, go through cv2.imdecode.
+
+    Args:
+        data: the encoded image: bytes, bytearray, memoryview or a 1-D uint8 array.
+        where: where the data came from, named in the error message.
+
+    Returns:
+        uint8 `[H, W, 3]` RGB. Grayscale images are replicated to 3 channels; alpha is dropped.
+
+    Raises:
+        CorruptImageError: the data is empty or cannot be decoded.
+    """
+    buf = _as_bytes(data, where)
+    if not buf:
+        raise CorruptImageError(where, "empty image data (0 bytes)")
+    reason = None
+    if buf.startswith(_JPEG_SOI):
+        try:
+            return simplejpeg.decode_jpeg(buf, colorspace="RGB")
+        except ValueError as e:
+            reason = f"corrupt JPEG ({len(buf)} bytes): {e}"
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise CorruptImageError(
+            where, reason or f"undecodable image data ({len(buf)} bytes, starts with {buf[:8]!r})")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _check_rgb(img: np.ndarray, what: str) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"{what}: expected a uint8 [H, W, 3] RGB image, got {img.dtype}{list(img.shape)}")
+    return np.ascontiguousarray(img)
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    """Encodes uint8 `[H, W, 3]` RGB as JPEG (4:4:4 chroma, so faces keep colour detail)."""
+    img = _check_rgb(img, "encode_jpeg")
+    return simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB", colorsubsampling="444")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """Encodes uint8 `[H, W, 3]` RGB as PNG (lossless)."""
+    img = _check_rgb(img, "encode_png")
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"encode_png: OpenCV could not encode an image of shape {list(img.shape)}")
+    return buf.tobytes()
+
+
+def check_size(img: np.ndarray, expected: tuple[int, int] = (112, 112), where: str = "") -> np.ndarray:
+    """Checks that a decoded image is `[expected[0], expected[1], 3]`.
+
+    Args:
+        img: decoded image `[H, W, 3]`.
+        expected: (height, width).
+        where: where the image came from, named in the error message.
+
+    Returns:
+        `img` unchanged.
+
+    Raises:
+        ValueError: the image has another size (aligned face crops are never resized silently).
+    """
+    h, w = expected
+    if img.ndim != 3 or img.shape[:2] != (h, w) or img.shape[2] != 3:
+        raise ValueError(
+            f"{where or '<image>'}: image is {'x'.join(map(str, img.shape))}, expected {h}x{w}x3 "
+            f"(aligned face crops)")
+    return img
