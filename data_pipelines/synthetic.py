@@ -1,0 +1,719 @@
+"""Procedurally rendered synthetic face identities: the project's embedded default dataset.
+
+Every identity is a fixed set of face parameters (`IdentityParams`) drawn deterministically from
+`(seed, identity)`: face outline and jaw, skin tone, eyes, brows, nose, mouth, hair style and hairline, ears,
+facial hair, moles and freckles, earrings. `render_face` draws one sample of an identity with per-sample
+nuisance (in-plane pose, yaw-like compression, expression, blink, gaze, lighting, background clutter,
+clothing, noise, blur, JPEG degradation) on the standard 112x112 five-landmark template (eyes ~ (38, 52) and
+(74, 52), nose ~ (56, 72), mouth corners ~ (42, 92) and (71, 92)), so occlusion placed from those landmarks
+covers the right parts.
+
+The per-channel mean colour of every rendered image is moved to a per-sample target drawn from one
+distribution shared by all identities, so mean colour carries no identity information: identities must be
+told apart from geometry, shapes and texture.
+
+`write_dataset` writes faces_emore-style RecordIO (`train.rec`, `train.idx`, `property`) for the training
+identities and `.bin` verification pair files over held-out identities that training never sees.
+
+    python -m data_pipelines.synthetic --out /tmp/synth --identities 500 --images 20 --pairs 600 --seed 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import cv2
+import numpy as np
+import simplejpeg
+from absl import app, flags, logging
+
+from data_pipelines import bin_pairs, images, recordio
+
+
+IMAGE_SIZE = 112
+# Held-out (verification) identities are numbered from here so they never collide with training ids.
+HOLDOUT_ID_OFFSET = 1_000_000
+
+# cv2 draws with sub-pixel precision when coordinates are fixed point with this many fractional bits.
+_SHIFT = 4
+_SCALE = float(1 << _SHIFT)
+_AA = cv2.LINE_AA
+# Centre of the canonical face; pose transforms rotate and scale about it.
+_CENTRE = (56.0, 60.0)
+
+# A fixed bank of Gaussian noise; each sample reads a random window of it (much cheaper than drawing
+# 112*112*3 normals per image, and still deterministic).
+_NOISE = np.random.default_rng(20240611).standard_normal((2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3)).astype(
+    np.float32)
+_CORNER_Y, _CORNER_X = np.mgrid[-1.0:1.0:2j, -1.0:1.0:2j]
+
+_HAIR_PALETTE = np.array([
+    (25, 20, 18), (60, 40, 28), (100, 70, 45), (150, 110, 65), (200, 165, 105), (130, 60, 30),
+    (165, 160, 155), (90, 85, 80)], dtype=np.float32)
+_IRIS_PALETTE = np.array([
+    (60, 40, 25), (100, 70, 40), (70, 110, 150), (80, 120, 80), (110, 110, 120), (40, 30, 25)],
+    dtype=np.float32)
+_SKIN_LIGHT = np.array((245, 210, 185), dtype=np.float32)
+_SKIN_DARK = np.array((85, 55, 40), dtype=np.float32)
+
+HAIR_STYLES = ("short", "long", "bangs", "parted", "bald", "curly")
+BEARD_STYLES = ("none", "moustache", "goatee", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityParams:
+    """Fixed appearance of one synthetic identity. Lengths in pixels of the canonical 112x112 frame.
+
+    Colours are RGB float triples in [0, 255].
+    """
+
+    identity: int
+    face_axes: tuple[float, float]  # half width, half height of the face outline
+    face_centre_y: float
+    jaw_taper: float  # how much narrower the jaw is than the cheeks, 0 = ellipse
+    jaw_power: float  # small = pointed chin, large = square jaw
+    skin: tuple[float, float, float]
+    eye_y: float
+    eye_half_spacing: float
+    eye_size: tuple[float, float]  # half width, half height of the eye opening
+    eye_tilt: float  # degrees, positive lifts the outer corners
+    iris_radius: float
+    iris: tuple[float, float, float]
+    brow_offset: float  # distance above the eye centre
+    brow_thickness: int
+    brow_angle: float  # degrees, positive raises the outer end
+    brow_arch: float
+    brow_length: float
+    nose_length: float
+    nose_width: float
+    nose_tip_y: float
+    mouth_y: float
+    mouth_half_width: float
+    lip_thickness: tuple[float, float]  # upper, lower
+    lip: tuple[float, float, float]
+    hair_style: str
+    hair: tuple[float, float, float]
+    hairline_y: float
+    hair_volume: float
+    hair_part: float  # horizontal position of the parting in [-1, 1]
+    ear_size: tuple[float, float]
+    beard_style: str
+    beard_density: float
+    moles: tuple[tuple[float, float, float], ...]  # (u, v, radius) in face-normalized coordinates
+    freckles: tuple[tuple[float, float], ...]  # (u, v) in face-normalized coordinates
+    blush: float
+    earrings: tuple[float, float, float] | None  # earring colour, None when absent
+
+
+def _colour(rgb: np.ndarray) -> tuple[float, float, float]:
+    c = np.clip(rgb, 0, 255)
+    return (float(c[0]), float(c[1]), float(c[2]))
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_params(seed: int, identity: int) -> IdentityParams:
+    """Draws the fixed appearance of `identity`, deterministically from `(seed, identity)` (cached).
+
+    Args:
+      seed: dataset seed (non-negative).
+      identity: identity number (non-negative).
+
+    Returns:
+      The identity's `IdentityParams`.
+    """
+    if seed < 0 or identity < 0:
+        raise ValueError(f"synthetic identity: seed and identity must be >= 0, got seed={seed}, "
+                         f"identity={identity}")
+    rng = np.random.default_rng([seed, identity, 0])
+    u = rng.uniform
+    ax, ay = u(33.0, 41.0), u(45.0, 54.0)
+    skin = _SKIN_LIGHT + (_SKIN_DARK - _SKIN_LIGHT) * u(0.0, 1.0) + rng.normal(0, 8, 3)
+    hair = _HAIR_PALETTE[rng.integers(len(_HAIR_PALETTE))] + rng.normal(0, 10, 3)
+    iris = _IRIS_PALETTE[rng.integers(len(_IRIS_PALETTE))] + rng.normal(0, 10, 3)
+    lip = skin * np.array((0.95, 0.62, 0.62)) + np.array((30.0, 5.0, 10.0)) + rng.normal(0, 6, 3)
+    hair_style = HAIR_STYLES[rng.integers(len(HAIR_STYLES))]
+    hairline = {"bangs": u(30.0, 38.0), "bald": u(2.0, 12.0)}.get(hair_style, u(14.0, 28.0))
+    beard_style = BEARD_STYLES[rng.choice(len(BEARD_STYLES), p=(0.6, 0.15, 0.1, 0.15))]
+    moles = tuple((u(-0.8, 0.8), u(-0.5, 0.85), u(0.8, 2.0)) for _ in range(rng.integers(0, 4)))
+    freckles = (tuple((u(-0.6, 0.6), u(0.05, 0.45)) for _ in range(rng.integers(10, 30)))
+                if u() < 0.3 else ())
+    earrings = (_colour(np.array((230, 190, 60)) if u() < 0.5 else np.array((200, 200, 210)))
+                if u() < 0.2 else None)
+    return IdentityParams(
+        identity=identity,
+        face_axes=(ax, ay),
+        face_centre_y=u(57.0, 63.0),
+        jaw_taper=u(0.0, 0.35),
+        jaw_power=u(1.2, 3.5),
+        skin=_colour(skin),
+        eye_y=u(49.5, 54.5),
+        eye_half_spacing=u(15.0, 20.0),
+        eye_size=(u(6.0, 9.0), u(2.6, 4.8)),
+        eye_tilt=u(-10.0, 10.0),
+        iris_radius=u(2.2, 3.4),
+        iris=_colour(iris),
+        brow_offset=u(7.0, 11.5),
+        brow_thickness=int(rng.integers(1, 5)),
+        brow_angle=u(-15.0, 15.0),
+        brow_arch=u(0.0, 3.5),
+        brow_length=u(8.0, 12.5),
+        nose_length=u(13.0, 22.0),
+        nose_width=u(7.0, 14.0),
+        nose_tip_y=u(69.0, 76.0),
+        mouth_y=u(88.0, 95.0),
+        mouth_half_width=u(11.0, 17.5),
+        lip_thickness=(u(1.0, 3.5), u(1.5, 4.5)),
+        lip=_colour(lip),
+        hair_style=hair_style,
+        hair=_colour(hair),
+        hairline_y=hairline,
+        hair_volume=u(2.0, 12.0),
+        hair_part=u(-0.6, 0.6),
+        ear_size=(u(4.0, 7.0), u(8.0, 13.0)),
+        beard_style=beard_style,
+        beard_density=u(0.35, 0.9),
+        moles=moles,
+        freckles=freckles,
+        blush=u(0.0, 0.15) if u() < 0.4 else 0.0,
+        earrings=earrings,
+    )
+
+
+def _fixed(points: np.ndarray) -> np.ndarray:
+    """[..., 2] float pixel coordinates -> int32 fixed point for cv2 drawing with `shift=_SHIFT`."""
+    return np.round(np.asarray(points) * _SCALE).astype(np.int32)
+
+
+def _fill(canvas: np.ndarray, points: np.ndarray, colour) -> None:
+    cv2.fillPoly(canvas, [_fixed(points)], colour, _AA, _SHIFT)
+
+
+def _line(canvas: np.ndarray, points: np.ndarray, colour, thickness: int) -> None:
+    cv2.polylines(canvas, [_fixed(points)], False, colour, max(1, int(thickness)), _AA, _SHIFT)
+
+
+def _ellipse(canvas: np.ndarray, centre, axes, angle: float, colour, thickness: int = -1) -> None:
+    cv2.ellipse(canvas, (int(round(centre[0] * _SCALE)), int(round(centre[1] * _SCALE))),
+                (max(1, int(round(axes[0] * _SCALE))), max(1, int(round(axes[1] * _SCALE)))),
+                angle, 0, 360, colour, thickness, _AA, _SHIFT)
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(float(x), lo), hi)
+
+
+def _shade(colour: Sequence[float], factor: float) -> tuple[float, float, float]:
+    return (colour[0] * factor, colour[1] * factor, colour[2] * factor)
+
+
+def _mix(a: Sequence[float], b: Sequence[float], t: float) -> tuple[float, float, float]:
+    return tuple(float(x + (y - x) * t) for x, y in zip(a, b))
+
+
+def _face_outline(p: IdentityParams, cx: float, t: np.ndarray, grow: float = 1.0) -> np.ndarray:
+    """Points of the face outline at angles `t` [n] (0 = right cheek, pi/2 = chin) -> [n, 2]."""
+    ax, ay = p.face_axes[0] * grow, p.face_axes[1] * grow
+    s = np.sin(t)
+    narrowing = 1.0 - p.jaw_taper * np.clip(s, 0.0, None) ** p.jaw_power
+    return np.stack([cx + ax * np.cos(t) * narrowing, p.face_centre_y + ay * s], axis=-1)
+
+
+_OUTLINE_T = np.linspace(0.0, 2.0 * np.pi, 48, endpoint=False)
+_U9 = np.linspace(-1.0, 1.0, 9)
+
+
+def _ramp(corners: np.ndarray) -> np.ndarray:
+    """Smooth field [112, 112, 3] float32 interpolated between 2x2 corner values [2, 2, 3]."""
+    return cv2.resize(corners.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+
+
+def _linear_corners(rng: np.random.Generator, amplitude: np.ndarray) -> np.ndarray:
+    """Corner values [2, 2, C] of a random-direction linear ramp with per-channel `amplitude` [C]."""
+    angle = rng.uniform(0, 2 * np.pi)
+    proj = math.cos(angle) * _CORNER_X + math.sin(angle) * _CORNER_Y
+    return proj[..., None] * amplitude
+
+
+def _draw_background(canvas: np.ndarray, rng: np.random.Generator) -> None:
+    grey = rng.uniform(30, 225)
+    base = grey + rng.normal(0, 35, 3)
+    corners = np.clip(base + _linear_corners(rng, rng.normal(0, 40, 3)), 0, 255).astype(np.uint8)
+    # Bilinear interpolation of in-range corners stays in range, so the ramp is built in uint8 directly.
+    cv2.resize(corners, (IMAGE_SIZE, IMAGE_SIZE), dst=canvas, interpolation=cv2.INTER_LINEAR)
+    for v in rng.random((int(rng.integers(0, 5)), 8)).tolist():
+        colour = (255.0 * v[0], 255.0 * v[1], 255.0 * v[2])
+        x, y = IMAGE_SIZE * v[3], IMAGE_SIZE * v[4]
+        if v[5] < 0.5:
+            _ellipse(canvas, (x, y), (4.0 + 26.0 * v[6], 4.0 + 26.0 * v[7]), 360.0 * v[5], colour)
+        else:
+            w, h = 4.0 + 36.0 * v[6], 4.0 + 36.0 * v[7]
+            _fill(canvas, np.array([(x, y), (x + w, y), (x + w, y + h), (x, y + h)]), colour)
+
+
+def _ellipse_points(centre: Sequence[float], axes: Sequence[float], angle: float = 0.0,
+                    n: int = 24) -> np.ndarray:
+    """Polygon [n, 2] approximating an ellipse rotated by `angle` degrees."""
+    t = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
+    x, y = axes[0] * np.cos(t), axes[1] * np.sin(t)
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return np.stack([centre[0] + c * x - s * y, centre[1] + s * x + c * y], axis=-1)
+
+
+def _hair_back(p: IdentityParams, cx: float) -> list[np.ndarray]:
+    ax, ay = p.face_axes
+    if p.hair_style == "bald":
+        return []
+    cy = p.face_centre_y - 0.12 * ay
+    polys = [_ellipse_points((cx, cy - 0.5 * p.hair_volume), (ax + p.hair_volume, 0.92 * ay + p.hair_volume))]
+    if p.hair_style == "long":
+        top = p.face_centre_y - 0.3 * ay
+        width = ax + p.hair_volume + 2.0
+        polys.append(np.array([(cx - width, top), (cx + width, top), (cx + width + 6, IMAGE_SIZE + 8),
+                               (cx - width - 6, IMAGE_SIZE + 8)]))
+    elif p.hair_style == "curly":
+        for a in np.linspace(np.pi, 2.0 * np.pi, 12):
+            polys.append(_ellipse_points((cx + (ax + p.hair_volume) * math.cos(a),
+                                          cy + (0.92 * ay + p.hair_volume) * math.sin(a)), (6.0, 6.0), n=12))
+    return polys
+
+
+def _hair_front(p: IdentityParams, cx: float) -> list[np.ndarray]:
+    """Hair over the forehead: the region between the top of the face outline and the hairline."""
+    ay = p.face_axes[1]
+    side_y = p.eye_y - 14.0
+    if p.hairline_y >= side_y - 2.0:
+        side_y = p.hairline_y + 4.0
+    s0 = (side_y - p.face_centre_y) / (ay * 1.04)
+    if s0 <= -1.0:
+        return []
+    a0 = math.asin(s0)
+    top = _face_outline(p, cx, np.linspace(np.pi - a0, 2.0 * np.pi + a0, 24), grow=1.04)
+    left, right = top[0], top[-1]
+    uu = np.linspace(1.0, -1.0, 17)
+    xs = right[0] + (left[0] - right[0]) * (1.0 - uu) / 2.0
+    if p.hair_style == "bangs":
+        shape = np.abs(uu) ** 6
+    elif p.hair_style == "parted":
+        shape = np.clip(np.abs(uu - p.hair_part) / (1.0 + abs(p.hair_part)), 0, 1) ** 0.8
+    else:
+        shape = np.abs(uu) ** 2.2
+    ys = p.hairline_y + (side_y - p.hairline_y) * shape
+    return [np.concatenate([top, np.stack([xs, ys], axis=-1)])]
+
+
+def _facial_hair(p: IdentityParams, cx: float) -> list[np.ndarray]:
+    polys = []
+    if p.beard_style in ("moustache", "full"):
+        xs = cx + _U9 * (p.mouth_half_width + 1.5)
+        upper = p.mouth_y - p.lip_thickness[0] - 1.0
+        polys.append(np.concatenate([np.stack([xs, upper - 3.5 * (1 - _U9 ** 2) ** 0.5 - 0.5], -1),
+                                     np.stack([xs[::-1], np.full(9, upper)], -1)]))
+    if p.beard_style == "full":
+        chin = _face_outline(p, cx, np.linspace(0.08 * np.pi, 0.92 * np.pi, 15))
+        lower_lip = p.mouth_y + p.lip_thickness[1] + 1.5
+        inner = np.array([(cx - p.mouth_half_width - 2, p.mouth_y - 1), (cx, lower_lip + 2),
+                          (cx + p.mouth_half_width + 2, p.mouth_y - 1)])
+        polys.append(np.concatenate([chin, inner]))
+    elif p.beard_style == "goatee":
+        top = p.mouth_y + p.lip_thickness[1] + 1.0
+        chin_y = p.face_centre_y + p.face_axes[1] * 0.97
+        w = 0.45 * p.mouth_half_width
+        polys.append(np.array([(cx - w, top), (cx + w, top), (cx + 0.8 * w, chin_y), (cx - 0.8 * w, chin_y)]))
+    return polys
+
+
+# How far (pixels per unit yaw) each part moves sideways when the head turns: the head outline moves
+# against the features, the ears further still.
+_HEAD_YAW, _EAR_YAW, _FEATURE_YAW = -1.5, -3.5, 2.5
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """Identity-fixed polygons of one colour, in fixed point, moved sideways by `yaw_shift` * yaw."""
+
+    polys: tuple[np.ndarray, ...]
+    colour: tuple[float, float, float]
+    yaw_shift: float
+    dots: bool = False  # draw each 2-point poly as a dot instead of filling
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """What an identity's renders share, precomputed once: fixed layers, brow curves, lip profile."""
+
+    under: tuple[_Layer, ...]  # drawn before the eyes
+    beard: tuple[_Layer, ...]  # drawn before the mouth
+    brows: tuple[np.ndarray, np.ndarray]  # [9, 2] relative to the left / right eye centre
+    mouth_x: np.ndarray  # [9] x of the lip profile relative to the mouth centre
+    lip_top: np.ndarray  # [9] upper lip height above the mouth line
+    lip_bottom: np.ndarray  # [9] lower lip height below the mouth line
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(p: IdentityParams) -> _Geometry:
+    """Precomputes the parts of identity `p` that no per-sample expression changes."""
+    cx, ax, ay = _CENTRE[0], p.face_axes[0], p.face_axes[1]
+    ear_y = p.eye_y + 7.0
+    ears = [_ellipse_points((cx + side * (ax - 1.0), ear_y), p.ear_size, -side * 8.0, n=16) for side in (-1, 1)]
+    under = [
+        (_hair_back(p, cx), p.hair, _HEAD_YAW, False),
+        ([np.array([(cx - 0.5 * ax, p.face_centre_y), (cx + 0.5 * ax, p.face_centre_y),
+                    (cx + 0.55 * ax, IMAGE_SIZE + 4), (cx - 0.55 * ax, IMAGE_SIZE + 4)])],
+         _shade(p.skin, 0.8), _HEAD_YAW, False),
+        (ears, _shade(p.skin, 0.9), _EAR_YAW, False),
+    ]
+    if p.earrings is not None:
+        under.append(([_ellipse_points((cx + side * (ax - 1.0), ear_y + p.ear_size[1] + 1.5), (1.8, 1.8), n=8)
+                       for side in (-1, 1)], p.earrings, _EAR_YAW, False))
+    under.append(([_face_outline(p, cx, _OUTLINE_T)], p.skin, _HEAD_YAW, False))
+    if p.blush > 0:
+        under.append(([_ellipse_points((cx + side * (p.eye_half_spacing + 2), p.nose_tip_y - 2), (7.0, 4.5))
+                       for side in (-1, 1)], _mix(p.skin, (220.0, 90.0, 90.0), p.blush), _FEATURE_YAW, False))
+    if p.freckles:
+        dots = [np.array([(cx + u * ax, p.face_centre_y + v * ay), (cx + u * ax + 0.3, p.face_centre_y + v * ay)])
+                for u, v in p.freckles]
+        under.append((dots, _shade(p.skin, 0.75), _FEATURE_YAW, True))
+    for u, v, r in p.moles:
+        under.append(([_ellipse_points((cx + u * ax * 0.85, p.face_centre_y + v * ay * 0.85), (r, r), n=10)],
+                      _shade(p.skin, 0.4), _FEATURE_YAW, False))
+    under.append((_hair_front(p, cx), p.hair, _HEAD_YAW, False))
+    beard = [(_facial_hair(p, cx), _mix(p.skin, p.hair, p.beard_density), _FEATURE_YAW, False)]
+
+    def make(specs):
+        return tuple(_Layer(tuple(_fixed(q) for q in polys), colour, shift, dots)
+                     for polys, colour, shift, dots in specs if polys)
+
+    brows = []
+    for side in (-1, 1):
+        outer = _U9 * side  # +1 at the outer end of this brow
+        brows.append(np.stack([side * 0.15 * p.brow_length + _U9 * p.brow_length / 2.0,
+                               -p.brow_offset - p.brow_arch * (1.0 - _U9 ** 2)
+                               - outer * math.tan(math.radians(p.brow_angle)) * p.brow_length / 2.0], axis=-1))
+    bulge = (1.0 - _U9 ** 2) ** 0.7
+    return _Geometry(
+        under=make(under), beard=make(beard), brows=(brows[0], brows[1]),
+        mouth_x=_U9 * p.mouth_half_width,
+        lip_top=p.lip_thickness[0] * (bulge - 0.6 * np.exp(-(_U9 / 0.15) ** 2)),
+        lip_bottom=p.lip_thickness[1] * bulge)
+
+
+def _draw_layers(canvas: np.ndarray, layers: Sequence[_Layer], yaw: float) -> None:
+    for layer in layers:
+        dx = int(round(layer.yaw_shift * yaw * _SCALE))
+        if layer.dots:
+            dots = [q + np.array([dx, 0], np.int32) for q in layer.polys]
+            cv2.polylines(canvas, dots, False, layer.colour, 1, _AA, _SHIFT)
+        else:
+            # One polygon per call: fillPoly fills overlapping polygons of one call with the even-odd rule.
+            for q in layer.polys:
+                cv2.fillPoly(canvas, [q], layer.colour, _AA, _SHIFT, (dx, 0))
+
+
+def _draw_eye(canvas: np.ndarray, p: IdentityParams, x: float, side: int, openness: float,
+              gaze: tuple[float, float], width_scale: float) -> None:
+    ew, eh = p.eye_size[0] * width_scale, p.eye_size[1] * openness
+    tilt = -p.eye_tilt * side  # side = -1 left eye (image left), +1 right eye
+    dark = _shade(p.skin, 0.35)
+    if openness < 0.25:
+        _ellipse(canvas, (x, p.eye_y), (ew, 1.0), tilt, dark, 1)
+        return
+    _ellipse(canvas, (x, p.eye_y), (ew, eh), tilt, (235.0, 232.0, 225.0))
+    ir = min(p.iris_radius, eh + 0.5)
+    _ellipse(canvas, (x + gaze[0], p.eye_y + gaze[1]), (ir, ir), 0.0, p.iris)
+    _ellipse(canvas, (x + gaze[0], p.eye_y + gaze[1]), (0.45 * ir, 0.45 * ir), 0.0, (15.0, 12.0, 12.0))
+    cv2.ellipse(canvas, (int(round(x * _SCALE)), int(round(p.eye_y * _SCALE))),
+                (int(round(ew * _SCALE)), int(round(eh * _SCALE))), tilt, 180, 360, dark, 1, _AA, _SHIFT)
+
+
+def _draw_nose(canvas: np.ndarray, p: IdentityParams, x: float, yaw: float) -> None:
+    tip_x, tip_y, half = x + 3.0 * yaw, p.nose_tip_y, 0.5 * p.nose_width
+    top = (x + 0.5 * yaw, tip_y - p.nose_length)
+    _fill(canvas, np.array([top, (tip_x - half, tip_y), (tip_x + half, tip_y)]), _shade(p.skin, 0.93))
+    _line(canvas, np.array([top, (tip_x + (0.7 if yaw >= 0 else -0.7) * half, tip_y - 2.0)]),
+          _shade(p.skin, 0.82), 1)
+    nostril = _shade(p.skin, 0.45)
+    for side in (-1, 1):
+        _ellipse(canvas, (tip_x + side * 0.6 * half, tip_y + 0.5), (0.32 * half, 1.3), 0.0, nostril)
+
+
+def _draw_mouth(canvas: np.ndarray, p: IdentityParams, g: _Geometry, x: float, smile: float,
+                open_px: float) -> None:
+    xs = x + g.mouth_x
+    curve = 1.0 - _U9 ** 2
+    mid = (p.mouth_y - 1.5 * smile) + (3.0 * smile) * curve
+    inner = mid + open_px * curve
+    upper, lower = np.stack([xs, mid - g.lip_top], -1), np.stack([xs, inner + g.lip_bottom], -1)
+    _fill(canvas, np.concatenate([upper, lower[::-1]]), p.lip)
+    if open_px > 0.8:
+        _fill(canvas, np.concatenate([np.stack([xs, mid - 0.3], -1), np.stack([xs, inner], -1)[::-1]]),
+              (45.0, 20.0, 22.0))
+        teeth = np.stack([xs[2:7], mid[2:7]], -1)
+        _fill(canvas, np.concatenate([teeth - (0.0, 0.3), (teeth + (0.0, min(1.5, 0.4 * open_px)))[::-1]]),
+              (230.0, 228.0, 215.0))
+    else:
+        _line(canvas, np.stack([xs, mid], -1), _shade(p.lip, 0.55), 1)
+
+
+def _draw_face(canvas: np.ndarray, p: IdentityParams, rng: np.random.Generator) -> float:
+    """Draws identity `p` with a sampled expression on `canvas` (canonical frame). Returns the yaw."""
+    g = _geometry(p)
+    # Two draws for all the expression nuisance. z: clothing colour (3), blink?, eye openness, mouth open?,
+    # mouth opening. n: yaw, gaze (2), brow raise, smile.
+    z = rng.random(7)
+    n = rng.standard_normal(5)
+    yaw = _clamp(0.4 * n[0], -1.0, 1.0)
+    fx = _CENTRE[0] + _FEATURE_YAW * yaw
+    clothing = (10.0 + 235.0 * z[0], 10.0 + 235.0 * z[1], 10.0 + 235.0 * z[2])
+    _ellipse(canvas, (_CENTRE[0] + _HEAD_YAW * yaw, IMAGE_SIZE + 22.0), (62.0, 30.0), 0.0, clothing)
+    _draw_layers(canvas, g.under, yaw)
+    openness = 0.1 + 0.4 * z[4] if z[3] < 0.1 else 0.8 + 0.3 * z[4]
+    gaze = (0.8 * n[1], 0.4 * n[2])
+    brow_colour = _shade(p.hair, 0.8)
+    for side, brow in zip((-1, 1), g.brows):
+        ex = fx + side * p.eye_half_spacing
+        # The eye turned away from the camera looks narrower.
+        _draw_eye(canvas, p, ex, side, openness, gaze, 1.0 - 0.25 * max(0.0, -side * yaw))
+        _line(canvas, brow + (ex, p.eye_y - 0.8 * n[3]), brow_colour, p.brow_thickness)
+    _draw_nose(canvas, p, fx, yaw)
+    _draw_layers(canvas, g.beard, yaw)
+    smile = _clamp(0.2 + 0.45 * n[4], -0.6, 1.2)
+    _draw_mouth(canvas, p, g, fx, smile, 1.0 + 5.0 * z[6] if z[5] < 0.25 else 0.0)
+    return yaw
+
+
+def _pose_matrix(rng: np.random.Generator, yaw: float) -> np.ndarray:
+    """Affine [2, 3] taking the canonical frame to the sampled pose: rotation, scale, yaw squeeze, shift."""
+    angle = math.radians(_clamp(rng.normal(0.0, 5.0), -12.0, 12.0))
+    scale = float(rng.uniform(0.93, 1.07))
+    squeeze = 1.0 - 0.12 * abs(yaw)
+    shift = np.clip(rng.normal(0.0, 1.5, 2), -4.0, 4.0)
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    linear = np.array([[c * squeeze, -s], [s * squeeze, c]])
+    centre = np.array(_CENTRE)
+    return np.concatenate([linear, (centre + shift - linear @ centre)[:, None]], axis=1)
+
+
+def _mean_colour_target(rng: np.random.Generator) -> np.ndarray:
+    """Per-sample target mean colour [3], from one distribution shared by every identity."""
+    luminance = rng.uniform(85.0, 165.0)
+    return (luminance + rng.normal(0.0, 14.0, 3)).astype(np.float32)
+
+
+def _photometric(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Lighting, noise, contrast, the mean-colour move, blur and JPEG: uint8 -> uint8 [112, 112, 3].
+
+    Written as few whole-image passes: a render spends most of its time here.
+    """
+    z = rng.random(8)
+    gain = 0.75 + 0.4 * z[0]  # contrast
+    light = gain * (1.0 + _linear_corners(rng, np.full(3, 0.35 * z[1])))
+    img = canvas.astype(np.float32)
+    cv2.multiply(img, _ramp(light), dst=img)
+    oy, ox = int(IMAGE_SIZE * z[2]), int(IMAGE_SIZE * z[3])
+    cv2.scaleAdd(_NOISE[oy:oy + IMAGE_SIZE, ox:ox + IMAGE_SIZE], gain * 8.0 * z[4], img, dst=img)
+    target = _mean_colour_target(rng)
+    offset = np.rint(target - np.array(cv2.mean(img)[:3]))
+    # cv2.add saturates to uint8 in one pass; it is several times faster with whole-number scalars, and
+    # half a level of rounding does not matter here.
+    out = cv2.add(img, (*offset.tolist(), 0.0), dtype=cv2.CV_8U)
+    # Saturation moves the mean off the target; one more pass from the float image puts it back.
+    residual = np.rint(target - np.array(cv2.mean(out)[:3]))
+    if residual.any():
+        out = cv2.add(img, (*(offset + residual).tolist(), 0.0), dtype=cv2.CV_8U)
+    if z[5] < 0.3:
+        out = cv2.GaussianBlur(out, (5, 5), 0.5 + 0.7 * z[6])
+    if z[7] < 0.2:
+        buf = simplejpeg.encode_jpeg(out, quality=int(rng.integers(30, 80)), colorspace="RGB",
+                                     colorsubsampling="420")
+        out = simplejpeg.decode_jpeg(buf, colorspace="RGB")
+    return out
+
+
+def render_face(params: IdentityParams, sample: int, seed: int) -> np.ndarray:
+    """Renders one sample of an identity.
+
+    Deterministic: the same `(params.identity, sample, seed)` always gives the same image.
+
+    Args:
+      params: the identity (from `identity_params`).
+      sample: sample number; different samples differ in pose, expression, lighting and background.
+      seed: dataset seed for the per-sample nuisance.
+
+    Returns:
+      uint8 [112, 112, 3] RGB image, roughly aligned to the standard 112x112 five-landmark template, with
+      its per-channel mean moved to a per-sample target that carries no identity information.
+    """
+    if sample < 0:
+        raise ValueError(f"render_face: sample must be >= 0, got {sample}")
+    rng = np.random.default_rng([seed, params.identity, sample, 1])
+    canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    _draw_background(canvas, rng)
+    yaw = _draw_face(canvas, params, rng)
+    canvas = cv2.warpAffine(canvas, _pose_matrix(rng, yaw), (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REFLECT_101)
+    return _photometric(canvas, rng)
+
+
+def render_identity(seed: int, identity: int, samples: Sequence[int]) -> np.ndarray:
+    """Renders several samples of one identity -> uint8 [len(samples), 112, 112, 3] RGB."""
+    params = identity_params(seed, identity)
+    out = np.empty((len(samples), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for j, sample in enumerate(samples):
+        out[j] = render_face(params, int(sample), seed)
+    return out
+
+
+def _validate(num_identities: int, images_per_identity: int, num_pairs: int, holdout: int,
+              bin_names: Sequence[str]) -> None:
+    if not 1 <= num_identities <= HOLDOUT_ID_OFFSET:
+        raise ValueError(f"write_dataset: num_identities must be in [1, {HOLDOUT_ID_OFFSET}], got {num_identities}")
+    if images_per_identity < 1:
+        raise ValueError(f"write_dataset: images_per_identity must be >= 1, got {images_per_identity}")
+    if num_pairs < 2:
+        raise ValueError(f"write_dataset: num_pairs must be >= 2 (half same, half different), got {num_pairs}")
+    if holdout < 2:
+        raise ValueError(f"write_dataset: holdout_identities must be >= 2 to form different pairs, got {holdout}")
+    if len(set(bin_names)) != len(bin_names) or any(not n or os.sep in n for n in bin_names):
+        raise ValueError(f"write_dataset: bin_names must be distinct plain file names, got {list(bin_names)}")
+
+
+class _Progress:
+    """Logs done/total with rate and ETA at most every `every_s` seconds."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        logging.info("%s: %d/%d (%.0f/s, ETA %.0fs)", self.what, done, self.total, rate, eta)
+
+
+def _training_items(seed: int, num_identities: int, images_per_identity: int) -> Iterator[tuple[bytes, int]]:
+    progress = _Progress("synthetic train images", num_identities * images_per_identity)
+    for identity in range(num_identities):
+        params = identity_params(seed, identity)
+        for sample in range(images_per_identity):
+            yield images.encode_jpeg(render_face(params, sample, seed)), identity
+        progress.update((identity + 1) * images_per_identity)
+
+
+def verification_pairs(seed: int, bin_index: int, num_pairs: int,
+                       holdout_identities: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The balanced pairs of pair file number `bin_index`, over the held-out identities.
+
+    Args:
+      seed: dataset seed.
+      bin_index: position of the pair file in `bin_names`.
+      num_pairs: N, the number of pairs; N // 2 are same-identity pairs, in shuffled order.
+      holdout_identities: H, the held-out identities are ids [HOLDOUT_ID_OFFSET, HOLDOUT_ID_OFFSET + H).
+
+    Returns:
+      (identity ids int64 [2N], sample numbers int64 [2N], issame bool [N]); pair i is images (2i, 2i+1).
+      Sample numbers are distinct across all pair files, so no image appears twice.
+    """
+    rng = np.random.default_rng([seed, bin_index, 2])
+    issame = rng.permutation(np.arange(num_pairs) < num_pairs // 2)
+    first = rng.integers(0, holdout_identities, num_pairs)
+    # A different identity: offset by 1..H-1 modulo H, so it never equals `first`.
+    other = (first + rng.integers(1, holdout_identities, num_pairs)) % holdout_identities
+    second = np.where(issame, first, other)
+    ids = np.stack([first, second], axis=1).reshape(-1) + HOLDOUT_ID_OFFSET
+    samples = bin_index * 2 * num_pairs + np.arange(2 * num_pairs)
+    return ids, samples, issame
+
+
+def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, num_pairs: int, seed: int,
+                  holdout_identities: int | None = None, bin_names: Sequence[str] = ("lfw",)) -> dict:
+    """Writes the synthetic dataset: faces_emore RecordIO for training and `.bin` pair files for validation.
+
+    Training identities are ids [0, num_identities) with label = id. Verification pairs use held-out
+    identities, ids [HOLDOUT_ID_OFFSET, HOLDOUT_ID_OFFSET + holdout_identities), never seen in training.
+    Each pair file holds `num_pairs` pairs, `num_pairs // 2` of them same-identity, in shuffled order;
+    every image in every pair file is a distinct sample.
+
+    Args:
+      out_dir: output folder (created if missing); gets `train.rec`, `train.idx`, `property` and
+        `<name>.bin` for each name in `bin_names`.
+      num_identities: number of training identities (classes).
+      images_per_identity: training images per identity.
+      num_pairs: pairs per `.bin` file.
+      seed: dataset seed; the same arguments always write the same images.
+      holdout_identities: number of held-out identities (default max(10, num_identities // 5)).
+      bin_names: names of the pair files to write.
+
+    Returns:
+      Summary dict: out_dir, seed, num_classes, num_images, images_per_identity, train_identity_range,
+      holdout_identity_range, paths (rec, idx, property) and bins {name: {path, num_pairs, num_same}}.
+    """
+    holdout = max(10, num_identities // 5) if holdout_identities is None else int(holdout_identities)
+    bin_names = tuple(bin_names)
+    _validate(num_identities, images_per_identity, num_pairs, holdout, bin_names)
+    os.makedirs(out_dir, exist_ok=True)
+    logging.info("synthetic dataset: %d identities x %d images, %d held-out identities, %d pairs per bin %s "
+                 "-> %s", num_identities, images_per_identity, holdout, num_pairs, list(bin_names), out_dir)
+    num_images = recordio.write_recordio(out_dir, _training_items(seed, num_identities, images_per_identity),
+                                         num_identities, image_size=(IMAGE_SIZE, IMAGE_SIZE))
+    bins = {}
+    for k, name in enumerate(bin_names):
+        ids, samples, issame = verification_pairs(seed, k, num_pairs, holdout)
+        progress = _Progress(f"synthetic pairs {name}", len(ids))
+        pair_images = np.empty((len(ids), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        for j, (identity, sample) in enumerate(zip(ids, samples)):
+            pair_images[j] = render_face(identity_params(seed, int(identity)), int(sample), seed)
+            progress.update(j + 1)
+        path = os.path.join(out_dir, f"{name}.bin")
+        bin_pairs.write_bin(path, pair_images, issame)
+        bins[name] = {"path": path, "num_pairs": int(num_pairs), "num_same": int(issame.sum())}
+    summary = {
+        "out_dir": out_dir,
+        "seed": seed,
+        "num_classes": num_identities,
+        "num_images": num_images,
+        "images_per_identity": images_per_identity,
+        "train_identity_range": (0, num_identities),
+        "holdout_identity_range": (HOLDOUT_ID_OFFSET, HOLDOUT_ID_OFFSET + holdout),
+        "paths": {"rec": os.path.join(out_dir, recordio.REC_NAME),
+                  "idx": os.path.join(out_dir, recordio.IDX_NAME),
+                  "property": os.path.join(out_dir, recordio.PROPERTY_NAME)},
+        "bins": bins,
+    }
+    logging.info("synthetic dataset written: %d images of %d identities, bins %s", num_images, num_identities,
+                 list(bins))
+    return summary
+
+
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_IDENTITIES = flags.DEFINE_integer("identities", 500, "Number of training identities.")
+_IMAGES = flags.DEFINE_integer("images", 20, "Training images per identity.")
+_PAIRS = flags.DEFINE_integer("pairs", 1000, "Verification pairs per .bin file.")
+_SEED = flags.DEFINE_integer("seed", 0, "Dataset seed.")
+_HOLDOUT = flags.DEFINE_integer("holdout", None, "Held-out identities for the pair files "
+                                "(default max(10, identities // 5)).")
+_BINS = flags.DEFINE_list("bins", ["lfw"], "Names of the .bin pair files to write.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = write_dataset(_OUT.value, _IDENTITIES.value, _IMAGES.value, _PAIRS.value, _SEED.value,
+                            holdout_identities=_HOLDOUT.value, bin_names=_BINS.value)
+    print(f"wrote {summary['num_images']} images of {summary['num_classes']} identities to "
+          f"{summary['out_dir']}")
+    for name, info in summary["bins"].items():
+        print(f"  {name}.bin: {info['num_pairs']} pairs ({info['num_same']} same) over held-out identities")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("out")
+    app.run(main)
