@@ -1,0 +1,169 @@
+"""Tests for data_pipelines.augment."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from data_pipelines import augment
+
+OFF = {"flip_prob": 0.0, "crop_prob": 0.0, "crop_scale": (0.6, 1.0), "lowres_prob": 0.0,
+       "photometric_prob": 0.0}
+DEFAULTS = {"flip_prob": 0.5, "crop_prob": 0.2, "crop_scale": (0.6, 1.0), "lowres_prob": 0.2,
+            "photometric_prob": 0.2}
+
+
+def _face(seed: int = 0, low: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, 256, (112, 112, 3), dtype=np.uint8)
+
+
+def _cfg(**overrides) -> dict:
+    return {**OFF, **overrides}
+
+
+def test_all_probabilities_zero_is_identity():
+    image = _face()
+    for seed in range(5):
+        out = augment.augment(image, np.random.default_rng(seed), OFF)
+        np.testing.assert_array_equal(out, image)
+
+
+def test_flip_prob_one_mirrors():
+    image = _face()
+    out = augment.augment(image, np.random.default_rng(0), _cfg(flip_prob=1.0))
+    np.testing.assert_array_equal(out, image[:, ::-1])
+    assert out.flags.c_contiguous
+
+
+def test_crop_keeps_size_and_zero_pads_outside_window():
+    image = _face(low=1)  # no zero pixels, so zeros mark the padding exactly
+    padded = 0
+    for seed in range(20):
+        out = augment.augment(image, np.random.default_rng(seed),
+                              _cfg(crop_prob=1.0, crop_scale=(0.3, 0.6)))
+        assert out.shape == (112, 112, 3) and out.dtype == np.uint8
+        kept = out.any(axis=-1)
+        rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+        top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        # The kept part is one rectangle left in place, everything else is zero.
+        assert kept[top:bottom, left:right].all()
+        assert kept.sum() == (bottom - top) * (right - left)
+        np.testing.assert_array_equal(out[top:bottom, left:right], image[top:bottom, left:right])
+        area = kept.mean()
+        assert 0.3 - 0.03 <= area <= 0.6 + 0.03
+        padded += int(area < 1.0)
+    assert padded == 20
+
+
+def test_crop_window_falls_back_to_whole_image():
+    class Impossible:
+        def random(self, n):
+            return np.zeros(n)  # aspect ratio 3/4 at full area never fits a square
+
+    assert augment.crop_window(10, 10, Impossible(), (1.0, 1.0)) == (0, 0, 10, 10)
+
+
+def test_lowres_and_photometric_keep_shape_and_dtype():
+    image = _face()
+    for key in ("lowres_prob", "photometric_prob"):
+        for seed in range(5):
+            out = augment.augment(image, np.random.default_rng(seed), _cfg(**{key: 1.0}))
+            assert out.shape == image.shape and out.dtype == np.uint8
+            assert not np.array_equal(out, image)
+
+
+def test_lowres_keeps_a_constant_image():
+    image = np.full((112, 112, 3), 77, np.uint8)
+    for seed in range(10):
+        out = augment.low_resolution(image, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out, image)
+
+
+def test_photometric_on_gray_only_changes_brightness():
+    # Contrast and saturation are identities on a constant gray image; brightness scales it
+    # by a factor in [0.5, 1.5].
+    image = np.full((8, 8, 3), 100, np.uint8)
+    for seed in range(10):
+        out = augment.photometric(image, np.random.default_rng(seed))
+        assert np.unique(out).size == 1
+        assert 50 <= int(out[0, 0, 0]) <= 150
+
+
+def test_photometric_saturation_known_answer():
+    class Fixed:
+        """factors (brightness, contrast, saturation) = (1, 1, 0.5); saturation applied last."""
+
+        def random(self, n):
+            return np.array([0.5, 0.5, 0.0])
+
+        def permutation(self, n):
+            return np.array([0, 1, 2])
+
+    image = np.array([[[200, 100, 0]]], np.uint8)
+    gray = 0.299 * 200 + 0.587 * 100
+    out = augment.photometric(image, Fixed())
+    expected = np.rint(0.5 * image[0, 0] + 0.5 * np.rint(gray))
+    np.testing.assert_allclose(out[0, 0], expected, atol=1)
+
+
+def test_defaults_shape_dtype_and_determinism():
+    image = _face()
+    cfg = ml_collections.ConfigDict(DEFAULTS)
+    for seed in range(30):
+        out = augment.augment(image, np.random.default_rng(seed), cfg)
+        again = augment.augment(image, np.random.default_rng(seed), cfg)
+        assert out.shape == (112, 112, 3) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, again)
+    np.testing.assert_array_equal(image, _face())  # input untouched
+
+
+def test_missing_key_names_it():
+    cfg = dict(DEFAULTS)
+    del cfg["crop_scale"]
+    with pytest.raises(KeyError, match=r"data\.augment\.crop_scale"):
+        augment.augment(_face(), np.random.default_rng(0), cfg)
+    with pytest.raises(KeyError, match=r"data\.augment\.crop_scale"):
+        augment.check_config(ml_collections.ConfigDict(cfg))
+
+
+def test_check_config_rejects_bad_values():
+    augment.check_config(DEFAULTS)
+    with pytest.raises(ValueError, match=r"data\.augment\.flip_prob must be in \[0, 1\]"):
+        augment.check_config({**DEFAULTS, "flip_prob": 1.5})
+    with pytest.raises(ValueError, match=r"data\.augment\.crop_scale"):
+        augment.check_config({**DEFAULTS, "crop_scale": (0.8, 0.5)})
+
+
+def test_augment_rejects_non_rgb_uint8():
+    with pytest.raises(ValueError, match=r"RGB uint8 image \[H, W, 3\]"):
+        augment.augment(np.zeros((112, 112), np.uint8), np.random.default_rng(0), OFF)
+    with pytest.raises(ValueError, match="float32"):
+        augment.augment(np.zeros((112, 112, 3), np.float32), np.random.default_rng(0), OFF)
+
+
+def test_normalize_known_values_and_bgr_order():
+    image = np.array([[[0, 255, 51]]], np.uint8)
+    rgb = augment.normalize(image, bgr=False)
+    assert rgb.dtype == np.float32
+    np.testing.assert_allclose(rgb[0, 0], [-1.0, 1.0, 51 / 127.5 - 1.0], atol=1e-7)
+    assert rgb[0, 0, 0] == -1.0 and rgb[0, 0, 1] == 1.0
+    bgr = augment.normalize(image)
+    np.testing.assert_array_equal(bgr[0, 0], rgb[0, 0, ::-1])
+    batch = np.stack([_face(1), _face(2)])
+    out = augment.normalize(batch)
+    assert out.shape == batch.shape
+    np.testing.assert_allclose(out, (batch[..., ::-1] / 255.0 - 0.5) / 0.5, atol=1e-6)
+    np.testing.assert_array_equal(augment.normalize(batch.astype(np.float32)), out)
+    assert augment.normalize(np.zeros((0, 112, 112, 3), np.uint8)).shape == (0, 112, 112, 3)
+
+
+def test_flip_horizontal_batches_and_dtypes():
+    rng = np.random.default_rng(0)
+    for batch in (rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8),
+                  rng.random((2, 5, 4, 3), dtype=np.float32),
+                  rng.integers(0, 9, (5, 4, 3)),
+                  rng.integers(0, 256, (2, 5, 4, 1), dtype=np.uint8)):
+        out = augment.flip_horizontal(batch)
+        assert out.dtype == batch.dtype and out.shape == batch.shape
+        np.testing.assert_array_equal(out, batch[..., ::-1, :])
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, W, C\]"):
+        augment.flip_horizontal(np.zeros((4, 3)))
