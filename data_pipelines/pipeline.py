@@ -1,0 +1,266 @@
+"""Grain train and eval pipelines (CONTRACTS.md "Train pipeline contract").
+
+Train: the sampler's epoch array `[num_batches, global_batch]` of record indices is cut to this
+process's contiguous part of every global batch, then
+
+    MapDataset.source(local (record, global position) pairs)
+      .map(_LoadTransform)            decode -> check 112x112 -> augment -> occlude -> normalize (BGR)
+      .batch(b_local, drop_remainder=True)
+      .to_iter_dataset(ReadOptions)   .mp_prefetch(MultiprocessingOptions) when num_workers > 0
+
+Every element's randomness comes from `np.random.default_rng([seed, epoch, global position])`, so a
+batch is bitwise the same whatever the number of workers or processes (Grain's own `random_map`
+generator is keyed by the index inside this process's dataset, which depends on the process count).
+Batching happens before `to_iter_dataset` so that Grain workers each build whole batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from data_pipelines import samplers
+from data_pipelines.augment import augment, normalize
+from data_pipelines.folders import ImageFolderSource
+from data_pipelines.images import CorruptImageError, check_size, decode_image
+from data_pipelines.occlusion import occlude
+from data_pipelines.recordio import RecordIOSource
+
+IMAGE_SIZE = (112, 112)
+SOURCES = ("recordio", "folder", "tfds")
+SAMPLERS = ("pk", "graph")
+ON_CORRUPT = ("raise", "skip")
+# Whole batches are the unit of in-process prefetching; two in flight keep one ready without holding
+# many full-size batches in memory.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+_WORKER_BUFFER = 2
+
+
+def open_source(data_cfg: ml_collections.ConfigDict) -> Any:
+    """Opens the training source named by `data_cfg.source` at `data_cfg.path`.
+
+    Args:
+      data_cfg: the `config.data` ConfigDict (fields `source`, `path`); for "tfds", `path` is a
+        prepared dataset folder or a TFDS data_dir holding "face_records".
+
+    Returns:
+      A random-access source: `len(src)`, `src[i] -> {"image": bytes, "label": int}`, `src.num_classes`,
+      `src.labels() -> int64 [len]`.
+    """
+    kind, path = data_cfg.source, os.fspath(data_cfg.path)
+    if kind not in SOURCES:
+        raise ValueError(f"data.source: unknown source {kind!r}; expected one of {SOURCES}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data.path: training data folder {path!r} does not exist "
+                                f"(data.source={kind!r})")
+    if kind == "tfds":
+        # Imported on demand: tensorflow_datasets takes seconds to import.
+        from data_pipelines.tfds_faces import TFDSSource
+        return TFDSSource(path)
+    if kind == "recordio":
+        return RecordIOSource(path)
+    return ImageFolderSource(path)
+
+
+def steps_per_epoch(num_records: int, global_batch: int) -> int:
+    """Global batches per epoch: `num_records // global_batch` (the samplers' `num_batches`)."""
+    if global_batch <= 0:
+        raise ValueError(f"train.batch_size must be positive, got {global_batch}")
+    steps = num_records // global_batch
+    if steps == 0:
+        raise ValueError(f"train.batch_size {global_batch} exceeds the {num_records} training records: "
+                         "an epoch would have no steps")
+    return steps
+
+
+def _check_train_args(data_cfg: ml_collections.ConfigDict, global_batch: int, process_index: int,
+                      process_count: int) -> None:
+    k = data_cfg.k
+    if k <= 0:
+        raise ValueError(f"data.k must be positive, got {k}")
+    if global_batch <= 0 or global_batch % k:
+        raise ValueError(f"train.batch_size {global_batch} must be a positive multiple of data.k {k} "
+                         "(P identities x K images per batch)")
+    if process_count <= 0 or global_batch % process_count:
+        raise ValueError(f"train.batch_size {global_batch} must be divisible by the process count "
+                         f"{process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    if data_cfg.sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler: unknown sampler {data_cfg.sampler!r}; expected one of {SAMPLERS}")
+    if data_cfg.on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"data.on_corrupt: unknown policy {data_cfg.on_corrupt!r}; expected one of "
+                         f"{ON_CORRUPT}")
+    if data_cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
+
+
+def _plain(cfg: Any) -> Any:
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+
+
+def _where(source: Any, index: int) -> str:
+    where = getattr(source, "where", None)
+    return where(index) if where is not None else f"{type(source).__name__} record {index}"
+
+
+class _LoadTransform(grain.transforms.Map):
+    """(record index, global position) -> one training example (module level, so workers can pickle it)."""
+
+    def __init__(self, source: Any, data_cfg: ml_collections.ConfigDict, epoch: int):
+        self.source = source
+        self.seed = int(data_cfg.seed)
+        self.epoch = int(epoch)
+        self.bgr = bool(data_cfg.bgr)
+        self.grid = int(data_cfg.grid)
+        self.skip_corrupt = data_cfg.on_corrupt == "skip"
+        self.augment_cfg = _plain(data_cfg.augment)
+        self.occlusion_cfg = _plain(data_cfg.occlusion)
+
+    def _decode(self, index: int) -> tuple[np.ndarray, int]:
+        where = _where(self.source, index)
+        item = self.source[index]
+        image = check_size(decode_image(item["image"], where), IMAGE_SIZE, where)
+        return image, int(item["label"])
+
+    def _replacement(self, index: int, error: CorruptImageError) -> tuple[np.ndarray, int]:
+        """The next decodable record of the same identity (cyclic in record order)."""
+        labels = self.source.labels()
+        members = np.flatnonzero(labels == labels[index])
+        after = np.searchsorted(members, index, side="right")
+        for candidate in np.roll(members, -after):
+            if candidate == index:
+                continue
+            try:
+                return self._decode(int(candidate))
+            except CorruptImageError:
+                continue
+        raise CorruptImageError(error.where, f"{error.reason}; no decodable record of identity "
+                                f"{labels[index]} to replace it with ({members.size} records)")
+
+    def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
+        index, position = int(element[0]), int(element[1])
+        corrupt = 0
+        try:
+            image, label = self._decode(index)
+        except CorruptImageError as e:
+            if not self.skip_corrupt:
+                raise
+            logging.warning("Replacing a corrupt record (data.on_corrupt='skip'): %s", e)
+            image, label = self._replacement(index, e)
+            corrupt = 1
+        rng = np.random.default_rng([self.seed, self.epoch, position])
+        image = augment(image, rng, self.augment_cfg)
+        image, vis = occlude(image, rng, self.occlusion_cfg, grid=self.grid)
+        return {
+            "image": normalize(image, bgr=self.bgr),
+            "label": np.int32(label),
+            "mask": np.asarray(vis, np.float32),
+            "corrupt": np.int32(corrupt),
+        }
+
+
+def epoch_indices(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, global_batch: int,
+                  neighbours: Optional[np.ndarray] = None) -> np.ndarray:
+    """The sampler's record indices of one epoch, int64 `[num_batches, global_batch]`."""
+    labels = source.labels()
+    p = global_batch // data_cfg.k
+    if data_cfg.sampler == "pk":
+        return samplers.PKSampler(labels, p, data_cfg.k, data_cfg.seed).epoch(epoch)
+    if neighbours is None:
+        raise ValueError("data.sampler 'graph' needs `neighbours` (int32 [C, >= P-1], see "
+                         "samplers.knn_classes)")
+    return samplers.GraphSampler(labels, p, data_cfg.k, data_cfg.seed).epoch(epoch, neighbours)
+
+
+def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, *,
+                        global_batch: int, process_index: int, process_count: int,
+                        neighbours: Optional[np.ndarray] = None) -> grain.IterDataset:
+    """This process's part of every global batch of one epoch.
+
+    Args:
+      source: a random-access source (`open_source`).
+      data_cfg: `config.data` (sampler, k, seed, bgr, on_corrupt, grid, num_workers, augment, occlusion).
+      epoch: epoch number; with `data_cfg.seed` it fixes batches and augmentation.
+      global_batch: images per global batch (`train.batch_size`).
+      process_index: this process, in [0, process_count).
+      process_count: number of processes; each gets `b_local = global_batch // process_count` images,
+        the contiguous slice `[process_index * b_local, (process_index + 1) * b_local)` of every batch.
+      neighbours: int32 `[C, >= P-1]` nearest classes, required by the "graph" sampler.
+
+    Returns:
+      An IterDataset of dicts "image" float32 `[b_local, 112, 112, 3]` (normalized, BGR when
+      data_cfg.bgr), "label" int32 `[b_local]`, "mask" float32 `[b_local, grid, grid]` (1 = visible),
+      "corrupt" int32 `[b_local]` (1 where a corrupt record was replaced by the next decodable record
+      of the same identity under on_corrupt="skip"; under "raise" a CorruptImageError naming the record
+      stops the iteration). An image that decodes to a size other than 112x112 raises ValueError under
+      either policy. `iter(ds)` supports get_state/set_state (and grain.checkpoint.CheckpointSave).
+    """
+    _check_train_args(data_cfg, global_batch, process_index, process_count)
+    indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours)
+    b_local = global_batch // process_count
+    positions = np.arange(indices.size, dtype=np.int64).reshape(indices.shape)
+    part = slice(process_index * b_local, (process_index + 1) * b_local)
+    local = np.stack([indices[:, part].reshape(-1), positions[:, part].reshape(-1)], axis=1)
+    ds = (grain.MapDataset.source(local)
+          .map(_LoadTransform(source, data_cfg, epoch))
+          .batch(b_local, drop_remainder=True)
+          .to_iter_dataset(_READ_OPTIONS))
+    if data_cfg.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
+                                                         per_worker_buffer_size=_WORKER_BUFFER))
+    return ds
+
+
+def eval_batches(images: np.ndarray, batch_size: int, *, bgr: bool = True, flip: bool = False,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Normalized evaluation batches, this process's part of each global batch.
+
+    Step s covers images `[s * batch_size, (s + 1) * batch_size)`; this process gets the contiguous
+    slice `[process_index * b, (process_index + 1) * b)` of it, `b = batch_size // process_count`.
+    Positions past the end are zero images with valid=False, so every process runs
+    `ceil(N / batch_size)` steps.
+
+    Args:
+      images: uint8 `[N, 112, 112, 3]` RGB.
+      batch_size: global images per step; divisible by process_count.
+      bgr: output BGR channel order.
+      flip: flip the images horizontally (test-time augmentation).
+      process_index: this process, in [0, process_count).
+      process_count: number of processes.
+
+    Returns:
+      An iterator of {"image": float32 `[b, 112, 112, 3]`, "valid": bool `[b]`}.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"eval_batches: images must be uint8 [N, H, W, 3], got "
+                         f"{images.dtype}{list(images.shape)}")
+    if batch_size <= 0 or process_count <= 0 or batch_size % process_count:
+        raise ValueError(f"eval.batch_size {batch_size} must be a positive multiple of the process count "
+                         f"{process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    # Validated above, before the first next(), so bad arguments fail at the call.
+    return _eval_batches(images, batch_size, bgr, flip, process_index, process_count)
+
+
+def _eval_batches(images: np.ndarray, batch_size: int, bgr: bool, flip: bool, process_index: int,
+                  process_count: int) -> Iterator[dict[str, np.ndarray]]:
+    b = batch_size // process_count
+    num = images.shape[0]
+    for step in range(math.ceil(num / batch_size)):
+        start = step * batch_size + process_index * b
+        chunk = images[min(start, num):min(start + b, num)]
+        if flip:
+            chunk = chunk[:, :, ::-1]
+        batch = np.zeros((b,) + images.shape[1:], np.float32)
+        batch[:chunk.shape[0]] = normalize(chunk, bgr=bgr)
+        yield {"image": batch, "valid": np.arange(b) < chunk.shape[0]}

@@ -1,0 +1,236 @@
+"""Tests for data_pipelines.pipeline on a tiny RecordIO written with write_recordio."""
+
+import os
+
+import grain
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+
+from data_pipelines import pipeline
+from data_pipelines.augment import normalize
+from data_pipelines.images import CorruptImageError, decode_image, encode_jpeg
+from data_pipelines.recordio import RecordIOSource, write_recordio
+
+NUM_IDS, PER_ID = 8, 6
+GLOBAL_BATCH = 8  # P = 4 identities x K = 2 images
+CORRUPT = 14  # record index of the corrupt JPEG (identity 2)
+
+
+def _face(identity, sample):
+    rng = np.random.default_rng([identity, sample])
+    base = np.linspace(0, 200, 112, dtype=np.float32)[None, :, None] * (identity + 1) / NUM_IDS
+    img = base + rng.normal(0, 20, (112, 112, 3)) + 10 * identity
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _write(folder, corrupt=None):
+    items = []
+    for i in range(NUM_IDS * PER_ID):
+        jpeg = encode_jpeg(_face(i // PER_ID, i % PER_ID), quality=90)
+        items.append((jpeg[:len(jpeg) // 3] if i == corrupt else jpeg, i // PER_ID))
+    write_recordio(str(folder), items, num_classes=NUM_IDS)
+    return RecordIOSource(str(folder))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="module")
+def corrupt_source(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("corrupt"), corrupt=CORRUPT)
+
+
+def _cfg(**overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        source="recordio", path="", sampler="pk", k=2, num_workers=0, seed=7, bgr=True,
+        on_corrupt="raise", grid=7, graph_chunk=4096,
+        augment=dict(flip_prob=0.5, crop_prob=0.2, crop_scale=(0.6, 1.0), lowres_prob=0.2,
+                     photometric_prob=0.2),
+        occlusion=dict(prob_blocks=0.3, prob_mask=0.3, prob_sunglasses=0.2, prob_rgba=0.0, rgba_path="",
+                       blocks_count=(1, 3), blocks_size=(0.1, 0.4))))
+    cfg.update(overrides)
+    return cfg
+
+
+def _batches(source, cfg, epoch=0, process_index=0, process_count=1, **kw):
+    ds = pipeline.train_epoch_dataset(source, cfg, epoch, global_batch=GLOBAL_BATCH,
+                                      process_index=process_index, process_count=process_count, **kw)
+    return list(ds)
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_pk_batches_shapes_and_identities(source):
+    batches = _batches(source, _cfg())
+    assert len(batches) == pipeline.steps_per_epoch(len(source), GLOBAL_BATCH) == 6
+    seen = []
+    for batch in batches:
+        assert batch["image"].shape == (8, 112, 112, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].dtype == np.int32 and batch["mask"].shape == (8, 7, 7)
+        assert batch["mask"].min() >= 0 and batch["mask"].max() <= 1
+        np.testing.assert_array_equal(batch["corrupt"], np.zeros(8, np.int32))
+        assert -1 <= batch["image"].min() and batch["image"].max() <= 1
+        labels = batch["label"].reshape(4, 2)
+        assert (labels[:, 0] == labels[:, 1]).all() and np.unique(labels[:, 0]).size == 4
+        seen.append(batch["label"])
+    # 6 batches x 4 slots = every identity 3 times = each of its 6 images once.
+    np.testing.assert_array_equal(np.bincount(np.concatenate(seen)), np.full(NUM_IDS, PER_ID))
+    assert any(b["mask"].min() < 1 for b in batches), "some images should be occluded"
+
+
+def test_deterministic_per_epoch(source):
+    cfg = _cfg()
+    first = _batches(source, cfg, epoch=1)
+    _assert_batches_equal(first, _batches(source, cfg, epoch=1))
+    other = _batches(source, cfg, epoch=2)
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_iterator_checkpoint_restores_same_batches(source):
+    cfg = _cfg()
+    reference = _batches(source, cfg)
+    ds = pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH, process_index=0,
+                                      process_count=1)
+    it = iter(ds)
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    resumed = iter(pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH,
+                                                process_index=0, process_count=1))
+    resumed.set_state(state)
+    _assert_batches_equal(list(resumed), reference[2:])
+
+
+def test_iterator_checkpoint_through_orbax(source, tmp_path):
+    cfg = _cfg()
+    reference = _batches(source, cfg)
+
+    def fresh():
+        return iter(pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH,
+                                                 process_index=0, process_count=1))
+
+    it = fresh()
+    for _ in range(3):
+        next(it)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    resumed = fresh()
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.restore(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+    _assert_batches_equal(list(resumed), reference[3:])
+
+
+def test_workers_match_in_process_and_checkpoint(source):
+    flags.FLAGS.mark_as_parsed()
+    reference = _batches(source, _cfg())
+    cfg = _cfg(num_workers=2)
+    ds = pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH, process_index=0,
+                                      process_count=1)
+    it = iter(ds)
+    head = [next(it) for _ in range(3)]
+    state = it.get_state()
+    _assert_batches_equal(head, reference[:3])
+    resumed = iter(ds)
+    resumed.set_state(state)
+    _assert_batches_equal(list(resumed), reference[3:])
+
+
+def test_two_processes_split_the_global_batch(source):
+    cfg = _cfg()
+    whole = _batches(source, cfg)
+    parts = [_batches(source, cfg, process_index=i, process_count=2) for i in range(2)]
+    for step, batch in enumerate(whole):
+        first, second = parts[0][step], parts[1][step]
+        assert first["image"].shape[0] == 4
+        assert not set(first["label"]) & set(second["label"]), "P-blocks are split between processes"
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key],
+                                          err_msg=key)
+
+
+def test_graph_sampler_pipeline(source):
+    neighbours = np.array([[(c + d) % NUM_IDS for d in (1, 2, 3)] for c in range(NUM_IDS)], np.int32)
+    batches = _batches(source, _cfg(sampler="graph"), neighbours=neighbours)
+    assert len(batches) == 6
+    for batch in batches:
+        ids = batch["label"][::2]
+        np.testing.assert_array_equal(np.sort(ids), np.sort((ids[0] + np.arange(4)) % NUM_IDS))
+    with pytest.raises(ValueError, match="needs `neighbours`"):
+        _batches(source, _cfg(sampler="graph"))
+
+
+def test_corrupt_record_raises_naming_it(corrupt_source):
+    with pytest.raises(CorruptImageError, match=r"train\.rec record 15: corrupt JPEG"):
+        _batches(corrupt_source, _cfg())
+
+
+def test_corrupt_record_skipped_and_counted(corrupt_source):
+    plain = dict(flip_prob=0.0, crop_prob=0.0, crop_scale=(0.6, 1.0), lowres_prob=0.0, photometric_prob=0.0)
+    none = dict(prob_blocks=0.0, prob_mask=0.0, prob_sunglasses=0.0, prob_rgba=0.0, rgba_path="",
+                blocks_count=(1, 3), blocks_size=(0.1, 0.4))
+    batches = _batches(corrupt_source, _cfg(on_corrupt="skip", augment=plain, occlusion=none))
+    corrupt = np.concatenate([b["corrupt"] for b in batches])
+    assert corrupt.sum() == 1
+    flat = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    j = int(np.flatnonzero(corrupt)[0])
+    assert labels[j] == CORRUPT // PER_ID
+    # Replaced by the next record of the same identity.
+    replacement = decode_image(corrupt_source[CORRUPT + 1]["image"])
+    np.testing.assert_array_equal(flat[j], normalize(replacement, bgr=True))
+
+
+def test_validation_errors(source):
+    with pytest.raises(ValueError, match=r"train\.batch_size 10 must be a positive multiple of data\.k 4"):
+        pipeline.train_epoch_dataset(source, _cfg(k=4), 0, global_batch=10, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=r"train\.batch_size 8 must be divisible by the process count 3"):
+        pipeline.train_epoch_dataset(source, _cfg(), 0, global_batch=8, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match=r"data\.on_corrupt: unknown policy 'ignore'"):
+        pipeline.train_epoch_dataset(source, _cfg(on_corrupt="ignore"), 0, global_batch=8, process_index=0,
+                                     process_count=1)
+    with pytest.raises(ValueError, match="exceeds the 48 training records"):
+        pipeline.steps_per_epoch(48, 64)
+
+
+def test_open_source(source, tmp_path):
+    opened = pipeline.open_source(_cfg(path=source.folder))
+    assert isinstance(opened, RecordIOSource) and len(opened) == NUM_IDS * PER_ID
+    missing = os.path.join(str(tmp_path), "nope")
+    with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder .*nope"):
+        pipeline.open_source(_cfg(path=missing))
+    with pytest.raises(ValueError, match=r"data\.source: unknown source 'lmdb'"):
+        pipeline.open_source(_cfg(source="lmdb", path=source.folder))
+
+
+def test_eval_batches_pad_and_split():
+    images = np.random.default_rng(0).integers(0, 256, (10, 112, 112, 3), dtype=np.uint8)
+    whole = list(pipeline.eval_batches(images, 4, bgr=False))
+    assert len(whole) == 3
+    np.testing.assert_array_equal(whole[-1]["valid"], [True, True, False, False])
+    np.testing.assert_array_equal(whole[-1]["image"][2:], 0)
+    np.testing.assert_array_equal(whole[0]["image"][1], normalize(images[1], bgr=False))
+    parts = [list(pipeline.eval_batches(images, 4, bgr=False, process_index=i, process_count=2))
+             for i in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 3
+    for step in range(3):
+        for key in ("image", "valid"):
+            np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]),
+                                          whole[step][key])
+    np.testing.assert_array_equal(parts[1][2]["valid"], [False, False])
+    flipped = next(pipeline.eval_batches(images, 4, bgr=True, flip=True))
+    np.testing.assert_array_equal(flipped["image"][0], normalize(images[0, :, ::-1], bgr=True))
+    with pytest.raises(ValueError, match=r"eval\.batch_size 5 must be a positive multiple"):
+        pipeline.eval_batches(images, 5, process_count=2)
+
