@@ -1,0 +1,103 @@
+"""evaluate.run on a tiny checkpoint and tiny .bin sets; the occluded protocol."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_pipelines import bin_pairs, synthetic
+from data_pipelines.occlusion import occlude_deterministic
+from oaml_jax import evaluate
+from oaml_jax.inference import FaceModel
+
+from test_inference import STEP, tiny_config, write_converted_checkpoint, write_training_checkpoint
+
+VARIANTS = ("clean", "mask", "sunglasses", "blocks")
+
+
+def pair_set(num_pairs: int, seed: int):
+    """Alternating genuine / impostor pairs of synthetic faces: uint8 [2N, 112, 112, 3], bool [N]."""
+    images, issame = [], []
+    for i in range(num_pairs):
+        same = i % 2 == 0
+        images.append(synthetic.render_face(synthetic.identity_params(seed, i), 0, seed))
+        images.append(synthetic.render_face(synthetic.identity_params(seed, i if same else i + 1000), 1, seed))
+        issame.append(same)
+    return np.stack(images), np.array(issame)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bins")
+    for name, n, seed in (("val", 20, 0), ("lfw", 10, 1)):
+        bin_pairs.write_bin(str(folder / f"{name}.bin"), *pair_set(n, seed))
+    return str(folder)
+
+
+def eval_config(data_dir, tensorboard=False):
+    config = tiny_config()
+    config.eval.data_dir = data_dir
+    config.eval.bin_names = ("val", "lfw", "absent")
+    config.eval.occlusion_variants = VARIANTS
+    config.eval.tensorboard = tensorboard
+    return config
+
+
+def test_occluded_variants_are_deterministic_and_touch_only_second_images():
+    images, _ = pair_set(3, seed=2)
+    for kind in VARIANTS[1:]:
+        occluded = evaluate.occluded_pairs(images, kind)
+        np.testing.assert_array_equal(occluded, evaluate.occluded_pairs(images, kind))
+        np.testing.assert_array_equal(occluded[0::2], images[0::2])
+        for i in range(3):
+            assert np.any(occluded[2 * i + 1] != images[2 * i + 1])
+            np.testing.assert_array_equal(occluded[2 * i + 1],
+                                          occlude_deterministic(images[2 * i + 1], kind, seed=i)[0])
+    assert np.any(evaluate.occluded_pairs(images, "mask") != evaluate.occluded_pairs(images, "blocks"))
+    with pytest.raises(ValueError, match="eval.occlusion_variants: unknown \\['hat'\\]"):
+        config = tiny_config()
+        config.eval.occlusion_variants = ("clean", "hat")
+        evaluate.run(config, "/nonexistent")
+
+
+def test_run_reports_every_set_and_variant(tmp_path, data_dir):
+    workdir = write_training_checkpoint(str(tmp_path / "run"))
+    result = evaluate.run(eval_config(data_dir, tensorboard=True), workdir)
+    assert result["step"] == STEP and result["has_qaconv"]
+    expected_rows = [f"{s} {v}" for s in ("val", "lfw") for v in VARIANTS]
+    assert list(result["rows"]) == expected_rows
+    for row in result["rows"].values():
+        assert set(row) == set(evaluate.COLUMNS)
+        assert all(np.isfinite(v) and 0.0 <= v <= 100.0 for v in row.values())
+    lines = result["table"].splitlines()
+    assert [line.split()[:2] for line in lines[2:]] == [r.split() for r in expected_rows]
+    assert "-" not in lines[2].split()[2:]
+    out = os.path.join(workdir, "eval")
+    with open(os.path.join(out, "results.txt")) as f:
+        assert f.read().strip() == result["table"]
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["rows"] == result["rows"] and saved["step"] == STEP
+    for name in [f"roc_{s}_{v}" for s in ("val", "lfw") for v in VARIANTS] + ["occlusion_grid"]:
+        assert os.path.getsize(os.path.join(out, name + ".png")) > 0
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out))
+    # The clean pairs' fusion statistics are what FaceModel.from_workdir uses for a single-pair match.
+    model = FaceModel.from_workdir(workdir, batch_size=16)
+    assert model.fusion_stats is not None and set(model.fusion_stats.mean) == {"adaface", "qaconv"}
+    images, _ = pair_set(1, seed=5)
+    assert model.match(images[:1], images[1:])["fused"].shape == (1, 1)
+
+
+def test_converted_adaface_checkpoint_has_adaface_columns_only(tmp_path, data_dir):
+    checkpoint = write_converted_checkpoint(str(tmp_path / "adaface"))
+    config = eval_config(data_dir)
+    config.eval.bin_names = ("lfw",)
+    config.eval.occlusion_variants = ("clean", "mask")
+    result = evaluate.run(config, str(tmp_path / "out"), checkpoint=checkpoint)
+    assert not result["has_qaconv"] and list(result["rows"]) == ["lfw clean", "lfw mask"]
+    for row in result["rows"].values():
+        assert set(row) == {c for c in evaluate.COLUMNS if c.startswith("AdaFace")}
+    for line in result["table"].splitlines()[2:]:
+        assert line.split()[2 + 3:] == ["-"] * 6  # QAConv and fused cells
+    assert not os.path.exists(tmp_path / "out" / "eval" / "fusion_stats.json")

@@ -1,0 +1,213 @@
+"""FaceModel: restore (training / converted / other device count), embeddings, match, the pair PNG.
+
+Helpers here (tiny checkpoints, faces, subprocess runner) are shared with tests/test_evaluate.py.
+"""
+
+import functools
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from data_pipelines import synthetic
+from data_pipelines.augment import normalize
+from oaml_jax import checkpoint, convert, model_factory, plots, verification
+from oaml_jax.inference import FaceModel, verify_pair
+from oaml_jax.models.oaml import OAML
+from oaml_jax.train_state import TrainState
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 8
+STEP = 3
+# Float32 end to end; only the summation order of reductions can differ between device layouts/batches.
+ATOL = 1e-5
+
+
+def tiny_config():
+    """configs/default.py:test (narrow IR backbone: stages (1,1,1,1), widths (8,16,16,32), E=32)."""
+    spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("test")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_variables(seed: int = 0):
+    """Initialized OAML variables with BN statistics moved off their defaults (so eval-mode BN matters)."""
+    config = tiny_config()
+    model = model_factory.build_model(config.model, NUM_CLASSES)
+    init = jax.jit(lambda rng: model.init({"params": rng, "dropout": rng}, jnp.zeros((2, 112, 112, 3)),
+                                          jnp.zeros((2,), jnp.int32), jnp.ones((2, 7, 7)), train=False))
+    variables = init(jax.random.PRNGKey(seed))
+    leaves, treedef = jax.tree.flatten(variables["batch_stats"])
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    stats = [x + 0.1 * jax.random.uniform(k, x.shape) for x, k in zip(leaves, keys)]
+    return config, model, {"params": variables["params"], "batch_stats": jax.tree.unflatten(treedef, stats)}
+
+
+def write_training_checkpoint(workdir: str, variables=None, step: int = STEP, config=None):
+    """A training checkpoint through `checkpoint.Checkpointer` (the layout train.py writes)."""
+    if variables is None:
+        config, _, variables = tiny_variables()
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = TrainState(step=jnp.int32(step), params=variables["params"], batch_stats=variables["batch_stats"],
+                       opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False)
+    ckpt.save(step, state, data_iter=None, meta={"epoch": 0, "num_model_classes": NUM_CLASSES},
+              config=(config or tiny_config()).to_dict(), force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    return workdir
+
+
+def write_converted_checkpoint(out_dir: str):
+    """The backbone of `tiny_variables()` written the way `oaml_jax.convert` writes AdaFace weights."""
+    config, _, variables = tiny_variables()
+    backbone = {k: v["backbone"] for k, v in variables.items()}
+    return convert.write_converted_checkpoint(backbone, config.model.arch, out_dir, "test",
+                                              **dict(config.model.backbone))
+
+
+def faces(n: int, seed: int = 0) -> np.ndarray:
+    """uint8 `[n, 112, 112, 3]` synthetic faces, two samples per identity (pairs (2i, 2i+1) are genuine)."""
+    return np.stack([synthetic.render_face(synthetic.identity_params(seed, i // 2), i % 2, seed)
+                     for i in range(n)])
+
+
+def run_python(code: str, env_extra: dict) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO, **env_extra)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return write_training_checkpoint(str(tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture(scope="module")
+def face_model(workdir):
+    return FaceModel.from_workdir(workdir, batch_size=4)
+
+
+def _reference_embeddings(model, variables, images):
+    """Direct `OAML.embed` on normalized BGR images and their mirrors, flip-fused by hand."""
+    out = [model.apply(variables, jnp.asarray(normalize(x)), method=OAML.embed) for x in (images, images[:, :, ::-1])]
+    fused = out[0]["embeddings"] * out[0]["norms"] + out[1]["embeddings"] * out[1]["norms"]
+    return np.asarray(fused / jnp.linalg.norm(fused, axis=1, keepdims=True)), out[0]
+
+
+def test_embed_equals_direct_model_and_is_batch_independent(face_model):
+    _, model, variables = tiny_variables()
+    images = faces(5)
+    embeddings, norms = face_model.embed(images)  # 5 images, batch 4: two steps, the second padded
+    expected, plain = _reference_embeddings(model, variables, images)
+    assert face_model.step == STEP and face_model.has_qaconv and not face_model.converted
+    assert embeddings.shape == (5, 32) and norms.shape == (5,)
+    np.testing.assert_allclose(embeddings, expected, atol=ATOL)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(embeddings[:1], face_model.embed(images[:1])[0], atol=ATOL)
+    np.testing.assert_allclose(face_model.occlusion_maps(images), plain["occlusion"], atol=ATOL)
+
+
+def test_match_agrees_with_pair_scores_and_fuses_with_given_stats(face_model):
+    images = faces(6)
+    features = face_model.extract(images, pair_scores=True)
+    stats = verification.FusionStats(mean={"adaface": 0.2, "qaconv": 0.1}, std={"adaface": 0.5, "qaconv": 2.0})
+    scores = face_model.match(images[0::2], images[1::2], stats=stats)
+    assert {k: v.shape for k, v in scores.items()} == {"adaface": (3, 3), "qaconv": (3, 3), "fused": (3, 3)}
+    np.testing.assert_allclose(np.diag(scores["adaface"]), verification.cosine_pair_scores(features.embeddings),
+                               atol=ATOL)
+    # The all-pairs route (qaconv_scores_chunked, both directions) equals the in-batch pair route.
+    np.testing.assert_allclose(np.diag(scores["qaconv"]), features.pair_qaconv, atol=ATOL)
+    expected = 0.5 * (scores["adaface"] - 0.2) / 0.5 + 0.5 * (scores["qaconv"] - 0.1) / 2.0
+    np.testing.assert_allclose(scores["fused"], expected, atol=1e-9)
+    # Without statistics they are fitted on the 3 x 3 matrix itself: fused scores have mean 0.
+    assert abs(face_model.match(images[0::2], images[1::2])["fused"].mean()) < 1e-9
+
+
+def test_converted_checkpoint_gives_adaface_only(tmp_path, face_model):
+    model = FaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=4)
+    images = faces(3)
+    assert model.converted and not model.has_qaconv and model.bgr
+    np.testing.assert_allclose(model.embed(images)[0], face_model.embed(images)[0], atol=ATOL)
+    scores = model.match(images[:2], images[2:])
+    assert scores["qaconv"] is None and scores["fused"] is None and scores["adaface"].shape == (2, 1)
+    with pytest.raises(ValueError, match="no occlusion head"):
+        model.occlusion_maps(images)
+
+
+def test_step_directory_and_bad_batch_size(workdir):
+    with pytest.raises(ValueError, match="multiple of 2 x the 1 devices"):
+        FaceModel.from_checkpoint(os.path.join(workdir, "checkpoints", str(STEP)), batch_size=3)
+    with pytest.raises(FileNotFoundError, match="no step 7"):
+        FaceModel.from_checkpoint(workdir, step=7)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
+    """A checkpoint written by an 8-device run (class kernel sharded over 8) embeds identically on 1."""
+    out = tmp_path / "eight"
+    images = faces(6)
+    np.save(tmp_path / "faces.npy", images)
+    # The subprocess gets the variables ready-made: initializing there would compile the model twice.
+    with open(tmp_path / "variables.pkl", "wb") as f:
+        pickle.dump(jax.device_get(tiny_variables()[2]), f)
+    run_python(f"""
+        import jax, numpy as np
+        import sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+        import test_inference as t
+        from oaml_jax import sharding
+        from oaml_jax.inference import FaceModel
+        assert jax.device_count() == 8
+        import pickle
+        with open({str(tmp_path / "variables.pkl")!r}, "rb") as f:
+            variables = pickle.load(f)
+        mesh = sharding.make_mesh()
+        variables = jax.device_put(variables, sharding.state_shardings(variables, mesh))
+        assert len(variables["params"]["head"]["kernel"].sharding.device_set) == 8
+        t.write_training_checkpoint({str(out)!r}, variables)
+        embeddings, _ = FaceModel.from_workdir({str(out)!r}, batch_size=16).embed(np.load({str(tmp_path / "faces.npy")!r}))
+        np.save({str(out / "emb8.npy")!r}, embeddings)
+    """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    assert jax.device_count() == 1
+    model = FaceModel.from_workdir(str(out), batch_size=4)
+    np.testing.assert_allclose(model.embed(images)[0], np.load(out / "emb8.npy"), atol=ATOL)
+
+
+def test_verify_png_shows_both_faces_and_scores(tmp_path, face_model):
+    images = faces(4, seed=3)[0::2]  # two identities
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"face{i}.png"))
+        cv2.imwrite(paths[-1], cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    out = str(tmp_path / "pair.png")
+    values = verify_pair(face_model, paths[0], paths[1], out)
+    assert set(values) == {"adaface", "qaconv", "fused"} and values["fused"] is None  # one pair: no stats
+    direct = face_model.match(images[:1], images[1:])
+    assert values["adaface"] == pytest.approx(direct["adaface"][0, 0])
+    png = cv2.cvtColor(cv2.imread(out, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    # Rebuild the same figure to learn where its top-row axes (plain faces A and B) were drawn.
+    maps = face_model.occlusion_maps(images)
+    fig = plots.pair_verification_figure(images[0], images[1], maps[0], maps[1],
+                                         {k: v for k, v in values.items() if v is not None})
+    assert plots.figure_to_array(fig).shape == png.shape
+    height = png.shape[0]
+    for ax, face, other in ((fig.axes[0], images[0], images[1]), (fig.axes[1], images[1], images[0])):
+        x0, y0, x1, y1 = np.round(ax.get_window_extent().extents).astype(int)
+        region = png[height - y1 + 2:height - y0 - 2, x0 + 2:x1 - 2]
+        shown = cv2.resize(region, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
+        error = np.abs(shown - face).mean()
+        assert error < 12.0 and error < 0.5 * np.abs(shown - other).mean()
