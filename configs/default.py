@@ -1,0 +1,162 @@
+"""Default OAML training config: every knob, documented.
+
+Usage:
+    python train.py --config=configs/default.py --workdir=/tmp/run
+    python train.py --config=configs/default.py:test --workdir=/tmp/run   # tiny, for tests and laptops
+
+Any field can be overridden on the command line, e.g. `--config.train.batch_size=1024`.
+"""
+
+from typing import Optional
+
+import ml_collections
+
+def get_model_config() -> ml_collections.ConfigDict:
+    """Model fields (consumed by `oaml_jax.model_factory.build_model`)."""
+    model = ml_collections.ConfigDict()
+    # Backbone preset: ir_18, ir_34, ir_50, ir_100, ir_se_50, ir_se_100.
+    model.arch = "ir_50"
+    # Keyword overrides for `oaml_jax.models.build_backbone` (stage_sizes, widths, stem_width, use_se,
+    # output_layer "flatten"|"gnap"|"gdc", embedding_size, dropout); empty = the preset's defaults.
+    model.backbone = ml_collections.ConfigDict()
+    # Backbone stage whose feature map feeds QAConv and the occlusion head: 4 -> 7x7, 3 -> 14x14.
+    model.feature_stage = 4
+    # Compute dtype of the backbone: "float32" or "bfloat16" (parameters always stay float32).
+    model.dtype = "float32"
+    # Number of identities; 0 = read from the training data.
+    model.num_classes = 0
+    # Margin head: "adaface" | "arcface" | "cosface".
+    model.head = "adaface"
+    # Head keyword arguments; keys the chosen head does not have are ignored with a warning
+    # (ArcFace/CosFace have no h / t_alpha). AdaFace: margin m, norm-adaptivity h, scale s, EMA rate t_alpha.
+    model.head_kwargs = ml_collections.ConfigDict(dict(m=0.4, h=0.333, s=64.0, t_alpha=0.01))
+    # Loss weights: L = lam_ada * L_ada + lam_qa * L_qa + lam_occ * L_occ.
+    model.lam_ada = 0.1
+    model.lam_qa = 0.9
+    model.lam_occ = 0.1
+    # Switches: QAConv gradients reach the backbone; the occlusion head sees a detached feature map;
+    # QAConv sees detached occlusion maps.
+    model.qaconv_to_backbone = True
+    model.detach_occ_input = True
+    model.detach_qaconv_vis = True
+    return model
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+    """Data fields (the `data_cfg` of data_pipelines.pipeline, see CONTRACTS)."""
+    data = ml_collections.ConfigDict()
+    # "recordio" (faces_emore train.rec/.idx/property), "folder" (one folder per identity) or "tfds".
+    data.source = "recordio"
+    # Folder of the training data; validation .bin pair files are looked up in the same folder.
+    data.path = "data/faces_emore"
+    # Batch composition: "pk" (P identities x K images) or "graph" (a class and its P-1 nearest classes).
+    data.sampler = "pk"
+    data.k = 4
+    # Grain worker processes; 0 = decode in the training process.
+    data.num_workers = 0
+    data.seed = 0
+    # AdaFace-compatible models take BGR input.
+    data.bgr = True
+    # "raise": a corrupt record stops training naming it; "skip": replace it and count it.
+    data.on_corrupt = "raise"
+    # Occlusion ground-truth grid (the feature map size: 7 for feature_stage 4, 14 for stage 3).
+    data.grid = 7
+    # Classes per chunk of the k-NN class graph (memory bound of the chunked matmul).
+    data.graph_chunk = 4096
+    data.augment = ml_collections.ConfigDict(dict(
+        flip_prob=0.5, crop_prob=0.2, crop_scale=(0.6, 1.0), lowres_prob=0.2, photometric_prob=0.2))
+    data.occlusion = ml_collections.ConfigDict(dict(
+        prob_blocks=0.2, prob_mask=0.2, prob_sunglasses=0.1, prob_rgba=0.0, rgba_path="",
+        blocks_count=(1, 3), blocks_size=(0.1, 0.4)))
+    return data
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """Returns the training config.
+
+    Args:
+        arg: None for the full config; "test" for a tiny narrow model and a few steps (unit tests, CPU).
+    """
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # Directory of a converted AdaFace checkpoint (oaml_jax/convert.py) whose backbone initializes the
+    # model; "" = random init. Ignored when resuming from a checkpoint in the workdir.
+    config.init_from = ""
+
+    config.model = get_model_config()
+    config.data = get_data_config()
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "sgd"  # "sgd" | "adamw"
+    # Peak learning rate for a global batch of 512 images; scaled linearly with the batch.
+    config.optim.lr = 0.1
+    config.optim.momentum = 0.9  # SGD momentum (AdamW: b1)
+    # L2 weight decay on conv/dense kernels and the class kernel only (not BN, PReLU, biases).
+    config.optim.weight_decay = 5e-4
+    config.optim.schedule = "step"  # "step" | "cosine"
+    config.optim.drop_epochs = (12, 20, 24)  # "step": multiply the lr by drop_factor at these epochs
+    config.optim.drop_factor = 0.1
+    config.optim.warmup_epochs = 0.0  # linear warmup from 0 (fractional epochs allowed)
+    config.optim.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 26
+    config.train.batch_size = 512  # global, over all devices and processes
+    # Stop after this many steps (preemption drills, smoke tests); 0 = epochs * steps_per_epoch. The lr
+    # schedule still follows `epochs`.
+    config.train.max_steps = 0
+    config.train.log_every = 100
+    config.train.checkpoint_every = 2000
+    config.train.keep = 3  # latest checkpoints kept (the best by validation is kept as well)
+    config.train.eval_every = 5000  # validation on data.path/*.bin; 0 = only at the end; -1 = never
+    # Non-finite loss or gradient: "stop" raises naming the step and the last good checkpoint; "skip"
+    # keeps the previous state for that step and counts it in the metrics.
+    config.train.nonfinite = "stop"
+    # Steps to trace with the profiler (clu Profile, written to the workdir); 0 = no trace.
+    config.train.profile_steps = 0
+    # Test hook: poison the batch at this step with NaN (checks the non-finite path); -1 = off.
+    config.train.inject_nan_step = -1
+
+    config.eval = ml_collections.ConfigDict()
+    # Validation pair sets looked up in data.path as <name>.bin; missing ones are skipped with a warning.
+    config.eval.bin_names = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
+    config.eval.batch_size = 256  # global
+    # Score fusion and occluded variants (used by eval.py, not by train-time validation).
+    config.eval.fusion_weights = (0.5, 0.5)
+    config.eval.occlusion_variants = ("clean", "blocks", "mask", "sunglasses")
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.axis_name = "data"
+
+    config.distributed = ml_collections.ConfigDict()
+    # Call jax.distributed.initialize (multi-host). With an empty coordinator address, jax discovers the
+    # cluster itself (Cloud TPU, SLURM, ...). On CPU, gloo collectives are enabled first.
+    config.distributed.initialize = False
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+
+    if arg == "test":
+        _shrink_for_tests(config)
+    elif arg is not None:
+        raise ValueError(f"configs/default.py: unknown config argument {arg!r}; expected None or 'test'")
+    return config
+
+
+def _shrink_for_tests(config: ml_collections.ConfigDict) -> None:
+    """A tiny narrow model and a few steps: compiles and runs in seconds on a CPU."""
+    config.model.arch = "ir_18"
+    config.model.backbone = ml_collections.ConfigDict(dict(
+        stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=32))
+    config.data.path = "demo_workdir/data"
+    config.data.augment.lowres_prob = 0.0
+    config.optim.lr = 1.0  # per 512 images: 0.03 for the batch of 16
+    config.optim.drop_epochs = (2,)
+    config.train.epochs = 2
+    config.train.batch_size = 16
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.train.keep = 2
+    config.train.eval_every = -1
+    config.eval.bin_names = ("val",)
+    config.eval.batch_size = 16

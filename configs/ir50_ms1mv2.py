@@ -1,0 +1,40 @@
+"""OAML on MS1MV2 (faces_emore) with an IR-50 backbone: the AdaFace/OAML recipe.
+
+Global batch 512, SGD momentum 0.9, lr 0.1, x0.1 at epochs 12, 20 and 24 of 26, weight decay 5e-4,
+AdaFace m 0.4 h 0.333 s 64 t_alpha 0.01, loss weights 0.1 / 0.9 / 0.1, PK sampling with K = 4.
+
+    python train.py --config=configs/ir50_ms1mv2.py --workdir=/tmp/ir50 \
+        --config.data.path=/data/faces_emore
+"""
+
+from typing import Optional
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """Returns the IR-50 MS1MV2 config; `arg="test"` shrinks it like configs/default.py."""
+    config = default.get_config(arg)
+    if arg == "test":
+        return config
+    config.model.arch = "ir_50"
+    config.model.head = "adaface"
+    config.model.head_kwargs = ml_collections.ConfigDict(dict(m=0.4, h=0.333, s=64.0, t_alpha=0.01))
+    config.model.lam_ada, config.model.lam_qa, config.model.lam_occ = 0.1, 0.9, 0.1
+    config.data.source = "recordio"
+    config.data.path = "data/faces_emore"
+    config.data.sampler = "pk"
+    config.data.k = 4
+    config.data.num_workers = 8
+    config.optim.name = "sgd"
+    config.optim.lr = 0.1
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = 5e-4
+    config.optim.schedule = "step"
+    config.optim.drop_epochs = (12, 20, 24)
+    config.optim.drop_factor = 0.1
+    config.train.epochs = 26
+    config.train.batch_size = 512
+    return config

@@ -1,0 +1,108 @@
+"""Training on the tiny config, in this process (one CPU device)."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+
+import train_worker
+from oaml_jax import checkpoint, train
+
+flags.FLAGS.mark_as_parsed()
+train_worker.enable_compilation_cache()
+
+LOSS_TERMS = ("loss", "loss_ada", "loss_qa", "loss_pair", "loss_trip", "loss_occ", "acc_ada", "acc_qa",
+              "occ_mae", "norm_mean", "trip_valid", "lr", "grad_norm", "nonfinite", "corrupt", "images_per_sec",
+              "mfu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return train_worker.make_tiny_data(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    """Six uninterrupted steps (4 steps per epoch: crosses an epoch boundary), validating at step 6."""
+    workdir = str(tmp_path_factory.mktemp("full"))
+    result = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6, eval_every=0), workdir)
+    return workdir, result
+
+
+def test_few_steps_learn_and_update_statistics(full_run):
+    workdir, result = full_run
+    assert result["step"] == 6
+    assert sorted(result["losses"]) == list(range(6))
+    assert all(np.isfinite(v) for v in result["losses"].values())
+    assert set(LOSS_TERMS) <= set(result["metrics"])
+    assert 0.0 <= result["validation"]["val/val"] <= 1.0
+    (v4, _), (v6, config) = (checkpoint.restore_variables(workdir, step=s) for s in (4, 6))
+    assert config["train"]["batch_size"] == 16
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), v4, v6)
+    assert all(jax.tree.leaves(changed["params"]["backbone"]))  # every backbone parameter moved
+    assert changed["params"]["head"]["kernel"]
+    bn_means = [m for p, m in jax.tree_util.tree_leaves_with_path(v6["batch_stats"]["backbone"])
+                if p[-1].key == "mean"]
+    assert bn_means and all(np.any(np.asarray(m) != 0) for m in bn_means)  # BN statistics left their init
+    head = v6["batch_stats"]["head"]
+    assert float(head["batch_mean"]) != 20.0 and float(head["batch_std"]) != 100.0  # AdaFace EMA updated
+    assert changed["batch_stats"]["head"]["batch_mean"]
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run(full_run, data, tmp_path):
+    _, full = full_run
+    workdir = str(tmp_path / "resumed")
+    first = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=3, eval_every=0), workdir)
+    assert first["step"] == 3
+    second = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6, eval_every=0), workdir)
+    assert sorted(second["losses"]) == [3, 4, 5]  # resumed mid-epoch, crossed into epoch 1
+    for step in range(6):
+        got = first["losses"].get(step, second["losses"].get(step))
+        np.testing.assert_allclose(got, full["losses"][step], rtol=1e-6, err_msg=f"step {step}")
+    assert second["validation"]["val_accuracy"] == pytest.approx(full["validation"]["val_accuracy"])
+
+
+def test_nan_stops_loudly_and_keeps_last_checkpoint(data, tmp_path):
+    workdir = str(tmp_path / "nan")
+    config = train_worker.tiny_config(data, max_steps=6, inject_nan_step=3)
+    with pytest.raises(FloatingPointError, match=r"at step 3 .*last good checkpoint: .*checkpoints/2"):
+        train.train_and_evaluate(config, workdir)
+    variables, _ = checkpoint.restore_variables(workdir)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [2]
+
+
+def test_nan_skip_keeps_previous_state(data, tmp_path):
+    workdir = str(tmp_path / "skip")
+    config = train_worker.tiny_config(data, max_steps=2, inject_nan_step=1, nonfinite="skip", checkpoint_every=1)
+    result = train.train_and_evaluate(config, workdir)
+    assert result["step"] == 2 and np.isnan(result["losses"][1])
+    (v1, _), (v2, _) = (checkpoint.restore_variables(workdir, step=s) for s in (1, 2))
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), v1, v2)
+    assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("field,value,devices,error,match", [
+    ("batch_size", 30, 8, ValueError, r"train\.batch_size=30 is not divisible by the 8 devices"),
+    ("batch_size", 18, 1, ValueError, r"train\.batch_size=18 is not divisible by data\.k=4"),
+    ("arch", "ir_7", 1, ValueError, r"model\.arch='ir_7' is unknown"),
+    ("path", "/nonexistent/faces", 1, FileNotFoundError, r"data\.path='/nonexistent/faces'"),
+    ("lam_qa", -1.0, 1, ValueError, r"model\.lam_qa=-1\.0 must be >= 0"),
+])
+def test_config_validation_errors(data, field, value, devices, error, match):
+    config = train_worker.tiny_config(data)
+    section = {"batch_size": config.train, "arch": config.model, "path": config.data,
+               "lam_qa": config.model}[field]
+    section[field] = value
+    with pytest.raises(error, match=match):
+        train.validate_config(config, num_devices=devices, process_count=1)
+
+
+def test_missing_data_folder_fails_before_compiling(tmp_path):
+    config = train_worker.tiny_config(str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"data\.path="):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")

@@ -1,0 +1,73 @@
+"""Multi-device and multi-process training, each run in its own subprocess (tests/train_worker.py)."""
+
+import json
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+import train_worker
+from oaml_jax import checkpoint
+
+STEPS = 2
+TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finish(proc, out) -> dict:
+    log, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, log[-4000:]
+    with open(out) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same two steps on 1 device, on 8 devices, and on 2 processes x 4 devices (run concurrently)."""
+    root = tmp_path_factory.mktemp("multi")
+    data = train_worker.make_tiny_data(str(root / "data"))
+    port = _free_port()
+    specs = {
+        "one": dict(devices=1),
+        "eight": dict(devices=8),
+        "proc0": dict(devices=4, process_id=0, num_processes=2, port=port, workdir="two"),
+        "proc1": dict(devices=4, process_id=1, num_processes=2, port=port, workdir="two"),
+    }
+    procs = {}
+    for name, spec in specs.items():
+        workdir = str(root / spec.pop("workdir", name))
+        out = str(root / f"{name}.json")
+        procs[name] = (train_worker.run_worker(data, workdir, out, max_steps=STEPS, **spec), out)
+    results = {name: _finish(proc, out) for name, (proc, out) in procs.items()}
+    return root, results
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device(runs):
+    _, results = runs
+    one, eight = results["one"]["losses"], results["eight"]["losses"]
+    assert sorted(one) == sorted(eight) == [str(s) for s in range(STEPS)]
+    for step in one:
+        np.testing.assert_allclose(eight[step], one[step], rtol=2e-4, err_msg=f"step {step}")
+
+
+@pytest.mark.slow
+def test_two_processes_agree_and_restore_in_one(runs):
+    root, results = runs
+    timing = {"images_per_sec", "mfu"}
+    p0, p1 = results["proc0"], results["proc1"]
+    assert p0["losses"] == p1["losses"] and p0["step"] == p1["step"] == STEPS
+    assert {k: v for k, v in p0["metrics"].items() if k not in timing} == \
+        {k: v for k, v in p1["metrics"].items() if k not in timing}
+    for step, loss in results["one"]["losses"].items():
+        np.testing.assert_allclose(results["proc0"]["losses"][step], loss, rtol=2e-4)
+    variables, config = checkpoint.restore_variables(str(root / "two"))
+    assert config["distributed"]["num_processes"] == 2
+    assert variables["params"]["head"]["kernel"].shape == (32, 8)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
