@@ -1,0 +1,144 @@
+"""OAML: backbone + margin head + occlusion head + QAConv, trained with one multi-task loss.
+
+    L = lam_ada * CE(margin logits) + lam_qa * (L_pair + triplet_weight * L_trip) + lam_occ * MSE(occ, mask)
+
+QAConv matches the channel-normalized feature maps of the whole (global) batch against itself, each
+location weighted by its predicted visibility. Three switches decide where gradients flow: into the backbone
+from QAConv (`qaconv_to_backbone`), into the backbone from the occlusion head (not when `detach_occ_input`),
+and into the occlusion head from QAConv (not when `detach_qaconv_vis`).
+"""
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from oaml_jax.models.heads import AdaFace, ArcFace, CosFace
+from oaml_jax.models.occlusion import OcclusionHead
+from oaml_jax.models.qaconv import QAConv, l2_normalize_channels, qaconv_loss, retrieval_accuracy
+
+Array = jax.Array
+
+HEADS = {"adaface": AdaFace, "arcface": ArcFace, "cosface": CosFace}
+
+
+class OAML(nn.Module):
+    """Occlusion-aware metric learning model.
+
+    Attributes:
+        backbone: module with `backbone(images, train=...) -> (embeddings [B, E] L2-normalized,
+            norms [B, 1], feature_map [B, h, w, c])`.
+        num_classes: number of training identities.
+        head: margin head name, a key of `HEADS`.
+        head_kwargs: extra head attributes (s, m, h, t_alpha, eps, embedding_size).
+        embedding_size: E for the head kernel; None reads `backbone.embedding_size` (512 if it has none).
+        lam_ada: weight of the margin-head cross-entropy.
+        lam_qa: weight of the QAConv loss.
+        lam_occ: weight of the occlusion MSE.
+        qaconv_to_backbone: let QAConv gradients reach the backbone.
+        detach_occ_input: feed the occlusion head stop_gradient(feature_map).
+        detach_qaconv_vis: weight QAConv with stop_gradient(occlusion maps).
+        triplet_weight: weight of the hard triplet term inside the QAConv loss.
+        triplet_margin: margin of the hard triplet term.
+        occ_hidden: hidden width of the occlusion head.
+        dtype: compute dtype of the occlusion head and of the QAConv einsum.
+    """
+
+    backbone: nn.Module
+    num_classes: int
+    head: str = "adaface"
+    head_kwargs: Mapping[str, Any] | None = None
+    embedding_size: int | None = None
+    lam_ada: float = 0.1
+    lam_qa: float = 0.9
+    lam_occ: float = 0.1
+    qaconv_to_backbone: bool = True
+    detach_occ_input: bool = True
+    detach_qaconv_vis: bool = True
+    triplet_weight: float = 0.5
+    triplet_margin: float = 1.0
+    occ_hidden: int = 128
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.head not in HEADS:
+            raise ValueError(f"oaml_jax/models/oaml.py: unknown head {self.head!r} (model.head); expected one of "
+                             f"{sorted(HEADS)}")
+        head_kwargs = dict(self.head_kwargs or {})
+        embedding_size = self.embedding_size or getattr(self.backbone, "embedding_size", 512)
+        head_kwargs.setdefault("embedding_size", embedding_size)
+        self.margin_head = HEADS[self.head](num_classes=self.num_classes, name="head", **head_kwargs)
+        self.occlusion = OcclusionHead(hidden=self.occ_hidden, dtype=self.dtype)
+        self.qaconv = QAConv(dtype=self.dtype)
+
+    def _occlusion_map(self, feature_map: Array, train: bool) -> Array:
+        occ_input = jax.lax.stop_gradient(feature_map) if self.detach_occ_input else feature_map
+        return self.occlusion(occ_input, train=train)
+
+    def __call__(self, images: Array, labels: Array, masks: Array, train: bool = False
+                 ) -> tuple[Array, dict[str, Array]]:
+        """Multi-task loss of one (global) batch.
+
+        Args:
+            images: `[B, 112, 112, 3]` normalized images.
+            labels: `[B]` int32 identities.
+            masks: `[B, h, w]` float32 ground-truth visibility at the feature-map resolution (1 = visible).
+            train: training mode (dropout, batch statistics, AdaFace EMA); pass
+                `rngs={"dropout": key}, mutable=["batch_stats"]` to `apply`.
+
+        Returns:
+            (scalar loss, metrics dict with "loss", "loss_ada", "loss_qa", "loss_pair", "loss_trip",
+            "loss_occ", "acc_ada", "acc_qa", "occ_mae", "norm_mean", "trip_valid").
+        """
+        embeddings, norms, feature_map = self.backbone(images, train=train)
+        feature_map = feature_map.astype(jnp.float32)
+        if masks.shape != feature_map.shape[:3]:
+            raise ValueError(f"oaml_jax/models/oaml.py: masks must be [B, h, w] = {feature_map.shape[:3]} "
+                             f"(the occlusion map's size), got shape {tuple(masks.shape)}")
+
+        logits = self.margin_head(embeddings, norms, labels, train=train)
+        loss_ada = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        acc_ada = jnp.mean((jnp.argmax(self.margin_head.cosine(embeddings), axis=1) == labels)
+                           .astype(jnp.float32))
+
+        occlusion = self._occlusion_map(feature_map, train)
+        loss_occ = jnp.mean(jnp.square(occlusion - masks))
+
+        features = l2_normalize_channels(feature_map)
+        if not self.qaconv_to_backbone:
+            features = jax.lax.stop_gradient(features)
+        vis = jax.lax.stop_gradient(occlusion) if self.detach_qaconv_vis else occlusion
+        scores = self.qaconv(features, features, vis, vis, train=train)
+        loss_qa, qa_metrics = qaconv_loss(scores, labels, self.triplet_weight, self.triplet_margin)
+
+        loss = self.lam_ada * loss_ada + self.lam_qa * loss_qa + self.lam_occ * loss_occ
+        metrics = dict(
+            loss=loss,
+            loss_ada=loss_ada,
+            loss_qa=loss_qa,
+            loss_occ=loss_occ,
+            acc_ada=acc_ada,
+            acc_qa=retrieval_accuracy(scores, labels),
+            occ_mae=jnp.mean(jnp.abs(occlusion - masks)),
+            norm_mean=jnp.mean(norms.astype(jnp.float32)),
+            **qa_metrics,
+        )
+        return loss, metrics
+
+    def embed(self, images: Array, train: bool = False) -> dict[str, Array]:
+        """Features for evaluation.
+
+        Args:
+            images: `[N, 112, 112, 3]` normalized images.
+            train: forwarded to the backbone and occlusion head (normally False).
+
+        Returns:
+            dict(embeddings `[N, E]`, norms `[N, 1]`, feature_map `[N, h, w, c]` float32 L2-normalized over
+            channels, occlusion `[N, h, w]` in [0, 1]).
+        """
+        embeddings, norms, feature_map = self.backbone(images, train=train)
+        feature_map = feature_map.astype(jnp.float32)
+        return dict(embeddings=embeddings, norms=norms, feature_map=l2_normalize_channels(feature_map),
+                    occlusion=self._occlusion_map(feature_map, train))
