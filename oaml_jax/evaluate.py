@@ -11,6 +11,11 @@ Each gets 10-fold accuracy, TAR at FAR 1e-3 and AUC. The fused TAR/AUC are compu
 scores (each fold fused with the statistics of the other nine folds), so no statistic sees its own pairs.
 Converted AdaFace checkpoints (no QAConv/occlusion variables) get the AdaFace columns only ("-").
 
+IJB-B/C 1:1 verification (`config.eval.ijb_root` set; see `ijb_settings` for the fields) runs on every
+set of `eval.ijb_names` found there: TAR at FAR 1e-6..1e-1 of AdaFace template scores and, with
+`eval.ijb_qaconv` (off by default: billions of image pairs on IJB-C, see `ijb_scores`), of QAConv and
+fused template scores.
+
 Outputs under `<workdir>/eval/`: results.txt (the table), results.json, roc_<set>_<variant>.png,
 occlusion_grid.png, fusion_stats.json (statistics over all clean pairs, used by `oaml_jax.inference`),
 ijb_<name>.png, and TensorBoard summaries (process 0; `config.eval.tensorboard = False` skips them and
@@ -33,12 +38,18 @@ from data_pipelines import bin_pairs
 from data_pipelines.occlusion import KINDS, occlude_deterministic
 from oaml_jax import ijb, plots, verification
 from oaml_jax.inference import FaceModel, fusion_stats_to_json, FUSION_STATS_FILE, SCORE_NAMES
+from oaml_jax.models.qaconv import qaconv_pair_scores
 
 METHODS = (("AdaFace", "adaface"), ("QAConv", "qaconv"), ("fused", "fused"))
 METRICS = (("acc", "accuracy"), ("TAR@1e-3", "tar"), ("AUC", "auc"))
 TABLE_FAR = 1e-3
 COLUMNS = tuple(f"{label} {metric}" for label, _ in METHODS for metric, _ in METRICS)
 _GRID_FACES = 8
+# Image pairs per QAConv call on IJB: two float16 maps each on the host gather (411 MB at 7x7x512) and
+# float32 on the device.
+IJB_QACONV_CHUNK = 4096
+# Pairs matched at once inside one QAConv call: bounds the [n, hw, hw] similarity temporaries.
+_QACONV_INNER_CHUNK = 1024
 
 
 def occluded_pairs(images: np.ndarray, kind: str, grid: int = 7) -> np.ndarray:
@@ -140,45 +151,180 @@ def _variants(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return variants
 
 
-def _ijb(model: FaceModel, config: ml_collections.ConfigDict, weights: Mapping[str, float],
-         out_dir: str) -> tuple[dict[str, dict[str, dict[float, float]]], dict[str, str]]:
-    """IJB-B/C 1:1 template verification: TAR at `ijb.IJB_FARS` for AdaFace, QAConv and fused scores.
+def ijb_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The IJB fields of `config.eval`, read with `.get` so configs without them still evaluate.
 
-    AdaFace: norm-weighted flip-fused features scaled by the detector score, media-pooled templates,
-    cosine. QAConv: mean over all face pairs of the two templates. Fused: z-normalization fitted on all
-    template-pair scores (label-free, so nothing about the labels reaches the fusion).
+    Fields (defaults): `ijb_root` ("" = no IJB evaluation), `ijb_names` (`ijb.IJB_NAMES`),
+    `ijb_qaconv` (False), `ijb_batch_size` (faces aligned and extracted per call, rounded up to a multiple
+    of `eval.batch_size`; 0 = `eval.batch_size`), `ijb_qaconv_chunk` (image pairs per QAConv call, 4096).
+
+    Returns:
+        dict with keys "root", "names", "qaconv", "batch_size", "qaconv_chunk" and "folders" (name ->
+        dataset folder of each set found, see `ijb_folder`; sets not found are skipped with a warning, and
+        a root holding none of them raises FileNotFoundError).
     """
-    root = config.eval.get("ijb_root", "")
-    names = tuple(config.eval.get("ijb_names", ()))
+    settings = {"root": str(config.eval.get("ijb_root", "") or ""),
+                "names": tuple(str(n).lower() for n in config.eval.get("ijb_names", ijb.IJB_NAMES)),
+                "qaconv": bool(config.eval.get("ijb_qaconv", False)),
+                "batch_size": int(config.eval.get("ijb_batch_size", 0) or 0),
+                "qaconv_chunk": int(config.eval.get("ijb_qaconv_chunk", IJB_QACONV_CHUNK))}
+    unknown = [n for n in settings["names"] if n not in ijb.IJB_NAMES]
+    if unknown:
+        raise ValueError(f"eval.ijb_names: unknown {unknown}; expected names from {ijb.IJB_NAMES}")
+    if settings["batch_size"] < 0:
+        raise ValueError(f"eval.ijb_batch_size={settings['batch_size']}: expected >= 0 (0 = eval.batch_size)")
+    if settings["qaconv_chunk"] < 1:
+        raise ValueError(f"eval.ijb_qaconv_chunk={settings['qaconv_chunk']}: expected >= 1")
+    settings["folders"] = {}
+    if not settings["root"]:
+        return settings
+    for name in settings["names"]:
+        folder = ijb_folder(settings["root"], name)
+        if folder is None:
+            logging.warning("IJB set %s not found under eval.ijb_root=%s; skipped", name, settings["root"])
+        else:
+            settings["folders"][name] = folder
+    if not settings["folders"]:
+        raise FileNotFoundError(f"eval.ijb_root={settings['root']}: no meta/<name>_face_tid_mid.txt for any of "
+                                f"eval.ijb_names={settings['names']} (looked in <root>/<NAME>, <root>/<name>, "
+                                f"<root>)")
+    return settings
+
+
+def ijb_folder(root: str, name: str) -> Optional[str]:
+    """The folder of IJB set `name` under `eval.ijb_root`, or None when it is not there.
+
+    Accepts insightface's `IJB_release` layout (`<root>/IJBB`, `<root>/IJBC`, each with `meta/` and
+    `loose_crop/`) and a root that is itself one set's folder.
+    """
+    for folder in (os.path.join(root, name.upper()), os.path.join(root, name), root):
+        if os.path.isfile(os.path.join(folder, "meta", f"{name}_face_tid_mid.txt")):
+            return folder
+    return None
+
+
+def ijb_face_features(model: FaceModel, meta: ijb.IJBMeta, batch_size: int, keep_maps: bool
+                      ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """Per-face features of an IJB set, read, aligned and extracted `batch_size` faces at a time.
+
+    Host memory is preallocated once: `[F, E]` float32 features and, with `keep_maps`, `[F, h, w, c]`
+    float16 feature maps (the maps are channel-L2-normalized, so their entries lie in [-1, 1] where
+    float16 keeps 11 significant bits; half of float32's 47 GB at 7x7x512 on IJB-C's 469k faces) and
+    `[F, h, w]` float32 visibility maps.
+
+    Args:
+        model: the restored model.
+        meta: the set's metadata.
+        batch_size: faces loaded and passed to `model.extract` per call.
+        keep_maps: also keep feature and visibility maps (QAConv; needs `model.has_qaconv`).
+
+    Returns:
+        (`[F, E]` float32 flip-fused un-normalized features `(e n + e_flip n_flip) / 2`, maps `[F, h, w, c]`
+        float16 or None, visibility `[F, h, w]` float32 or None).
+    """
+    num_faces = meta.image_names.size
+    feats, maps, occlusion = None, None, None
+    done = 0
+    for batch in ijb.iter_aligned_batches(meta.root, meta, batch_size):
+        part = model.extract(batch, keep_maps=keep_maps)
+        if feats is None:
+            feats = np.empty((num_faces, part.embeddings.shape[1]), np.float32)
+            if keep_maps:
+                maps = np.empty((num_faces,) + part.feature_maps.shape[1:], np.float16)
+                occlusion = np.empty((num_faces,) + part.occlusion.shape[1:], np.float32)
+        end = done + batch.shape[0]
+        feats[done:end] = part.embeddings * part.norms[:, None]
+        if keep_maps:
+            maps[done:end] = part.feature_maps
+            occlusion[done:end] = part.occlusion
+        done = end
+        logging.log_every_n_seconds(logging.INFO, "%s: %d / %d faces extracted", 60, meta.name, done, num_faces)
+    return feats, maps, occlusion
+
+
+def ijb_scores(model: FaceModel, meta: ijb.IJBMeta, weights: Mapping[str, float], *, batch_size: int,
+               qaconv: bool, qaconv_chunk: int = IJB_QACONV_CHUNK) -> dict[str, np.ndarray]:
+    """Template-pair scores of one IJB set (1:1 verification).
+
+    - "adaface": face features `(e n + e_flip n_flip) / 2` (flip-fused, norm-weighted) scaled by the
+      detector score, averaged per media, summed per template, L2-normalized; cosine of the two templates
+      (insightface's best IJB setting, `ijb.template_features`).
+    - "qaconv" (when `qaconv` and the model has QAConv): mean over all image pairs (a in T1, b in T2) of
+      the symmetric, occlusion-weighted QAConv pair score (`ijb.template_pair_scores_from_pairwise`), on
+      the float16-stored maps computed in float32.
+    - "fused" (with "qaconv"): `sum_k w_k (s_k - mean_k) / std_k`, the statistics fitted on all template
+      pairs of the set (label-free, so no label reaches the fusion).
+
+    Cost of "qaconv": `sum_m |T1_m| |T2_m|` QAConv pair scores (billions on IJB-C, whose video templates
+    hold hundreds of frames), each moving two float16 maps to the device (2 x 49 KB at 7x7x512) and
+    costing about h w h w c multiply-adds (one similarity matrix serves both directions); and `F x h x w x c` float16 maps in host memory (23.5 GB on
+    IJB-C). Off by default (`eval.ijb_qaconv`).
+
+    Args:
+        model: the restored model.
+        meta: the set's metadata.
+        weights: fusion weights ("adaface", "qaconv").
+        batch_size: faces per extraction call.
+        qaconv: compute "qaconv" and "fused" (ignored, with a warning, without QAConv in the model).
+        qaconv_chunk: image pairs per QAConv call (all calls are padded to this size: one compilation).
+
+    Returns:
+        name -> `[M]` float64 scores of `meta.pairs`.
+    """
+    if qaconv and not model.has_qaconv:
+        logging.warning("eval.ijb_qaconv: the checkpoint has no QAConv (a converted AdaFace backbone?); "
+                        "AdaFace scores only")
+        qaconv = False
+    feats, maps, occlusion = ijb_face_features(model, meta, batch_size, keep_maps=qaconv)
+    template_ids, template_feats = ijb.template_features(feats, meta.templates, meta.medias,
+                                                         meta.detector_scores)
+    scores = {"adaface": ijb.verify_templates(template_ids, template_feats, meta.pairs).astype(np.float64)}
+    if not qaconv:
+        return scores
+
+    def score_fn(idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
+        n = idx_a.size
+        idx_a, idx_b = (np.pad(idx, (0, qaconv_chunk - n)) for idx in (idx_a, idx_b))
+        values = qaconv_pair_scores(model.qaconv_variables, maps[idx_a], maps[idx_b], occlusion[idx_a],
+                                    occlusion[idx_b], chunk_size=min(qaconv_chunk, _QACONV_INNER_CHUNK),
+                                    module=model.qaconv_module)
+        return np.asarray(values)[:n]
+
+    scores["qaconv"] = ijb.template_pair_scores_from_pairwise(meta.templates, meta.pairs, score_fn,
+                                                              chunk=qaconv_chunk)
+    scores["fused"] = verification.fuse(scores, weights, verification.FusionStats.fit(scores))
+    return scores
+
+
+def _ijb(model: FaceModel, settings: Mapping[str, Any], weights: Mapping[str, float], out_dir: str,
+         write_files: bool) -> tuple[dict[str, dict[str, dict[float, float]]], dict[str, str]]:
+    """IJB-B/C 1:1 verification of every set of `eval.ijb_names` found under `eval.ijb_root`.
+
+    Args:
+        model: the restored model.
+        settings: `ijb_settings(config)`.
+        weights: fusion weights.
+        out_dir: where the ROC PNGs go.
+        write_files: write the PNGs (process 0).
+
+    Returns:
+        (name -> method -> far -> tar at `ijb.IJB_FARS`, {"ijb_<name>": ROC PNG path} when `write_files`).
+    """
     results, files = {}, {}
-    if not root or not names:
-        return results, files
-    for name in names:
-        meta = ijb.read_ijb_meta(root, name)
-        parts = [model.extract(batch, keep_maps=model.has_qaconv)
-                 for batch in ijb.iter_aligned_batches(root, meta, model.batch_size)]
-        embeddings = np.concatenate([p.embeddings * p.norms[:, None] for p in parts])
-        template_ids, template_feats = ijb.template_features(embeddings, meta.templates, meta.medias,
-                                                             meta.detector_scores)
-        scores = {"adaface": ijb.verify_templates(template_ids, template_feats, meta.pairs).astype(np.float64)}
-        if model.has_qaconv:
-            maps = np.concatenate([p.feature_maps for p in parts])
-            occlusion = np.concatenate([p.occlusion for p in parts])
-
-            def score_fn(idx_a, idx_b):
-                from oaml_jax.models.qaconv import qaconv_pair_scores
-                return np.asarray(qaconv_pair_scores(model.qaconv_variables, maps[idx_a], maps[idx_b],
-                                                     occlusion[idx_a], occlusion[idx_b],
-                                                     module=model.qaconv_module))
-
-            scores["qaconv"] = ijb.template_pair_scores_from_pairwise(meta.templates, meta.pairs, score_fn)
-            stats = verification.FusionStats.fit(scores)
-            scores["fused"] = verification.fuse(scores, weights, stats)
+    multiple = model.batch_size
+    batch_size = -(-(settings["batch_size"] or multiple) // multiple) * multiple
+    for name, folder in settings["folders"].items():
+        meta = ijb.read_ijb_meta(folder, name)
+        logging.info("%s: %d faces, %d templates, %d template pairs", name, meta.image_names.size,
+                     np.unique(meta.templates).size, meta.labels.size)
+        scores = ijb_scores(model, meta, weights, batch_size=batch_size, qaconv=settings["qaconv"],
+                            qaconv_chunk=settings["qaconv_chunk"])
         results[name] = {method: ijb.ijb_tar_table(values, meta.labels) for method, values in scores.items()}
-        curves = {label: verification.roc_curve(scores[key], meta.labels)[:2]
-                  for label, key in METHODS if key in scores}
-        files[f"ijb_{name}"] = plots.plot_roc(curves, os.path.join(out_dir, f"ijb_{name}.png"),
-                                              title=f"{name.upper()} 1:1")
+        if write_files:
+            curves = {label: verification.roc_curve(scores[key], meta.labels)[:2]
+                      for label, key in METHODS if key in scores}
+            files[f"ijb_{name}"] = plots.plot_roc(curves, os.path.join(out_dir, f"ijb_{name}.png"),
+                                                  title=f"{name.upper()} 1:1")
     return results, files
 
 
@@ -212,13 +358,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = N
     """
     weights = fusion_weights(config)
     variants = _variants(config)
+    ijb_config = ijb_settings(config)
     model = FaceModel.from_checkpoint(checkpoint or workdir, step, model_config=config.model,
                                       batch_size=config.eval.batch_size, fusion_weights=weights)
     out_dir = os.path.join(workdir, "eval")
     is_main = jax.process_index() == 0
     os.makedirs(out_dir, exist_ok=True)
     sets = _bin_sets(config)
-    if not sets and not config.eval.get("ijb_root", ""):
+    if not sets and not ijb_config["root"]:
         raise FileNotFoundError(f"no eval sets: none of eval.bin_names={tuple(config.eval.bin_names)} in "
                                 f"{config.eval.get('data_dir', '') or config.data.path} and no eval.ijb_root")
     grid = model.feature_map_shape[0]
@@ -251,7 +398,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = N
                 grid_titles += [f"{variant} {m.mean():.2f}" for m in occlusion[1:2 * count:2]]
 
     table = verification.format_table(rows, COLUMNS, corner="set variant (%)") if rows else ""
-    ijb_results, ijb_files = _ijb(model, config, weights, out_dir)
+    ijb_results, ijb_files = _ijb(model, ijb_config, weights, out_dir, is_main)
     files.update(ijb_files)
     text = "\n\n".join(t for t in (table, _ijb_table(ijb_results) if ijb_results else "") if t)
     if is_main:
