@@ -6,8 +6,8 @@
 --mode=full times the whole OAML loss (AdaFace + QAConv over the batch + occlusion head); --mode=adaface_only
 times backbone + AdaFace head alone (QAConv and the occlusion head are not computed). Only jax, flax,
 optax, numpy and absl are needed besides oaml_jax's models (no data or config packages), so it runs
-unchanged on accelerator hosts. MFU uses XLA's FLOP count of the lowered step (so cuDNN convolutions
-count) and the peak table of oaml_jax/metrics.py.
+unchanged on accelerator hosts. MFU uses the FLOPs `oaml_jax.metrics.jaxpr_flops` counts in the traced
+step (forward, backward and optimizer: the same figure on every backend) and its peak table.
 """
 
 import os
@@ -70,9 +70,9 @@ def _bench(mode: str, backbone, dtype) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
+    flops = metrics_lib.jaxpr_flops(step, state, images, labels, masks)
     t0 = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=0).lower(state, images, labels, masks)
-    compiled = lowered.compile()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels, masks).compile()
     compile_s = time.perf_counter() - t0
     state, loss = compiled(state, images, labels, masks)
     loss.block_until_ready()
@@ -81,7 +81,6 @@ def _bench(mode: str, backbone, dtype) -> dict:
         state, loss = compiled(state, images, labels, masks)
     loss.block_until_ready()
     seconds = (time.perf_counter() - t0) / _STEPS.value
-    flops = metrics_lib.step_flops(lowered, compiled)
     return {"mode": mode, "images_per_s": _BATCH.value / seconds, "step_ms": 1e3 * seconds,
             "gflop_per_image": flops / _BATCH.value / 1e9, "mfu": metrics_lib.mfu(flops, seconds),
             "compile_s": compile_s, "loss": float(loss)}

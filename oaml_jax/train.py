@@ -284,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
     lowered = step_fn.lower(abstract_state, abstract_batch)
     compiled = lowered.compile()
-    flops = metrics_lib.step_flops(lowered, compiled)
+    flops = metrics_lib.jaxpr_flops(step_fn, abstract_state, abstract_batch)
     embed_fn = jax.jit(functools.partial(_embed, model),
                        in_shardings=({"params": state_sh.params, "batch_stats": state_sh.batch_stats},
                                      sharding_lib.batch_sharding(mesh)),
