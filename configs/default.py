@@ -124,6 +124,18 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # Score fusion and occluded variants (used by eval.py, not by train-time validation).
     config.eval.fusion_weights = (0.5, 0.5)
     config.eval.occlusion_variants = ("clean", "blocks", "mask", "sunglasses")
+    # Folder of the .bin sets for eval.py; "" = data.path.
+    config.eval.data_dir = ""
+    # Also write eval.py's scalars and figures to TensorBoard (needs tensorflow).
+    config.eval.tensorboard = True
+    # IJB-B/C 1:1 verification: insightface's IJB_release folder (or one set's folder); "" = off.
+    config.eval.ijb_root = ""
+    config.eval.ijb_names = ("ijbb", "ijbc")
+    # QAConv and fused template scores: the mean over every image pair of every template pair, billions
+    # of pair scores on IJB-C; feature maps are then kept on the host in float16 (~23.5 GB for IJB-C).
+    config.eval.ijb_qaconv = False
+    config.eval.ijb_batch_size = 0  # faces per extraction call; 0 = eval.batch_size
+    config.eval.ijb_qaconv_chunk = 4096  # image pairs per QAConv call
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.axis_name = "data"

@@ -1,7 +1,10 @@
 """Demo: trains a narrow OAML model on the embedded synthetic identities in a few minutes on a CPU.
 
-    python -m data_pipelines.synthetic --out demo_workdir/data --identities 64 --images 16 --pairs 300
-    python train.py --config=configs/demo.py --workdir=demo_workdir/run
+    python -m oaml_jax.demo --workdir demo_workdir       # writes the data, trains, evaluates
+or step by step:
+    python -m data_pipelines.synthetic --out demo_workdir/data --identities 128 --images 16 --pairs 600
+    python train.py --config=configs/demo.py --workdir=demo_workdir/train
+    python eval.py --config=configs/demo.py --workdir=demo_workdir/train
 
 The held-out pair accuracy (validation on demo_workdir/data/lfw.bin, identities never seen in training)
 is logged to TensorBoard in the workdir and returned by `train_and_evaluate`.

@@ -693,21 +693,24 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
     return summary
 
 
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
-_IDENTITIES = flags.DEFINE_integer("identities", 500, "Number of training identities.")
-_IMAGES = flags.DEFINE_integer("images", 20, "Training images per identity.")
-_PAIRS = flags.DEFINE_integer("pairs", 1000, "Verification pairs per .bin file.")
-_SEED = flags.DEFINE_integer("seed", 0, "Dataset seed.")
-_HOLDOUT = flags.DEFINE_integer("holdout", None, "Held-out identities for the pair files "
-                                "(default max(10, identities // 5)).")
-_BINS = flags.DEFINE_list("bins", ["lfw"], "Names of the .bin pair files to write.")
+def _define_flags() -> None:
+    """Command-line flags, defined only when this module is the program (importers keep their own)."""
+    flags.DEFINE_string("out", None, "Output folder.", required=True)
+    flags.DEFINE_integer("identities", 500, "Number of training identities.")
+    flags.DEFINE_integer("images", 20, "Training images per identity.")
+    flags.DEFINE_integer("pairs", 1000, "Verification pairs per .bin file.")
+    flags.DEFINE_integer("seed", 0, "Dataset seed.")
+    flags.DEFINE_integer("holdout", None, "Held-out identities for the pair files "
+                         "(default max(10, identities // 5)).")
+    flags.DEFINE_list("bins", ["lfw"], "Names of the .bin pair files to write.")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    summary = write_dataset(_OUT.value, _IDENTITIES.value, _IMAGES.value, _PAIRS.value, _SEED.value,
-                            holdout_identities=_HOLDOUT.value, bin_names=_BINS.value)
+    f = flags.FLAGS
+    summary = write_dataset(f.out, f.identities, f.images, f.pairs, f.seed, holdout_identities=f.holdout,
+                            bin_names=f.bins)
     print(f"wrote {summary['num_images']} images of {summary['num_classes']} identities to "
           f"{summary['out_dir']}")
     for name, info in summary["bins"].items():
@@ -715,5 +718,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("out")
+    _define_flags()
     app.run(main)

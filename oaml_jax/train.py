@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from orbax.checkpoint import multihost
 
 from data_pipelines import bin_pairs, pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
@@ -107,6 +108,16 @@ def _initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def _sync_processes(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process reaches `name` (the coordination service's barrier, not a collective).
+
+    Hosts compile and restore at different speeds; without this, the first collective of the train step
+    waits on the slowest host and can time out (gloo's CPU collectives give up after 30 s).
+    """
+    if jax.process_count() > 1:
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def _init_fn(model: OAML, tx: optax.GradientTransformation, grid: int):
@@ -305,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = ckpt.restore_state(latest, abstract_state)
             step = latest
             logging.info("resuming from %s/%d", ckpt.directory, latest)
+        _sync_processes("oaml_train_ready")
         hooks = [periodic_actions.ReportProgress(num_train_steps=stop_step, writer=writer,
                                                  every_steps=config.train.log_every)]
         if config.train.profile_steps > 0 and jax.process_index() == 0:
@@ -358,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 eval_every = config.train.eval_every
                 evaluate = val_sets and ((eval_every > 0 and step % eval_every == 0) or step == stop_step)
                 if evaluate:
+                    _sync_processes(f"oaml_validate_{step}")
                     validation = _validate(embed_fn, state, val_sets, config, mesh)
                     writer.write_scalars(step, validation)
                     logging.info("step %d validation: %s", step, validation)
