@@ -23,7 +23,6 @@ from absl import app, flags, logging  # noqa: E402
 
 from oaml_jax import metrics as metrics_lib  # noqa: E402
 from oaml_jax.models.backbone import build_backbone, feature_map_shape  # noqa: E402
-from oaml_jax.models.heads import AdaFace  # noqa: E402
 from oaml_jax.models.oaml import OAML  # noqa: E402
 
 _ARCH = flags.DEFINE_string("arch", "ir_50", "Backbone preset.")

@@ -12,7 +12,7 @@ Metrics are fetched every step (a handful of scalars) so a non-finite loss is ca
 import functools
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -12,27 +12,11 @@ import pytest
 
 from oaml_jax import convert
 from oaml_jax.models.backbone import build_backbone
+from test_backbone import random_variables
 
 PLAIN = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=16)
 SE = dict(stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), embedding_size=16)
 EPS = 1e-5
-
-
-def random_variables(module, seed=0):
-    """Random variables of `module` from numpy (no jax.random: its compilation is slow on CPU)."""
-    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x),
-                            jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        value = rng.standard_normal(shape.shape).astype(np.float32)
-        if path[-1].key == "var":
-            return 0.5 + np.abs(value)
-        if path[-1].key == "kernel":
-            return (value / np.sqrt(np.prod(shape.shape[:-1]))).astype(np.float32)
-        return value
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def adaface_state_dict(widths, embedding_size, se, seed=0, prefix="model."):

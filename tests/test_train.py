@@ -1,7 +1,6 @@
 """Training on the tiny config, in this process (one CPU device)."""
 
 import os
-import shutil
 
 import jax
 import numpy as np

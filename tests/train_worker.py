@@ -9,6 +9,7 @@ must be set up before jax is first used, hence a separate process) and writes th
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -35,9 +36,8 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_worker(data: str, workdir: str, out: str, devices: int = 1, **flags) -> "subprocess.Popen":
+def run_worker(data: str, workdir: str, out: str, devices: int = 1, **flags) -> subprocess.Popen:
     """Starts this script in a subprocess (see the module docstring); returns the Popen."""
-    import subprocess
     env = dict(os.environ, **CACHE_ENV)
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, os.path.abspath(__file__), "--data", data, "--workdir", workdir, "--out", out,
