@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import default, ir50_ms1mv2, ir100_ms1mv2
+from configs import default, demo, ir50_ms1mv2, ir100_ms1mv2
 from oaml_jax import train
 
 CONTRACT_DATA_FIELDS = {"source", "path", "sampler", "k", "num_workers", "seed", "bgr", "on_corrupt", "grid",
@@ -44,6 +44,14 @@ def test_full_configs_validate_on_a_pod_slice(module, tmp_path):
     c = module.get_config()
     c.data.path = str(tmp_path)
     train.validate_config(c, num_devices=8, process_count=2)
+
+
+def test_demo_is_narrow_and_validates_on_this_cpu(tmp_path):
+    c = demo.get_config()
+    assert c.model.arch == "ir_18" and tuple(c.model.backbone.widths) == (16, 32, 32, 64)
+    assert c.eval.bin_names == ("lfw",)
+    c.data.path = str(tmp_path)
+    train.validate_config(c, num_devices=1, process_count=1)
 
 
 def test_unknown_variant():
