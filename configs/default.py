@@ -34,6 +34,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.lam_ada = 0.1
     model.lam_qa = 0.9
     model.lam_occ = 0.1
+    # Occlusion loss: "mse" (the original's, on the sigmoid output) or "bce" (cross-entropy of the logits
+    # with the visible fraction as soft target: its gradient does not vanish when the sigmoid saturates).
+    model.occ_loss = "mse"
     # Switches: QAConv gradients reach the backbone; the occlusion head sees a detached feature map;
     # QAConv sees detached occlusion maps.
     model.qaconv_to_backbone = True

@@ -31,9 +31,11 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.optim.schedule = "cosine"
     config.optim.warmup_epochs = 0.5
     config.train.epochs = 6
-    # The occlusion head sees a detached feature map, so its loss weight only sets how fast the head
-    # learns (the backbone sees it only through QAConv's weighting); the short demo needs it fast.
-    config.model.lam_occ = 10.0
+    # With SGD and few steps, the MSE on the sigmoid output saturates into "all visible"; the
+    # cross-entropy keeps its gradient. The head sees a detached feature map, so its loss weight only sets
+    # how fast the head learns.
+    config.model.occ_loss = "bce"
+    config.model.lam_occ = 1.0
     config.train.batch_size = 32
     config.train.log_every = 8
     config.train.checkpoint_every = 64

@@ -54,6 +54,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> OAML:
         lam_ada=model_cfg.lam_ada,
         lam_qa=model_cfg.lam_qa,
         lam_occ=model_cfg.lam_occ,
+        occ_loss=model_cfg.get("occ_loss", "mse"),
         qaconv_to_backbone=model_cfg.qaconv_to_backbone,
         detach_occ_input=model_cfg.detach_occ_input,
         detach_qaconv_vis=model_cfg.detach_qaconv_vis,

@@ -123,8 +123,23 @@ def test_head_registry_and_kwargs(head, expected_m):
     assert bound.margin_head.s == 30.0 and bound.margin_head.m == expected_m
 
 
+def test_bce_occlusion_loss_is_the_cross_entropy_of_the_predicted_map():
+    model = OAML(FakeBackbone(), num_classes=4, occ_hidden=8, occ_loss="bce")
+    images, labels, masks = _fake_inputs()
+    variables = numpy_variables(model, images, labels, masks)
+    (_, metrics), _ = model.apply(variables, images, labels, masks, train=True, mutable=["batch_stats"])
+    (occ, _) = model.apply(variables, images, train=True, method=OAML.embed, mutable=["batch_stats"])
+    p = np.asarray(occ["occlusion"], np.float64)
+    expected = -np.mean(masks * np.log(p) + (1 - masks) * np.log(1 - p))
+    np.testing.assert_allclose(metrics["loss_occ"], expected, rtol=1e-4)
+    np.testing.assert_allclose(metrics["occ_mae"], np.mean(np.abs(p - masks)), rtol=1e-5)
+
+
 def test_bad_head_and_mask_shape_are_rejected():
     images, labels, masks = _fake_inputs()
+    with pytest.raises(ValueError, match=r"unknown occ_loss 'l1' \(model.occ_loss\)"):
+        jax.eval_shape(OAML(FakeBackbone(), num_classes=4, occ_loss="l1").init, jax.random.key(0), images,
+                       labels, masks)
     with pytest.raises(ValueError, match=r"unknown head 'sphereface' \(model.head\)"):
         jax.eval_shape(OAML(FakeBackbone(), num_classes=4, head="sphereface").init, jax.random.key(0), images,
                        labels, masks)

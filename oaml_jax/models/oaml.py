@@ -2,6 +2,8 @@
 
     L = lam_ada * CE(margin logits) + lam_qa * (L_pair + triplet_weight * L_trip) + lam_occ * MSE(occ, mask)
 
+where `occ_loss="bce"` replaces the MSE by the binary cross-entropy of the occlusion logits.
+
 QAConv matches the channel-normalized feature maps of the whole (global) batch against itself, each
 location weighted by its predicted visibility. Three switches decide where gradients flow: into the backbone
 from QAConv (`qaconv_to_backbone`), into the backbone from the occlusion head (not when `detach_occ_input`),
@@ -21,6 +23,7 @@ from oaml_jax.models.qaconv import QAConv, l2_normalize_channels, qaconv_loss, r
 
 Array = jax.Array
 
+OCC_LOSSES = ("mse", "bce")
 HEADS = {"adaface": AdaFace, "arcface": ArcFace, "cosface": CosFace}
 
 
@@ -36,7 +39,10 @@ class OAML(nn.Module):
         embedding_size: E for the head kernel; None reads `backbone.embedding_size` (512 if it has none).
         lam_ada: weight of the margin-head cross-entropy.
         lam_qa: weight of the QAConv loss.
-        lam_occ: weight of the occlusion MSE.
+        lam_occ: weight of the occlusion loss.
+        occ_loss: "mse" (the original's: mean squared error of the sigmoid output) or "bce" (binary
+            cross-entropy with the visible fraction as soft target; unlike the MSE its gradient does not
+            vanish when the sigmoid saturates, so the head cannot get stuck predicting "all visible").
         qaconv_to_backbone: let QAConv gradients reach the backbone.
         detach_occ_input: feed the occlusion head stop_gradient(feature_map).
         detach_qaconv_vis: weight QAConv with stop_gradient(occlusion maps).
@@ -54,6 +60,7 @@ class OAML(nn.Module):
     lam_ada: float = 0.1
     lam_qa: float = 0.9
     lam_occ: float = 0.1
+    occ_loss: str = "mse"
     qaconv_to_backbone: bool = True
     detach_occ_input: bool = True
     detach_qaconv_vis: bool = True
@@ -70,12 +77,15 @@ class OAML(nn.Module):
         embedding_size = self.embedding_size or getattr(self.backbone, "embedding_size", 512)
         head_kwargs.setdefault("embedding_size", embedding_size)
         self.margin_head = HEADS[self.head](num_classes=self.num_classes, name="head", **head_kwargs)
+        if self.occ_loss not in OCC_LOSSES:
+            raise ValueError(f"oaml_jax/models/oaml.py: unknown occ_loss {self.occ_loss!r} (model.occ_loss); "
+                             f"expected one of {OCC_LOSSES}")
         self.occlusion = OcclusionHead(hidden=self.occ_hidden, dtype=self.dtype)
         self.qaconv = QAConv(dtype=self.dtype)
 
-    def _occlusion_map(self, feature_map: Array, train: bool) -> Array:
+    def _occlusion_logits(self, feature_map: Array, train: bool) -> Array:
         occ_input = jax.lax.stop_gradient(feature_map) if self.detach_occ_input else feature_map
-        return self.occlusion(occ_input, train=train)
+        return self.occlusion(occ_input, train=train, logits=True)
 
     def __call__(self, images: Array, labels: Array, masks: Array, train: bool = False
                  ) -> tuple[Array, dict[str, Array]]:
@@ -103,8 +113,12 @@ class OAML(nn.Module):
         acc_ada = jnp.mean((jnp.argmax(self.margin_head.cosine(embeddings), axis=1) == labels)
                            .astype(jnp.float32))
 
-        occlusion = self._occlusion_map(feature_map, train)
-        loss_occ = jnp.mean(jnp.square(occlusion - masks))
+        occ_logits = self._occlusion_logits(feature_map, train)
+        occlusion = jax.nn.sigmoid(occ_logits)
+        if self.occ_loss == "mse":
+            loss_occ = jnp.mean(jnp.square(occlusion - masks))
+        else:
+            loss_occ = jnp.mean(optax.sigmoid_binary_cross_entropy(occ_logits, masks))
 
         features = l2_normalize_channels(feature_map)
         if not self.qaconv_to_backbone:
@@ -141,4 +155,4 @@ class OAML(nn.Module):
         embeddings, norms, feature_map = self.backbone(images, train=train)
         feature_map = feature_map.astype(jnp.float32)
         return dict(embeddings=embeddings, norms=norms, feature_map=l2_normalize_channels(feature_map),
-                    occlusion=self._occlusion_map(feature_map, train))
+                    occlusion=jax.nn.sigmoid(self._occlusion_logits(feature_map, train)))

@@ -25,15 +25,16 @@ class OcclusionHead(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, feature_map: Array, train: bool = False) -> Array:
+    def __call__(self, feature_map: Array, train: bool = False, logits: bool = False) -> Array:
         """Predicts the visibility map.
 
         Args:
             feature_map: `[N, h, w, c]` backbone feature map.
             train: BN uses batch statistics (and updates its running ones) when True.
+            logits: return the pre-sigmoid logits instead (for a cross-entropy loss).
 
         Returns:
-            `[N, h, w]` float32 visibility in [0, 1].
+            `[N, h, w]` float32 visibility in [0, 1] (or its logits).
         """
         if feature_map.ndim != 4:
             raise ValueError("oaml_jax/models/occlusion.py OcclusionHead: feature_map must be [N, h, w, c], got "
@@ -43,5 +44,5 @@ class OcclusionHead(nn.Module):
         x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
                          dtype=self.dtype, name="bn")(x)
         x = nn.relu(x)
-        x = nn.Conv(1, (1, 1), use_bias=True, dtype=self.dtype, name="conv2")(x)
-        return jax.nn.sigmoid(x[..., 0].astype(jnp.float32))
+        x = nn.Conv(1, (1, 1), use_bias=True, dtype=self.dtype, name="conv2")(x)[..., 0].astype(jnp.float32)
+        return x if logits else jax.nn.sigmoid(x)
