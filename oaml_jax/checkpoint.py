@@ -119,6 +119,25 @@ class Checkpointer:
         self.manager.close()
 
 
+def resolve_step(workdir_or_ckpt_dir: str, step: Optional[int] = None) -> int:
+    """The step `restore_variables(workdir_or_ckpt_dir, step)` restores: `step`, or the latest saved one.
+
+    Raises:
+        FileNotFoundError: no checkpoint (or not that step) in the directory.
+    """
+    directory = checkpoint_dir(workdir_or_ckpt_dir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no step {step} in {directory}; have {steps}")
+    return step
+
+
 def _replicated_targets(metadata: Any, mesh: jax.sharding.Mesh) -> Any:
     """ShapeDtypeStructs for every array in a saved tree, replicated over `mesh`."""
     replicated = sharding_lib.replicated(mesh)
@@ -142,18 +161,11 @@ def restore_variables(workdir_or_ckpt_dir: str, step: Optional[int] = None) -> t
         ValueError: the checkpoint holds neither a "state" nor a "variables" item.
     """
     directory = checkpoint_dir(workdir_or_ckpt_dir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"restore_variables: no checkpoint directory {directory}")
+    step = resolve_step(directory, step)
     options = ocp.CheckpointManagerOptions(read_only=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "variables": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"restore_variables: no checkpoint in {directory}")
-        step = manager.latest_step() if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"restore_variables: no step {step} in {directory}; have {sorted(steps)}")
         names = set(os.listdir(os.path.join(directory, str(step))))
         mesh = sharding_lib.make_mesh()
         if "state" in names:

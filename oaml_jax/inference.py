@@ -95,19 +95,6 @@ def split_checkpoint_path(path: str, step: Optional[int] = None) -> tuple[str, O
     return path, step
 
 
-def resolve_step(directory: str, step: Optional[int] = None) -> int:
-    """The step `restore_variables(directory, step)` restores: `step`, or the latest saved one."""
-    ckpt_dir = checkpoint_lib.checkpoint_dir(directory)
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise FileNotFoundError(f"no step {step} in {ckpt_dir}; have {steps}")
-    return step
-
-
 def _model_config(saved: Mapping[str, Any], fallback: Optional[ml_collections.ConfigDict]
                   ) -> ml_collections.ConfigDict:
     """The checkpoint's `model` config, missing fields taken from `fallback` (the caller's config.model)."""
@@ -206,7 +193,7 @@ class FaceModel:
             **kwargs: forwarded to `FaceModel.__init__`.
         """
         directory, step = split_checkpoint_path(path, step)
-        step = resolve_step(directory, step)
+        step = checkpoint_lib.resolve_step(directory, step)
         variables, saved = checkpoint_lib.restore_variables(directory, step)
         return cls(variables, saved, step=step, **kwargs)
 
