@@ -155,7 +155,7 @@ class FaceModel:
         else:
             self.bgr = self.config.get("input_channel_order", "BGR").upper() == "BGR"
 
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        params = variables["params"]
         self.has_qaconv = "qaconv" in params and "occlusion" in params
         model_cfg = _model_config(self.config, model_config)
         if self.has_qaconv:
@@ -163,10 +163,6 @@ class FaceModel:
             num_classes = int(params["head"]["kernel"].shape[-1]) if "head" in params else 1
             self.model = model_factory.build_model(model_cfg, num_classes)
             self.backbone = self.model.backbone
-            # The class kernel is not needed to embed; leaving it out keeps it off the jitted calls.
-            self.variables = {"params": _tree_without(params, "head"),
-                              "batch_stats": _tree_without(batch_stats, "head")}
-            self.qaconv_variables = {"params": params["qaconv"], "batch_stats": batch_stats.get("qaconv", {})}
             self.qaconv_module = QAConv(dtype=self.model.dtype)
         else:
             overrides = {k: v for k, v in model_cfg.to_dict().items()
@@ -175,12 +171,27 @@ class FaceModel:
             overrides.update(model_cfg.to_dict().get("backbone", {}) or {})
             self.model = None
             self.backbone = build_backbone(model_cfg.arch, **overrides)
+            self.qaconv_module = None
+        self.set_variables(variables)
+        self.feature_map_shape = feature_map_shape(self.backbone)
+        self._steps: dict[tuple[bool, bool], Callable] = {}
+
+    def set_variables(self, variables: Mapping[str, Any]) -> None:
+        """Uses new values of the same variables (e.g. a training state's) without recompiling.
+
+        Args:
+            variables: {"params", "batch_stats"} with the structure this model was built from.
+        """
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        if self.has_qaconv:
+            # The class kernel is not needed to embed; leaving it out keeps it off the jitted calls.
+            self.variables = {"params": _tree_without(params, "head"),
+                              "batch_stats": _tree_without(batch_stats, "head")}
+            self.qaconv_variables = {"params": params["qaconv"], "batch_stats": batch_stats.get("qaconv", {})}
+        else:
             self.variables = {"params": {"backbone": params["backbone"]},
                               "batch_stats": {"backbone": batch_stats.get("backbone", {})}}
             self.qaconv_variables = None
-            self.qaconv_module = None
-        self.feature_map_shape = feature_map_shape(self.backbone)
-        self._steps: dict[tuple[bool, bool], Callable] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str, step: Optional[int] = None, **kwargs: Any) -> FaceModel:

@@ -9,7 +9,6 @@ Runs resume automatically from the latest checkpoint in `<workdir>/checkpoints`,
 Metrics are fetched every step (a handful of scalars) so a non-finite loss is caught at its own step.
 """
 
-import functools
 import os
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from oaml_jax import metrics as metrics_lib
 from oaml_jax import model_factory, optim
 from oaml_jax import sharding as sharding_lib
 from oaml_jax import verification
+from oaml_jax.inference import FaceModel
 from oaml_jax.models.backbone import ARCHS, feature_map_shape
 from oaml_jax.models.oaml import HEADS, OAML
 from oaml_jax.train_state import TrainState
@@ -58,9 +58,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
         raise ValueError(f"train.batch_size={batch} / data.k={config.data.k} gives fewer than 2 identities "
                          "per batch: QAConv needs negative pairs")
     eval_batch = config.eval.batch_size
-    if eval_batch <= 0 or eval_batch % num_devices or eval_batch % process_count:
-        raise ValueError(f"eval.batch_size={eval_batch} must be a positive multiple of the {num_devices} "
-                         f"devices and the {process_count} processes")
+    if eval_batch <= 0 or eval_batch % (2 * num_devices) or eval_batch % process_count:
+        raise ValueError(f"eval.batch_size={eval_batch} must be a positive multiple of 2 x the {num_devices} "
+                         f"devices (pairs are scored within a batch) and of the {process_count} processes")
     if config.model.arch not in ARCHS:
         raise ValueError(f"model.arch={config.model.arch!r} is unknown; expected one of {ARCHS}")
     if config.model.head not in HEADS:
@@ -219,25 +219,12 @@ def _load_val_sets(config: ml_collections.ConfigDict) -> dict[str, tuple[np.ndar
     return {name: bin_pairs.load_bin(path) for name, path in found.items()}
 
 
-def _validate(embed_fn, state: TrainState, val_sets: dict, config: ml_collections.ConfigDict,
-              mesh) -> dict[str, float]:
+def _validate(validator: FaceModel, state: TrainState, val_sets: dict) -> dict[str, float]:
     """10-fold accuracy of flip-fused AdaFace embeddings on each validation set, and their mean."""
-    variables = state.variables()
+    validator.set_variables(state.variables())
     results = {}
     for name, (images, issame) in val_sets.items():
-        outputs = []
-        for flip in (False, True):
-            embs, norms = [], []
-            for batch in pipeline.eval_batches(images, config.eval.batch_size, bgr=config.data.bgr, flip=flip,
-                                               process_index=jax.process_index(),
-                                               process_count=jax.process_count()):
-                emb, norm = embed_fn(variables, sharding_lib.global_batch({"image": batch["image"]}, mesh)["image"])
-                embs.append(np.asarray(emb))
-                norms.append(np.asarray(norm))
-            n = images.shape[0]
-            outputs.append((np.concatenate(embs)[:n], np.concatenate(norms)[:n]))
-        fused = verification.flip_fused_embeddings(*outputs[0], *outputs[1])
-        scores = verification.cosine_pair_scores(fused)
+        scores = verification.cosine_pair_scores(validator.extract(images).embeddings)
         results[f"val/{name}"] = verification.ten_fold_accuracy(scores, issame)["accuracy"]
     if results:
         results[checkpoint_lib.BEST_METRIC] = float(np.mean(list(results.values())))
@@ -296,10 +283,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lowered = step_fn.lower(abstract_state, abstract_batch)
     compiled = lowered.compile()
     flops = metrics_lib.jaxpr_flops(step_fn, abstract_state, abstract_batch)
-    embed_fn = jax.jit(functools.partial(_embed, model),
-                       in_shardings=({"params": state_sh.params, "batch_stats": state_sh.batch_stats},
-                                     sharding_lib.batch_sharding(mesh)),
-                       out_shardings=sharding_lib.replicated(mesh))
     val_sets = _load_val_sets(config) if config.train.eval_every >= 0 else {}
     logging.info("%d classes (kernel %d), %d records, %d steps/epoch, stop at step %d, %.3g FLOPs/step",
                  num_classes, model_classes, len(source), spe, stop_step, flops)
@@ -316,6 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = ckpt.restore_state(latest, abstract_state)
             step = latest
             logging.info("resuming from %s/%d", ckpt.directory, latest)
+        # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
+        validator = (FaceModel(state.variables(), config_dict, model_config=config.model,
+                               batch_size=config.eval.batch_size) if val_sets else None)
         _sync_processes("oaml_train_ready")
         hooks = [periodic_actions.ReportProgress(num_train_steps=stop_step, writer=writer,
                                                  every_steps=config.train.log_every)]
@@ -371,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 evaluate = val_sets and ((eval_every > 0 and step % eval_every == 0) or step == stop_step)
                 if evaluate:
                     _sync_processes(f"oaml_validate_{step}")
-                    validation = _validate(embed_fn, state, val_sets, config, mesh)
+                    validation = _validate(validator, state, val_sets)
                     writer.write_scalars(step, validation)
                     logging.info("step %d validation: %s", step, validation)
                     result["validation"] = validation
@@ -385,8 +371,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.close()
     result["step"] = step
     return result
-
-
-def _embed(model: OAML, variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out = model.apply(variables, images, method=OAML.embed)
-    return out["embeddings"], out["norms"]
