@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import samplers
-from data_pipelines.augment import augment, normalize
+from data_pipelines.augment import augment, flip_horizontal, normalize
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptImageError, check_size, decode_image
 from data_pipelines.occlusion import occlude
@@ -260,7 +260,7 @@ def _eval_batches(images: np.ndarray, batch_size: int, bgr: bool, flip: bool, pr
         start = step * batch_size + process_index * b
         chunk = images[min(start, num):min(start + b, num)]
         if flip:
-            chunk = chunk[:, :, ::-1]
+            chunk = flip_horizontal(chunk)
         batch = np.zeros((b,) + images.shape[1:], np.float32)
         batch[:chunk.shape[0]] = normalize(chunk, bgr=bgr)
         yield {"image": batch, "valid": np.arange(b) < chunk.shape[0]}
