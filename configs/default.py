@@ -46,7 +46,7 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 
 def get_data_config() -> ml_collections.ConfigDict:
-    """Data fields (the `data_cfg` of data_pipelines.pipeline, see CONTRACTS)."""
+    """Data fields: the `data_cfg` of data_pipelines.pipeline.train_epoch_dataset."""
     data = ml_collections.ConfigDict()
     # "recordio" (faces_emore train.rec/.idx/property), "folder" (one folder per identity) or "tfds".
     data.source = "recordio"
@@ -66,8 +66,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.grid = 7
     # Classes per chunk of the k-NN class graph (memory bound of the chunked matmul).
     data.graph_chunk = 4096
+    # AdaFace's augmenter: flip, then crop (RandomResizedCrop scale 0.2-1, padded back), low resolution and
+    # photometric jitter, each with probability 0.2.
     data.augment = ml_collections.ConfigDict(dict(
-        flip_prob=0.5, crop_prob=0.2, crop_scale=(0.6, 1.0), lowres_prob=0.2, photometric_prob=0.2))
+        flip_prob=0.5, crop_prob=0.2, crop_scale=(0.2, 1.0), lowres_prob=0.2, photometric_prob=0.2))
     data.occlusion = ml_collections.ConfigDict(dict(
         prob_blocks=0.2, prob_mask=0.2, prob_sunglasses=0.1, prob_rgba=0.0, rgba_path="",
         blocks_count=(1, 3), blocks_size=(0.1, 0.4)))

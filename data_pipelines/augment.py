@@ -10,12 +10,15 @@ training augmenter, applied in this order, each with its own probability:
    window is drawn like torchvision's `RandomResizedCrop` (area fraction in `crop_scale`,
    aspect ratio in [3/4, 4/3]) and the crop is kept at its original location in an
    otherwise black canvas, so the face is never rescaled, only partially blanked;
-3. low resolution (`lowres_prob`): down-sampling to a random square side of 14..100 px
-   and back, with one random OpenCV interpolation for both resizes;
+3. low resolution (`lowres_prob`): down-sampling to a random square side `int(u * H)`,
+   u uniform in [0.2, 1), and back up, each resize with its own random OpenCV
+   interpolation (nearest, linear, area, cubic, Lanczos);
 4. photometric jitter (`photometric_prob`): brightness, contrast and saturation factors in
    [0.5, 1.5] applied in a random order, clipping to [0, 255] after each step.
 """
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +29,7 @@ AUGMENT_KEYS = ("flip_prob", "crop_prob", "crop_scale", "lowres_prob", "photomet
 
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_ATTEMPTS = 10
-_LOWRES_SIDE = (14, 100)
+_LOWRES_RATIO = (0.2, 1.0)
 _INTERPOLATIONS = (
     cv2.INTER_NEAREST,
     cv2.INTER_LINEAR,
@@ -106,13 +109,13 @@ def crop_window(height: int, width: int, rng: np.random.Generator,
       in 10 attempts.
     """
     area = height * width
-    log_lo, log_hi = np.log(_CROP_RATIO[0]), np.log(_CROP_RATIO[1])
+    log_lo, log_hi = math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])
     for _ in range(_CROP_ATTEMPTS):
-        area_frac, log_ratio, u_top, u_left = rng.random(4)
+        area_frac, log_ratio, u_top, u_left = rng.random(4).tolist()
         target = area * (scale[0] + (scale[1] - scale[0]) * area_frac)
-        ratio = np.exp(log_lo + (log_hi - log_lo) * log_ratio)
-        crop_w = int(round(np.sqrt(target * ratio)))
-        crop_h = int(round(np.sqrt(target / ratio)))
+        ratio = math.exp(log_lo + (log_hi - log_lo) * log_ratio)
+        crop_w = int(round(math.sqrt(target * ratio)))
+        crop_h = int(round(math.sqrt(target / ratio)))
         if 0 < crop_w <= width and 0 < crop_h <= height:
             top = int(u_top * (height - crop_h + 1))
             left = int(u_left * (width - crop_w + 1))
@@ -139,7 +142,9 @@ def random_crop_pad(image: np.ndarray, rng: np.random.Generator,
 
 
 def low_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Down-samples to a random square side in [14, 100] px and back up.
+    """Down-samples to a random square side `int(u * H)`, u in [0.2, 1), and back up.
+
+    The two resizes draw their interpolations independently, as AdaFace's augmenter does.
 
     Args:
       image: `[H, W, 3]` uint8.
@@ -148,10 +153,12 @@ def low_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Returns:
       `[H, W, 3]` uint8 blurred/pixelated image.
     """
-    side = int(rng.integers(_LOWRES_SIDE[0], _LOWRES_SIDE[1] + 1))
-    interp = _INTERPOLATIONS[int(rng.integers(len(_INTERPOLATIONS)))]
-    small = cv2.resize(image, (side, side), interpolation=interp)
-    return cv2.resize(small, (image.shape[1], image.shape[0]), interpolation=interp)
+    ratio, down, up = rng.random(3).tolist()
+    lo, hi = _LOWRES_RATIO
+    side = max(1, int((lo + (hi - lo) * ratio) * image.shape[0]))
+    n = len(_INTERPOLATIONS)
+    small = cv2.resize(image, (side, side), interpolation=_INTERPOLATIONS[int(down * n)])
+    return cv2.resize(small, (image.shape[1], image.shape[0]), interpolation=_INTERPOLATIONS[int(up * n)])
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -166,10 +173,12 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Returns:
       `[H, W, 3]` uint8 RGB.
     """
-    factors = 1.0 + _JITTER * (2.0 * rng.random(3) - 1.0)
+    draws = rng.random(6).tolist()
+    factors = [1.0 + _JITTER * (2.0 * u - 1.0) for u in draws[:3]]
     out = image
-    for op in rng.permutation(3):
-        factor = float(factors[op])
+    # A random order: the ops sorted by three more uniforms.
+    for op in sorted(range(3), key=draws[3:].__getitem__):
+        factor = factors[op]
         if op == 0:
             out = cv2.addWeighted(out, factor, out, 0.0, 0.0)
         elif op == 1:
@@ -181,13 +190,59 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """A validated augmentation config, applied per image without re-reading the config.
+
+    Attributes:
+      flip_prob: probability of a horizontal flip.
+      crop_prob: probability of a random crop padded back to the input size.
+      crop_scale: (lo, hi) crop area fraction.
+      lowres_prob: probability of the low-resolution down/up sampling.
+      photometric_prob: probability of the brightness/contrast/saturation jitter.
+    """
+
+    flip_prob: float
+    crop_prob: float
+    crop_scale: tuple[float, float]
+    lowres_prob: float
+    photometric_prob: float
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> "Augmentation":
+        """Validates `config.data.augment` (see `check_config`) and keeps its values."""
+        check_config(cfg)
+        return cls(flip_prob=float(cfg["flip_prob"]), crop_prob=float(cfg["crop_prob"]),
+                   crop_scale=tuple(float(v) for v in cfg["crop_scale"]),
+                   lowres_prob=float(cfg["lowres_prob"]),
+                   photometric_prob=float(cfg["photometric_prob"]))
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Applies each augmentation with its probability; see `augment`."""
+        _check_image(image)
+        flip, crop, lowres, jitter = rng.random(4).tolist()
+        out = image
+        if flip < self.flip_prob:
+            out = cv2.flip(out, 1)
+        if crop < self.crop_prob:
+            out = random_crop_pad(out, rng, self.crop_scale)
+        if lowres < self.lowres_prob:
+            out = low_resolution(out, rng)
+        if jitter < self.photometric_prob:
+            out = photometric(out, rng)
+        return out
+
+
 def augment(image: np.ndarray, rng: np.random.Generator,
             cfg: Mapping[str, Any] | Any) -> np.ndarray:
     """Applies the AdaFace training augmentations, each with its configured probability.
 
+    Validates `cfg` on every call; a loop over many images builds `Augmentation.from_config(cfg)`
+    once.
+
     Args:
       image: `[H, W, 3]` uint8 RGB (112x112 aligned face).
-      rng: random generator (Grain's `random_map` passes one per element).
+      rng: random generator.
       cfg: mapping or ConfigDict with `flip_prob`, `crop_prob`, `crop_scale` (lo, hi),
         `lowres_prob` and `photometric_prob`.
 
@@ -197,25 +252,9 @@ def augment(image: np.ndarray, rng: np.random.Generator,
 
     Raises:
       KeyError: a config key is missing (the message names it).
-      ValueError: the image is not `[H, W, 3]` uint8.
+      ValueError: a bad config value, or the image is not `[H, W, 3]` uint8.
     """
-    _check_image(image)
-    flip_prob = _cfg_value(cfg, "flip_prob")
-    crop_prob = _cfg_value(cfg, "crop_prob")
-    crop_scale = _cfg_value(cfg, "crop_scale")
-    lowres_prob = _cfg_value(cfg, "lowres_prob")
-    photometric_prob = _cfg_value(cfg, "photometric_prob")
-    draws = rng.random(4)
-    out = image
-    if draws[0] < flip_prob:
-        out = cv2.flip(out, 1)
-    if draws[1] < crop_prob:
-        out = random_crop_pad(out, rng, crop_scale)
-    if draws[2] < lowres_prob:
-        out = low_resolution(out, rng)
-    if draws[3] < photometric_prob:
-        out = photometric(out, rng)
-    return out
+    return Augmentation.from_config(cfg)(image, rng)
 
 
 def normalize(image: np.ndarray, bgr: bool = True) -> np.ndarray:

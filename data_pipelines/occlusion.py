@@ -14,11 +14,12 @@ Kinds (all take RGB uint8 `[H, W, 3]` and a `np.random.Generator`):
   counts as occluded. The file is read once per process and cached.
 """
 
+import dataclasses
 import functools
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -34,13 +35,18 @@ PROB_KEYS = ("prob_blocks", "prob_mask", "prob_sunglasses", "prob_rgba")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 _REFERENCE_SIDE = 112.0
-_LANDMARKS_HOMOGENEOUS = np.concatenate(
-    [LANDMARKS_112.astype(np.float64), np.ones((5, 1))], axis=1)
+_LANDMARKS_LIST = tuple(map(tuple, LANDMARKS_112.tolist()))
 _LANDMARK_CENTRE = tuple(LANDMARKS_112.mean(axis=0).tolist())
 _LANDMARK_NOISE = 1.2  # px (at 112x112) of independent noise per landmark
 _FACE_SHIFT = 3.0  # px of global translation
 _FACE_SCALE = 0.07  # relative global scale jitter
 _FACE_ROLL = math.radians(7.0)
+# Pre-rendered mask and sunglasses variants: sprite pixels per face-frame unit (the inter-ocular
+# distance, ~35 px at 112x112), variants per kind, the bank's seed and its transparent margin (units).
+_SPRITE_SCALE = 40.0
+_SPRITE_VARIANTS = 128
+_SPRITE_SEED = 20240417
+_SPRITE_MARGIN = 0.06
 _MASK_COLOURS = ((165.0, 200.0, 235.0), (236.0, 238.0, 240.0), (175.0, 222.0, 205.0),
                  (205.0, 208.0, 215.0), (238.0, 210.0, 215.0))
 
@@ -91,64 +97,131 @@ def visibility_map(pixel_mask: np.ndarray, grid: int = 7) -> np.ndarray:
     return _area_weights(height, grid) @ mask @ _area_weights(width, grid).T
 
 
-def _jittered_landmarks(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """`[5, 2]` float64 landmarks: random similarity (shift, zoom, roll) plus per-point noise."""
+def _jittered_landmarks(rng: np.random.Generator, height: int,
+                        width: int) -> list[tuple[float, float]]:
+    """Five (x, y) landmarks: random similarity (shift, zoom, roll) plus per-point noise.
+
+    Plain Python floats: for five points that is several times cheaper than small numpy ops.
+    """
     shift_x, shift_y, zoom, roll = (2.0 * rng.random(4) - 1.0).tolist()
-    noise = rng.standard_normal((5, 2))
+    noise = rng.standard_normal(10).tolist()
     scale = 1.0 + _FACE_SCALE * zoom
     cos, sin = scale * math.cos(roll * _FACE_ROLL), scale * math.sin(roll * _FACE_ROLL)
     cx, cy = _LANDMARK_CENTRE
     kx, ky = width / _REFERENCE_SIDE, height / _REFERENCE_SIDE
     # Similarity about the landmarks' centre, then the shift, then the image-size scaling.
-    similarity = np.array(
-        [[kx * cos, -kx * sin, kx * (cx - cos * cx + sin * cy + _FACE_SHIFT * shift_x)],
-         [ky * sin, ky * cos, ky * (cy - sin * cx - cos * cy + _FACE_SHIFT * shift_y)]])
-    return _LANDMARKS_HOMOGENEOUS @ similarity.T + noise * (_LANDMARK_NOISE * np.array([kx, ky]))
+    tx = cx - cos * cx + sin * cy + _FACE_SHIFT * shift_x
+    ty = cy - sin * cx - cos * cy + _FACE_SHIFT * shift_y
+    return [(kx * (cos * x - sin * y + tx + _LANDMARK_NOISE * noise[2 * i]),
+             ky * (sin * x + cos * y + ty + _LANDMARK_NOISE * noise[2 * i + 1]))
+            for i, (x, y) in enumerate(_LANDMARKS_LIST)]
 
 
-def _face_frame(origin: np.ndarray, left_eye: np.ndarray, right_eye: np.ndarray) -> np.ndarray:
-    """`[2, 3]` affine map from face-frame (a, b, 1) to pixel (x, y).
+class _FaceFrame(NamedTuple):
+    """Affine map from face-frame (a, b) to pixel (x, y): `x = ux a - uy b + ox`, `y = uy a + ux b + oy`.
 
-    The frame has its origin at `origin`, `a` along the eye line and `b` pointing down, both in
-    units of the inter-ocular distance.
+    The frame has its origin at (ox, oy), `a` along the eye line and `b` pointing down, both in units
+    of the inter-ocular distance (ux, uy) = right eye - left eye.
     """
-    ux, uy = (right_eye - left_eye).tolist()
-    ox, oy = origin.tolist()
-    return np.array([[ux, -uy, ox], [uy, ux, oy]])
+
+    ux: float
+    uy: float
+    ox: float
+    oy: float
+
+    @classmethod
+    def at(cls, origin: tuple[float, float], left_eye: tuple[float, float],
+           right_eye: tuple[float, float]) -> "_FaceFrame":
+        return cls(right_eye[0] - left_eye[0], right_eye[1] - left_eye[1], origin[0], origin[1])
+
+    @property
+    def unit(self) -> float:
+        """Pixels per face-frame unit (the inter-ocular distance)."""
+        return math.hypot(self.ux, self.uy)
+
+    def points(self, coords: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        """Face-frame (a, b) pairs -> pixel (x, y) pairs (plain floats: cheap for a few points)."""
+        ux, uy, ox, oy = self
+        return [(ux * a - uy * b + ox, uy * a + ux * b + oy) for a, b in coords]
+
+    def pixels(self, coords: list[tuple[float, float]]) -> list[tuple[int, int]]:
+        """Face-frame (a, b) pairs -> rounded integer pixel positions for OpenCV drawing."""
+        return [(round(x), round(y)) for x, y in self.points(coords)]
 
 
-def _to_image(frame: np.ndarray, coords: list[tuple[float, float]]) -> np.ndarray:
-    """Maps face-frame coordinates (n pairs) to `[n, 2]` float64 pixel positions."""
-    return np.asarray(coords, np.float64) @ frame[:, :2].T + frame[:, 2]
+class _Sprite(NamedTuple):
+    """A pre-rendered occluder in the face frame (see `_place`).
 
-
-def _pixels(points: np.ndarray) -> np.ndarray:
-    """Rounds `[n, 2]` float positions to int32 pixel positions for OpenCV drawing."""
-    return np.rint(points).astype(np.int32)
-
-
-def _point(points: np.ndarray, i: int) -> tuple[int, int]:
-    return int(points[i, 0]), int(points[i, 1])
-
-
-def _composite(image: np.ndarray, occluder: np.ndarray, layer_fn) -> None:
-    """Copies `layer_fn(x0, y0, w, h) -> [h, w, 3] uint8` into `image` where `occluder` is set.
-
-    Only the occluder's bounding box is rendered, which keeps textures cheap.
+    Attributes:
+      rgba: `[h, w, 4]` uint8; the colour is defined on every pixel (so bilinear warping leaves no dark
+        fringe), alpha is 255 on the occluder and 0 elsewhere.
+      origin: face-frame (a, b) of sprite pixel (0, 0); a sprite pixel is `1 / _SPRITE_SCALE` units.
+      half: the mask's half width (where its ear loops start); 0 for sunglasses.
+      colour: the base RGB colour.
     """
-    x0, y0, w, h = cv2.boundingRect(occluder)
-    if w == 0 or h == 0:
+
+    rgba: np.ndarray
+    origin: tuple[float, float]
+    half: float
+    colour: tuple[float, float, float]
+
+
+def _sprite_grid(a_range: tuple[float, float],
+                 b_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Face-frame coordinates of the pixel columns (a) and rows (b) of a sprite covering the ranges."""
+    a = a_range[0] + np.arange(math.ceil((a_range[1] - a_range[0]) * _SPRITE_SCALE) + 1) / _SPRITE_SCALE
+    b = b_range[0] + np.arange(math.ceil((b_range[1] - b_range[0]) * _SPRITE_SCALE) + 1) / _SPRITE_SCALE
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def _sprite_pixels(a: np.ndarray, b: np.ndarray, coords: list[tuple[float, float]]) -> np.ndarray:
+    """Face-frame (a, b) pairs -> int32 `[n, 2]` sprite pixel positions on the grid `(a, b)`."""
+    return np.rint((np.asarray(coords) - (a[0], b[0])) * _SPRITE_SCALE).astype(np.int32)
+
+
+def _shaded_layer(row_gain: np.ndarray, col_gain: np.ndarray,
+                  colour: tuple[float, float, float]) -> np.ndarray:
+    """`[h, w, 3]` uint8 `row_gain[y] * col_gain[x] * colour` (products in [0, 255])."""
+    cols = (col_gain[:, None] * np.asarray(colour, np.float32)).reshape(-1)
+    return np.outer(row_gain, cols).astype(np.uint8).reshape(row_gain.size, col_gain.size, 3)
+
+
+def _sprite(a: np.ndarray, b: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, half: float,
+            colour: tuple[float, float, float]) -> _Sprite:
+    rgba = np.dstack([rgb, alpha])
+    rgba.setflags(write=False)
+    return _Sprite(rgba, (float(a[0]), float(b[0])), half, colour)
+
+
+def _place(out: np.ndarray, occluder: np.ndarray, sprite: _Sprite, frame: _FaceFrame) -> None:
+    """Warps `sprite` into `out` through `frame`; marks `occluder` (non-zero) where its alpha exceeds 1/2.
+
+    Only the bounding box of the warped sprite is resampled (bilinear), so placing costs one small
+    warpAffine whatever the variant.
+    """
+    height, width = occluder.shape
+    scale = 1.0 / _SPRITE_SCALE
+    ux, uy, ox, oy = frame
+    a0, b0 = sprite.origin
+    # Sprite pixel (u, v) -> face frame (a0 + u / scale, b0 + v / scale) -> image (x, y).
+    m = [[ux * scale, -uy * scale, ux * a0 - uy * b0 + ox],
+         [uy * scale, ux * scale, uy * a0 + ux * b0 + oy]]
+    h, w = sprite.rgba.shape[:2]
+    xs = [m[0][0] * u + m[0][1] * v + m[0][2] for u, v in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
+    ys = [m[1][0] * u + m[1][1] * v + m[1][2] for u, v in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
+    x0, x1 = max(0, math.floor(min(xs))), min(width, math.ceil(max(xs)) + 1)
+    y0, y1 = max(0, math.floor(min(ys))), min(height, math.ceil(max(ys)) + 1)
+    if x0 >= x1 or y0 >= y1:
         return
-    # `region` is a view with row strides, which OpenCV writes through in place.
-    region = image[y0:y0 + h, x0:x0 + w]
-    cv2.copyTo(layer_fn(x0, y0, w, h), occluder[y0:y0 + h, x0:x0 + w], region)
-
-
-def _colour_layer(shade: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
-    """`[h, w, 3]` uint8 from a `[h, w]` float32 shade and an RGB colour (products in [0, 255])."""
-    # cv2.merge of three planes is several times faster than numpy's broadcast with a
-    # trailing axis of 3.
-    return cv2.merge([(shade * np.float32(c)).astype(np.uint8) for c in colour])
+    m[0][2] -= x0
+    m[1][2] -= y0
+    warped = cv2.warpAffine(sprite.rgba, np.array(m), (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    inside = cv2.threshold(cv2.extractChannel(warped, 3), 127, 255, cv2.THRESH_BINARY)[1]
+    # `out[...]` is a view with row strides, which OpenCV writes through in place.
+    cv2.copyTo(cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB), inside, out[y0:y1, x0:x1])
+    region = occluder[y0:y1, x0:x1]
+    np.bitwise_or(region, inside, out=region)
 
 
 def random_blocks(image: np.ndarray, rng: np.random.Generator,
@@ -170,17 +243,17 @@ def random_blocks(image: np.ndarray, rng: np.random.Generator,
     out = image.copy()
     visible = np.ones((height, width), bool)
     for _ in range(int(rng.integers(count[0], count[1] + 1))):
-        frac_h, frac_w, u_top, u_left, noise = rng.random(5).tolist()
+        frac_h, frac_w, u_top, u_left, noise, red, green, blue = rng.random(8).tolist()
         block_h = max(1, int(round((size[0] + (size[1] - size[0]) * frac_h) * height)))
         block_w = max(1, int(round((size[0] + (size[1] - size[0]) * frac_w) * width)))
         top = int(u_top * (height - block_h + 1))
         left = int(u_left * (width - block_w + 1))
         if noise < 0.5:
-            out[top:top + block_h, left:left + block_w] = rng.integers(
-                0, 256, (block_h, block_w, 3), dtype=np.uint8)
+            out[top:top + block_h, left:left + block_w] = np.frombuffer(
+                rng.bytes(block_h * block_w * 3), np.uint8).reshape(block_h, block_w, 3)
         else:
             # cv2.rectangle fills in place, much faster than a numpy broadcast of 3 channels.
-            colour = tuple(float(c) for c in rng.integers(0, 256, 3))
+            colour = (int(256 * red), int(256 * green), int(256 * blue))
             cv2.rectangle(out, (left, top), (left + block_w - 1, top + block_h - 1), colour, -1)
         visible[top:top + block_h, left:left + block_w] = False
     return out, visible
@@ -192,23 +265,8 @@ def _mask_shape(rng: np.random.Generator) -> tuple[float, float, float]:
     return -0.36 + 0.24 * top_u, 1.15 + 0.2 * bottom_u, 0.88 + 0.14 * width_u
 
 
-def medical_mask(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draws a procedural surgical mask over the nose and mouth.
-
-    The outline is placed from jittered standard landmarks (nose tip as origin, eye distance
-    as unit), filled with a light colour with horizontal pleats, soft folds and a darkening
-    towards the sides, with ear loops running from the cheeks towards the ears.
-
-    Args:
-      image: `[H, W, 3]` uint8 RGB aligned face (not modified).
-      rng: random generator.
-
-    Returns:
-      (occluded image `[H, W, 3]` uint8, pixel mask `[H, W]` bool, True = visible).
-    """
-    height, width = image.shape[:2]
-    landmarks = _jittered_landmarks(rng, height, width)
-    frame = _face_frame(landmarks[2], landmarks[0], landmarks[1])
+def _render_mask(rng: np.random.Generator) -> _Sprite:
+    """One surgical mask: outline, light colour, horizontal pleats, soft folds, darker sides."""
     top, bottom, half = _mask_shape(rng)
     colour_pick, tint_r, tint_g, tint_b, fold_phase = rng.random(5).tolist()
     base = _MASK_COLOURS[int(colour_pick * len(_MASK_COLOURS))]
@@ -217,45 +275,66 @@ def medical_mask(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarra
     period = (bottom - top) / 4.0
     right = [(0.0, top), (0.55 * half, top + 0.07), (half, 0.22), (0.92 * half, 0.72),
              (0.55 * half, bottom - 0.1), (0.0, bottom)]
-    outline = right + [(-a, b) for a, b in right[-2:0:-1]]
-    loops = [(half, 0.22), (half + 0.45, -0.2), (-half, 0.22), (-half - 0.45, -0.2)]
+    outline = right + [(-x, y) for x, y in right[-2:0:-1]]
     pleats = [(side * 1.5 * half, top + (k + 0.5 + 0.5 * fold_phase) * period)
               for k in range(3) for side in (-1.0, 1.0)]
-    points = _to_image(frame, outline + loops + pleats)
-    n_outline, n_loops = len(outline), len(loops)
-    occluder = np.zeros((height, width), np.uint8)
-    cv2.fillPoly(occluder, [_pixels(points[:n_outline])], 1)
-    out = image.copy()
-    loop_pts = _pixels(points[n_outline:n_outline + n_loops])
-    loop_colour = tuple(0.85 * c for c in colour)
-    for i in (0, 2):
-        cv2.line(out, _point(loop_pts, i), _point(loop_pts, i + 1), loop_colour, 1)
-        cv2.line(occluder, _point(loop_pts, i), _point(loop_pts, i + 1), 1, 1)
-    pleat_pts = points[n_outline + n_loops:]
-    unit = math.hypot(frame[0, 0], frame[1, 0])
-    centre_x, half_px = frame[0, 2], half * unit
-    fold_y, fold_px = frame[1, 2] + top * unit, period * unit
-    pleat_colour = tuple(0.8 * c for c in colour)
-
-    def layer(x0, y0, w, h):
-        # Shading runs along the image axes: the face roll is only a few degrees.
-        cols = (np.arange(x0 + 0.5 - centre_x, x0 + w - centre_x, dtype=np.float32)
-                / np.float32(half_px))
-        rows = (np.arange(y0 + 0.5 - fold_y, y0 + h - fold_y, dtype=np.float32)
-                * np.float32(2.0 * np.pi / fold_px))
-        shade = np.outer(0.95 + 0.05 * np.cos(rows), 1.0 - 0.22 * np.minimum(cols * cols, 1.0))
-        fill = _colour_layer(shade, colour)
-        shifted = _pixels(pleat_pts - (x0, y0))
-        for i in range(0, len(shifted), 2):
-            cv2.line(fill, _point(shifted, i), _point(shifted, i + 1), pleat_colour, 1)
-        return fill
-
-    _composite(out, occluder, layer)
-    return out, occluder == 0
+    a, b = _sprite_grid((-half - _SPRITE_MARGIN, half + _SPRITE_MARGIN),
+                        (top - _SPRITE_MARGIN, bottom + _SPRITE_MARGIN))
+    rgb = _shaded_layer(0.95 + 0.05 * np.cos((b - top) * np.float32(2.0 * np.pi / period)),
+                        1.0 - 0.22 * np.minimum((a / half) ** 2, 1.0), colour)
+    cv2.polylines(rgb, _sprite_pixels(a, b, pleats).reshape(3, 2, 2), False,
+                  tuple(0.8 * c for c in colour), 1)
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    cv2.fillPoly(alpha, [_sprite_pixels(a, b, outline)], 255)
+    return _sprite(a, b, rgb, alpha, half, colour)
 
 
-def sunglasses(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draws dark sunglasses (two lenses with bridge and arms, or one band) over the eyes.
+def _render_sunglasses(rng: np.random.Generator) -> _Sprite:
+    """One pair of dark glasses: two lenses (or one band) with bridge and arms, darker at the top."""
+    style, half_w, half_h, lift, dark, tint_r, tint_g, tint_b = rng.random(8).tolist()
+    half_w = 0.34 + 0.1 * half_w
+    half_h = 0.22 + 0.1 * half_h
+    lift = -0.08 + 0.1 * lift
+    edge = 0.5 + half_w + 0.1
+    a, b = _sprite_grid((-1.6 - _SPRITE_MARGIN, 1.6 + _SPRITE_MARGIN),
+                        (lift - half_h - _SPRITE_MARGIN, lift + half_h + _SPRITE_MARGIN))
+    tone = 8.0 + 50.0 * dark
+    colour = tuple(tone * (0.7 + 0.6 * t) for t in (tint_r, tint_g, tint_b))
+    # Darker at the top of the lenses, like gradient-tinted glasses.
+    rgb = _shaded_layer(1.3 - 0.6 * np.clip((b - (lift - half_h)) / (2.0 * half_h), 0.0, 1.0),
+                        np.ones_like(a), colour)
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    if style < 0.3:
+        band = [(-edge, lift - half_h), (edge, lift - half_h), (edge, lift + half_h), (-edge, lift + half_h)]
+        cv2.fillPoly(alpha, [_sprite_pixels(a, b, band)], 255)
+    else:
+        axes = (round(half_w * _SPRITE_SCALE), round(half_h * _SPRITE_SCALE))
+        for centre in _sprite_pixels(a, b, [(-0.5, lift), (0.5, lift)]).tolist():
+            cv2.ellipse(alpha, centre, axes, 0.0, 0, 360, 255, -1)
+    rims = [(-0.5 + half_w, lift - 0.3 * half_h), (0.5 - half_w, lift - 0.3 * half_h),
+            (-0.5 - half_w, lift - 0.5 * half_h), (-1.6, lift - 0.5 * half_h),
+            (0.5 + half_w, lift - 0.5 * half_h), (1.6, lift - 0.5 * half_h)]
+    # Bridge and arms: 2 px wide at 112x112, where the inter-ocular distance is ~35 px.
+    thickness = max(1, round(2.0 * _SPRITE_SCALE / (LANDMARKS_112[1, 0] - LANDMARKS_112[0, 0])))
+    cv2.polylines(alpha, _sprite_pixels(a, b, rims).reshape(3, 2, 2), False, 255, thickness)
+    return _sprite(a, b, rgb, alpha, 0.0, colour)
+
+
+@functools.lru_cache(maxsize=None)
+def _sprites(kind: str) -> tuple[_Sprite, ...]:
+    """The process's bank of pre-rendered variants of `kind`, the same in every process."""
+    render = {"mask": _render_mask, "sunglasses": _render_sunglasses}[kind]
+    rng = np.random.default_rng([_SPRITE_SEED, KINDS.index(kind)])
+    return tuple(render(rng) for _ in range(_SPRITE_VARIANTS))
+
+
+def medical_mask(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Places a surgical mask over the nose and mouth.
+
+    One of `_SPRITE_VARIANTS` pre-rendered masks (shape, colour, pleats, folds and darker sides, drawn
+    once per process from a fixed seed) is warped through a face frame from jittered standard
+    landmarks (nose tip as origin, eye distance as unit), and ear loops are drawn from the cheeks
+    towards the ears.
 
     Args:
       image: `[H, W, 3]` uint8 RGB aligned face (not modified).
@@ -266,46 +345,45 @@ def sunglasses(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
     """
     height, width = image.shape[:2]
     landmarks = _jittered_landmarks(rng, height, width)
-    frame = _face_frame((landmarks[0] + landmarks[1]) / 2.0, landmarks[0], landmarks[1])
-    style, half_w, half_h, lift, dark, tint_r, tint_g, tint_b = rng.random(8).tolist()
-    half_w = 0.34 + 0.1 * half_w
-    half_h = 0.22 + 0.1 * half_h
-    lift = -0.08 + 0.1 * lift
-    edge = 0.5 + half_w + 0.1
-    band = [(-edge, lift - half_h), (edge, lift - half_h), (edge, lift + half_h),
-            (-edge, lift + half_h)]
-    lenses = [(-0.5, lift), (0.5, lift)]
-    rims = [(-0.5 + half_w, lift - 0.3 * half_h), (0.5 - half_w, lift - 0.3 * half_h),
-            (-0.5 - half_w, lift - 0.5 * half_h), (-1.6, lift - 0.5 * half_h),
-            (0.5 + half_w, lift - 0.5 * half_h), (1.6, lift - 0.5 * half_h)]
-    points = _to_image(frame, band + lenses + rims)
-    occluder = np.zeros((height, width), np.uint8)
-    unit = math.hypot(frame[0, 0], frame[1, 0])
-    if style < 0.3:
-        cv2.fillPoly(occluder, [_pixels(points[:4])], 1)
-    else:
-        angle = math.degrees(math.atan2(frame[1, 0], frame[0, 0]))
-        axes = (max(1, round(half_w * unit)), max(1, round(half_h * unit)))
-        centres = _pixels(points[4:6])
-        for i in (0, 1):
-            cv2.ellipse(occluder, _point(centres, i), axes, angle, 0, 360, 1, -1)
-    rim_pts = _pixels(points[6:])
-    thickness = max(1, round(2 * width / _REFERENCE_SIDE))
-    for i in (0, 2, 4):
-        cv2.line(occluder, _point(rim_pts, i), _point(rim_pts, i + 1), 1, thickness)
-    tone = 8.0 + 50.0 * dark
-    colour = tuple(tone * (0.7 + 0.6 * t) for t in (tint_r, tint_g, tint_b))
-    lens_top = frame[1, 2] + (lift - half_h) * unit
-    lens_px = 2.0 * half_h * unit
-
-    def layer(x0, y0, w, h):
-        # Darker at the top of the lenses, like gradient-tinted glasses.
-        rows = np.arange(y0 + 0.5 - lens_top, y0 + h - lens_top, dtype=np.float32) / lens_px
-        shade = 1.3 - 0.6 * np.clip(rows, 0.0, 1.0)
-        return _colour_layer(np.repeat(shade[:, None], w, axis=1), colour)
-
+    frame = _FaceFrame.at(landmarks[2], landmarks[0], landmarks[1])
+    bank = _sprites("mask")
+    sprite = bank[int(rng.random() * len(bank))]
+    half = sprite.half
     out = image.copy()
-    _composite(out, occluder, layer)
+    occluder = np.zeros((height, width), np.uint8)
+    # Ear loops first: the mask's edge covers where they start. Two-point open polylines draw every
+    # segment in one OpenCV call, pixel for pixel as cv2.line.
+    loops = np.array(frame.pixels([(half, 0.22), (half + 0.45, -0.2), (-half, 0.22), (-half - 0.45, -0.2)]),
+                     np.int32).reshape(2, 2, 2)
+    cv2.polylines(out, loops, False, tuple(0.85 * c for c in sprite.colour), 1)
+    cv2.polylines(occluder, loops, False, 1, 1)
+    _place(out, occluder, sprite, frame)
+    return out, occluder == 0
+
+
+def sunglasses(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Places dark sunglasses (two lenses with bridge and arms, or one band) over the eyes.
+
+    One of `_SPRITE_VARIANTS` pre-rendered pairs (drawn once per process from a fixed seed) is warped
+    through a face frame from jittered standard landmarks (eye midpoint as origin, eye distance as
+    unit).
+
+    Args:
+      image: `[H, W, 3]` uint8 RGB aligned face (not modified).
+      rng: random generator.
+
+    Returns:
+      (occluded image `[H, W, 3]` uint8, pixel mask `[H, W]` bool, True = visible).
+    """
+    height, width = image.shape[:2]
+    landmarks = _jittered_landmarks(rng, height, width)
+    (left_x, left_y), (right_x, right_y) = landmarks[0], landmarks[1]
+    frame = _FaceFrame.at(((left_x + right_x) / 2.0, (left_y + right_y) / 2.0), landmarks[0],
+                          landmarks[1])
+    bank = _sprites("sunglasses")
+    out = image.copy()
+    occluder = np.zeros((height, width), np.uint8)
+    _place(out, occluder, bank[int(rng.random() * len(bank))], frame)
     return out, occluder == 0
 
 
@@ -353,12 +431,12 @@ def rgba_overlay(image: np.ndarray, rng: np.random.Generator,
     rgba = _load_rgba(str(rgba_path))
     height, width = image.shape[:2]
     landmarks = _jittered_landmarks(rng, height, width)
-    frame = _face_frame(landmarks[2], landmarks[0], landmarks[1])
+    frame = _FaceFrame.at(landmarks[2], landmarks[0], landmarks[1])
     top, bottom, half = _mask_shape(rng)
-    corners = _to_image(frame, [(-half, top), (half, top), (-half, bottom)])
+    corners = np.array(frame.points([(-half, top), (half, top), (-half, bottom)]), np.float32)
     src_h, src_w = rgba.shape[:2]
     source = np.array([[0, 0], [src_w, 0], [0, src_h]], np.float32)
-    warp = cv2.getAffineTransform(source, corners.astype(np.float32))
+    warp = cv2.getAffineTransform(source, corners)
     warped = cv2.warpAffine(rgba, warp, (width, height), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     alpha = warped[..., 3:] * np.float32(1.0 / 255.0)
@@ -416,13 +494,63 @@ def _rgba_path(cfg: Mapping[str, Any] | Any) -> str:
     return str(path)
 
 
+@dataclasses.dataclass(frozen=True)
+class Occlusion:
+    """A validated occlusion config, applied per image without re-reading the config.
+
+    Attributes:
+      probs: probability of each kind of `KINDS` (sum <= 1); the rest is left unoccluded.
+      blocks_count: inclusive (lo, hi) number of blocks for kind "blocks".
+      blocks_size: (lo, hi) block side fractions for kind "blocks".
+      rgba_path: occluder image for kind "rgba" ("" when its probability is 0).
+    """
+
+    probs: tuple[float, float, float, float]
+    blocks_count: tuple[int, int]
+    blocks_size: tuple[float, float]
+    rgba_path: str
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> "Occlusion":
+        """Validates `config.data.occlusion` (see `check_config`) and keeps its values."""
+        check_config(cfg)
+        probs = _probabilities(cfg)
+        return cls(probs=probs,
+                   blocks_count=tuple(int(v) for v in _cfg_value(cfg, "blocks_count")),
+                   blocks_size=tuple(float(v) for v in _cfg_value(cfg, "blocks_size")),
+                   rgba_path=_rgba_path(cfg) if probs[3] > 0.0 else "")
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator,
+                 grid: int = 7) -> tuple[np.ndarray, np.ndarray]:
+        """Applies at most one occlusion, chosen by `probs`; see `occlude`."""
+        draw = rng.random()
+        cumulative = 0.0
+        for kind, prob in zip(KINDS, self.probs):
+            cumulative += prob
+            if draw < cumulative:
+                break
+        else:
+            return image, np.ones((grid, grid), np.float32)
+        if kind == "blocks":
+            out, visible = random_blocks(image, rng, self.blocks_count, self.blocks_size)
+        elif kind == "mask":
+            out, visible = medical_mask(image, rng)
+        elif kind == "sunglasses":
+            out, visible = sunglasses(image, rng)
+        else:
+            out, visible = rgba_overlay(image, rng, self.rgba_path)
+        return out, visibility_map(visible, grid)
+
+
 def occlude(image: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any] | Any,
             grid: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Applies at most one synthetic occlusion, chosen by the configured probabilities.
 
+    Validates `cfg` on every call; a loop over many images builds `Occlusion.from_config(cfg)` once.
+
     Args:
       image: `[H, W, 3]` uint8 RGB aligned face.
-      rng: random generator (Grain's `random_map` passes one per element).
+      rng: random generator.
       cfg: mapping or ConfigDict with `prob_blocks`, `prob_mask`, `prob_sunglasses`,
         `prob_rgba` (sum <= 1), `rgba_path` (needed when `prob_rgba > 0`), `blocks_count`
         (lo, hi) and `blocks_size` (lo, hi) fractions of the side.
@@ -432,27 +560,7 @@ def occlude(image: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any] 
       (image `[H, W, 3]` uint8, visibility `[grid, grid]` float32 with 1 = visible). Without
       occlusion the input array itself and an all-ones map are returned.
     """
-    probs = _probabilities(cfg)
-    blocks_count = _cfg_value(cfg, "blocks_count")
-    blocks_size = _cfg_value(cfg, "blocks_size")
-    rgba_path = _rgba_path(cfg) if probs[3] > 0.0 else ""
-    draw = rng.random()
-    cumulative = 0.0
-    for kind, prob in zip(KINDS, probs):
-        cumulative += prob
-        if draw < cumulative:
-            break
-    else:
-        return image, np.ones((grid, grid), np.float32)
-    if kind == "blocks":
-        out, visible = random_blocks(image, rng, blocks_count, blocks_size)
-    elif kind == "mask":
-        out, visible = medical_mask(image, rng)
-    elif kind == "sunglasses":
-        out, visible = sunglasses(image, rng)
-    else:
-        out, visible = rgba_overlay(image, rng, rgba_path)
-    return out, visibility_map(visible, grid)
+    return Occlusion.from_config(cfg)(image, rng, grid)
 
 
 def occlude_deterministic(image: np.ndarray, kind: str, seed: int, grid: int = 7, *,

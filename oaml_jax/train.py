@@ -133,20 +133,40 @@ def _init_fn(model: OAML, tx: optax.GradientTransformation, grid: int):
     return init
 
 
-def make_train_step(model: OAML, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def preprocess(images: jax.Array, bgr: bool) -> jax.Array:
+    """uint8 RGB pixels -> the model's float32 input, on the device.
+
+    The device twin of `data_pipelines.augment.normalize`: channels reversed when `bgr` (AdaFace-compatible
+    models take BGR), then `(x / 255 - 0.5) / 0.5`. The train pipeline ships uint8, a quarter of the bytes
+    of float32, and XLA fuses this into the first convolution's input.
+
+    Raises:
+        TypeError: `images` is not uint8.
+    """
+    if images.dtype != jnp.uint8:
+        raise TypeError(f"train batch 'image' must be uint8 RGB pixels [B, 112, 112, 3], got {images.dtype}")
+    x = images.astype(jnp.float32)
+    if bgr:
+        x = x[..., ::-1]
+    return (x - 127.5) / 127.5
+
+
+def make_train_step(model: OAML, tx: optax.GradientTransformation, schedule: optax.Schedule, bgr: bool):
     """The pure train step `(state, batch) -> (state, metrics)`.
 
-    `batch` holds global arrays "image" [B, 112, 112, 3], "label" [B], "mask" [B, g, g], "corrupt" [B].
+    `batch` holds global arrays "image" uint8 RGB [B, 112, 112, 3] (normalized here by `preprocess`, in BGR
+    order when `bgr`), "label" [B], "mask" [B, g, g], "corrupt" [B].
     A step whose loss or gradient norm is not finite leaves the state unchanged (except the step counter,
     so the data moves on) and reports nonfinite=1: train.nonfinite="skip" carries on from there, "stop"
     raises on the host. Both modes therefore share one compiled step.
     """
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
+        images = preprocess(batch["image"], bgr)
 
         def loss_fn(params):
             (loss, metrics), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["label"],
+                {"params": params, "batch_stats": state.batch_stats}, images, batch["label"],
                 batch["mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
             return loss, (metrics, updates["batch_stats"])
 
@@ -167,7 +187,7 @@ def make_train_step(model: OAML, tx: optax.GradientTransformation, schedule: opt
 def _abstract_batch(global_batch: int, grid: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     sharding = sharding_lib.batch_sharding(mesh)
     return {
-        "image": jax.ShapeDtypeStruct((global_batch,) + IMAGE_SHAPE, jnp.float32, sharding=sharding),
+        "image": jax.ShapeDtypeStruct((global_batch,) + IMAGE_SHAPE, jnp.uint8, sharding=sharding),
         "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding),
         "mask": jax.ShapeDtypeStruct((global_batch, grid, grid), jnp.float32, sharding=sharding),
         "corrupt": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding),
@@ -277,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract_state = _with_shardings(abstract_state, state_sh)
     abstract_batch = _abstract_batch(global_batch, grid, mesh)
     batch_sh = jax.tree.map(lambda a: a.sharding, abstract_batch)
-    step_fn = jax.jit(make_train_step(model, tx, schedule),
+    step_fn = jax.jit(make_train_step(model, tx, schedule, config.data.bgr),
                       in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
     lowered = step_fn.lower(abstract_state, abstract_batch)
@@ -326,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for _ in range(offset, min(spe, offset + stop_step - step)):
                 local = next(data_iter)
                 if step == config.train.inject_nan_step:
-                    local = dict(local, image=np.full_like(local["image"], np.nan))
+                    local = dict(local, mask=np.full_like(local["mask"], np.nan))
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, device_metrics = compiled(state, sharding_lib.global_batch(local, mesh))
                 host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}

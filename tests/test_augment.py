@@ -1,5 +1,6 @@
 """Tests for data_pipelines.augment."""
 
+import cv2
 import ml_collections
 import numpy as np
 import pytest
@@ -78,6 +79,27 @@ def test_lowres_keeps_a_constant_image():
         np.testing.assert_array_equal(out, image)
 
 
+def test_lowres_side_and_independent_interpolations():
+    class Fixed:
+        def __init__(self, draws):
+            self.draws = np.array(draws)
+
+        def random(self, n):
+            return self.draws
+
+    image = _face()
+    # u = 0 -> side int(0.2 * 112) = 22, nearest both ways.
+    np.testing.assert_array_equal(
+        augment.low_resolution(image, Fixed([0.0, 0.0, 0.0])),
+        cv2.resize(cv2.resize(image, (22, 22), interpolation=cv2.INTER_NEAREST), (112, 112),
+                   interpolation=cv2.INTER_NEAREST))
+    # u = 0.5 -> side int(0.6 * 112) = 67; down linear (0.3 * 5 -> 1), up Lanczos (0.9 * 5 -> 4).
+    np.testing.assert_array_equal(
+        augment.low_resolution(image, Fixed([0.5, 0.3, 0.9])),
+        cv2.resize(cv2.resize(image, (67, 67), interpolation=cv2.INTER_LINEAR), (112, 112),
+                   interpolation=cv2.INTER_LANCZOS4))
+
+
 def test_photometric_on_gray_only_changes_brightness():
     # Contrast and saturation are identities on a constant gray image; brightness scales it
     # by a factor in [0.5, 1.5].
@@ -93,10 +115,7 @@ def test_photometric_saturation_known_answer():
         """factors (brightness, contrast, saturation) = (1, 1, 0.5); saturation applied last."""
 
         def random(self, n):
-            return np.array([0.5, 0.5, 0.0])
-
-        def permutation(self, n):
-            return np.array([0, 1, 2])
+            return np.array([0.5, 0.5, 0.0, 0.1, 0.2, 0.3])  # factors, then the order keys
 
     image = np.array([[[200, 100, 0]]], np.uint8)
     gray = 0.299 * 200 + 0.587 * 100

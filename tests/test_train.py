@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 
 import train_worker
+from data_pipelines.augment import normalize
 from oaml_jax import checkpoint, train
 
 flags.FLAGS.mark_as_parsed()
@@ -105,3 +106,14 @@ def test_missing_data_folder_fails_before_compiling(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.path="):
         train.train_and_evaluate(config, str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work")
+
+
+def test_preprocess_matches_host_normalize_and_rejects_floats():
+    images = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    for bgr in (True, False):
+        np.testing.assert_allclose(np.asarray(jax.jit(train.preprocess, static_argnums=1)(images, bgr)),
+                                   normalize(images, bgr=bgr), rtol=0, atol=1e-6)
+    corner = np.array([[[[0, 255, 51]]]], np.uint8)
+    np.testing.assert_allclose(np.asarray(train.preprocess(corner, True)), [[[[-0.6, 1.0, -1.0]]]], atol=1e-6)
+    with pytest.raises(TypeError, match=r"train batch 'image' must be uint8 .* got float32"):
+        train.preprocess(normalize(images), True)
