@@ -140,7 +140,8 @@ def main(argv):
         needed = (_BATCHES.value + 1) * _BATCH.value
         if not folder:
             folder = os.path.join(tmp, "synthetic")
-            _write_synthetic(folder, needed)
+            # Spare batches: the worker processes, prefetching ahead, are still mid-epoch when closed.
+            _write_synthetic(folder, needed + 8 * _BATCH.value)
         source = RecordIOSource(folder)
         if len(source) < needed:
             raise app.UsageError(f"{folder} holds {len(source)} records; --batch x (--batches + 1) needs "
