@@ -43,7 +43,7 @@ _SUBSAMPLING = flags.DEFINE_enum("subsampling", "420", ["420", "444"],
                                  "demo data).")
 _IMAGES = flags.DEFINE_integer("images", 16, "Images per identity of the synthetic RecordIO.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
-_BATCHES = flags.DEFINE_integer("batches", 10, "Batches timed per measurement (after one warm-up batch).")
+_BATCHES = flags.DEFINE_integer("batches", 30, "Batches timed per measurement (after one warm-up batch).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of the per-worker measurement.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Grain worker processes of the multi-worker run.")
 

@@ -27,6 +27,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
         stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), embedding_size=64))
     config.data.path = "demo_workdir/data"
     config.data.augment.lowres_prob = 0.0
+    # Milder crops than AdaFace's 0.2-1 of the area: in 384 steps the narrow model cannot learn the faces
+    # that heavy crops leave (held-out AdaFace accuracy 68.8% with 0.2-1, 81.0% with 0.6-1).
+    config.data.augment.crop_scale = (0.6, 1.0)
     config.optim.lr = 1.6  # per 512 images: 0.1 for the batch of 32
     config.optim.schedule = "cosine"
     config.optim.warmup_epochs = 0.5
