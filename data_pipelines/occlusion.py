@@ -203,12 +203,13 @@ def _place(out: np.ndarray, occluder: np.ndarray, sprite: _Sprite, frame: _FaceF
     scale = 1.0 / _SPRITE_SCALE
     ux, uy, ox, oy = frame
     a0, b0 = sprite.origin
-    # Sprite pixel (u, v) -> face frame (a0 + u / scale, b0 + v / scale) -> image (x, y).
+    # Sprite pixel (u, v) -> face frame (a0 + u * scale, b0 + v * scale) -> image (x, y).
     m = [[ux * scale, -uy * scale, ux * a0 - uy * b0 + ox],
          [uy * scale, ux * scale, uy * a0 + ux * b0 + oy]]
     h, w = sprite.rgba.shape[:2]
-    xs = [m[0][0] * u + m[0][1] * v + m[0][2] for u, v in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
-    ys = [m[1][0] * u + m[1][1] * v + m[1][2] for u, v in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
+    corners = ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))
+    xs = [m[0][0] * u + m[0][1] * v + m[0][2] for u, v in corners]
+    ys = [m[1][0] * u + m[1][1] * v + m[1][2] for u, v in corners]
     x0, x1 = max(0, math.floor(min(xs))), min(width, math.ceil(max(xs)) + 1)
     y0, y1 = max(0, math.floor(min(ys))), min(height, math.ceil(max(ys)) + 1)
     if x0 >= x1 or y0 >= y1:
@@ -328,6 +329,12 @@ def _sprites(kind: str) -> tuple[_Sprite, ...]:
     return tuple(render(rng) for _ in range(_SPRITE_VARIANTS))
 
 
+def _variant(kind: str, rng: np.random.Generator) -> _Sprite:
+    """A uniformly drawn variant of the bank of `kind`."""
+    bank = _sprites(kind)
+    return bank[int(rng.random() * len(bank))]
+
+
 def medical_mask(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Places a surgical mask over the nose and mouth.
 
@@ -346,8 +353,7 @@ def medical_mask(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarra
     height, width = image.shape[:2]
     landmarks = _jittered_landmarks(rng, height, width)
     frame = _FaceFrame.at(landmarks[2], landmarks[0], landmarks[1])
-    bank = _sprites("mask")
-    sprite = bank[int(rng.random() * len(bank))]
+    sprite = _variant("mask", rng)
     half = sprite.half
     out = image.copy()
     occluder = np.zeros((height, width), np.uint8)
@@ -380,10 +386,10 @@ def sunglasses(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
     (left_x, left_y), (right_x, right_y) = landmarks[0], landmarks[1]
     frame = _FaceFrame.at(((left_x + right_x) / 2.0, (left_y + right_y) / 2.0), landmarks[0],
                           landmarks[1])
-    bank = _sprites("sunglasses")
+    sprite = _variant("sunglasses", rng)
     out = image.copy()
     occluder = np.zeros((height, width), np.uint8)
-    _place(out, occluder, bank[int(rng.random() * len(bank))], frame)
+    _place(out, occluder, sprite, frame)
     return out, occluder == 0
 
 
@@ -494,6 +500,21 @@ def _rgba_path(cfg: Mapping[str, Any] | Any) -> str:
     return str(path)
 
 
+def _occlude_kind(kind: str, image: np.ndarray, rng: np.random.Generator, grid: int,
+                  blocks_count: tuple[int, int], blocks_size: tuple[float, float],
+                  rgba_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Occludes `image` with `kind` (one of `KINDS`): (image, visibility `[grid, grid]` float32)."""
+    if kind == "blocks":
+        out, visible = random_blocks(image, rng, blocks_count, blocks_size)
+    elif kind == "mask":
+        out, visible = medical_mask(image, rng)
+    elif kind == "sunglasses":
+        out, visible = sunglasses(image, rng)
+    else:
+        out, visible = rgba_overlay(image, rng, rgba_path)
+    return out, visibility_map(visible, grid)
+
+
 @dataclasses.dataclass(frozen=True)
 class Occlusion:
     """A validated occlusion config, applied per image without re-reading the config.
@@ -531,15 +552,7 @@ class Occlusion:
                 break
         else:
             return image, np.ones((grid, grid), np.float32)
-        if kind == "blocks":
-            out, visible = random_blocks(image, rng, self.blocks_count, self.blocks_size)
-        elif kind == "mask":
-            out, visible = medical_mask(image, rng)
-        elif kind == "sunglasses":
-            out, visible = sunglasses(image, rng)
-        else:
-            out, visible = rgba_overlay(image, rng, self.rgba_path)
-        return out, visibility_map(visible, grid)
+        return _occlude_kind(kind, image, rng, grid, self.blocks_count, self.blocks_size, self.rgba_path)
 
 
 def occlude(image: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any] | Any,
@@ -581,20 +594,12 @@ def occlude_deterministic(image: np.ndarray, kind: str, seed: int, grid: int = 7
     Returns:
       (image `[H, W, 3]` uint8, visibility `[grid, grid]` float32).
     """
-    rng = np.random.default_rng(seed)
-    if kind == "blocks":
-        out, visible = random_blocks(image, rng, blocks_count, blocks_size)
-    elif kind == "mask":
-        out, visible = medical_mask(image, rng)
-    elif kind == "sunglasses":
-        out, visible = sunglasses(image, rng)
-    elif kind == "rgba":
-        if not rgba_path:
-            raise ValueError("occlusion kind 'rgba' needs rgba_path (eval occluder image)")
-        out, visible = rgba_overlay(image, rng, rgba_path)
-    else:
+    if kind not in KINDS:
         raise ValueError(f"unknown occlusion kind {kind!r}; expected one of {KINDS}")
-    return out, visibility_map(visible, grid)
+    if kind == "rgba" and not rgba_path:
+        raise ValueError("occlusion kind 'rgba' needs rgba_path (eval occluder image)")
+    return _occlude_kind(kind, image, np.random.default_rng(seed), grid, blocks_count, blocks_size,
+                         rgba_path)
 
 
 class OccludedFolderSource:
