@@ -39,8 +39,8 @@ from data_pipelines.recordio import RecordIOSource, write_recordio  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", "", "RecordIO folder; empty = write a synthetic one in a temp dir.")
 _SUBSAMPLING = flags.DEFINE_enum("subsampling", "420", ["420", "444"],
-                                 "Chroma subsampling of the synthetic JPEGs (420: as faces_emore; 444: as the "
-                                 "demo data).")
+                                 "Chroma subsampling of the synthetic JPEGs (420: as faces_emore; 444: as "
+                                 "the demo data).")
 _IMAGES = flags.DEFINE_integer("images", 16, "Images per identity of the synthetic RecordIO.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
 _BATCHES = flags.DEFINE_integer("batches", 30, "Batches timed per measurement (after one warm-up batch).")

@@ -147,8 +147,8 @@ class BatchLoader(grain.transforms.Map):
     images are written straight into the batch array, with no stacking afterwards. The batch is built
     stage by stage (`decode` every image, then `augment` every image, then `occlude` every image), so
     each stage's code and tables stay in the CPU caches across the batch (in an interleaved A/B on this
-    machine, about 20% faster than finishing one image at a time). `map` is all a Grain worker does per batch; timing it on
-    one thread gives the per-worker rate (`bench/data_throughput.py`).
+    machine, about 20% faster than finishing one image at a time). `map` is all a Grain worker does per
+    batch; timing it on one thread gives the per-worker rate (`bench/data_throughput.py`).
     """
 
     def __init__(self, source: Any, data_cfg: ml_collections.ConfigDict, epoch: int):
@@ -259,11 +259,12 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
 
     Returns:
       An IterDataset of dicts "image" uint8 `[b_local, 112, 112, 3]` RGB (augmented and occluded;
-      `oaml_jax.train.preprocess` normalizes it and applies data_cfg.bgr on the device), "label" int32 `[b_local]`, "mask" float32 `[b_local, grid, grid]` (1 = visible),
-      "corrupt" int32 `[b_local]` (1 where a corrupt record was replaced by the next decodable record
-      of the same identity under on_corrupt="skip"; under "raise" a CorruptImageError naming the record
-      stops the iteration). An image that decodes to a size other than 112x112 raises ValueError under
-      either policy. `iter(ds)` supports get_state/set_state (and grain.checkpoint.CheckpointSave).
+      `oaml_jax.train.preprocess` normalizes it and applies data_cfg.bgr on the device), "label" int32
+      `[b_local]`, "mask" float32 `[b_local, grid, grid]` (1 = visible), "corrupt" int32 `[b_local]`
+      (1 where a corrupt record was replaced by the next decodable record of the same identity under
+      on_corrupt="skip"; under "raise" a CorruptImageError naming the record stops the iteration). An
+      image that decodes to a size other than 112x112 raises ValueError under either policy. `iter(ds)`
+      supports get_state/set_state (and grain.checkpoint.CheckpointSave).
     """
     _check_train_args(data_cfg, global_batch, process_index, process_count)
     indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours)
