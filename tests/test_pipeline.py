@@ -220,6 +220,17 @@ def test_corrupt_record_skipped_and_counted(corrupt_source):
     np.testing.assert_array_equal(flat[j], replacement)
 
 
+def test_wrong_image_size_raises_naming_the_record_under_either_policy(tmp_path):
+    items = [(encode_jpeg(_face(i // PER_ID, i % PER_ID), quality=90), i // PER_ID)
+             for i in range(NUM_IDS * PER_ID)]
+    items[9] = (encode_jpeg(np.zeros((96, 96, 3), np.uint8)), items[9][1])
+    write_recordio(str(tmp_path), items, num_classes=NUM_IDS)
+    small = RecordIOSource(str(tmp_path))
+    for policy in pipeline.ON_CORRUPT:
+        with pytest.raises(ValueError, match=r"train\.rec record 10: image is 96x96x3, expected 112x112x3"):
+            _batches(small, _cfg(on_corrupt=policy))
+
+
 def test_validation_errors(source):
     with pytest.raises(ValueError, match=r"train\.batch_size 10 must be a positive multiple of data\.k 4"):
         pipeline.train_epoch_dataset(source, _cfg(k=4), 0, global_batch=10, process_index=0, process_count=1)
