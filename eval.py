@@ -6,7 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from oaml_jax import evaluate
+from oaml_jax.evaluation import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (training config file).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; results go to <workdir>/eval.")
@@ -18,7 +18,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory to e
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    result = evaluate.run(_CONFIG.value, _WORKDIR.value, step=_STEP.value, checkpoint=_CHECKPOINT.value)
+    result = runner.run(_CONFIG.value, _WORKDIR.value, step=_STEP.value, checkpoint=_CHECKPOINT.value)
     print(result["table"])
 
 

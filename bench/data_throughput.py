@@ -36,6 +36,9 @@ from configs import default  # noqa: E402  (needs the repo root on sys.path)
 from data_pipelines import pipeline, synthetic  # noqa: E402
 from data_pipelines.images import encode_jpeg  # noqa: E402
 from data_pipelines.recordio import RecordIOSource, write_recordio  # noqa: E402
+from oaml_jax.models.face_input import grid_size  # noqa: E402
+
+GRID = grid_size(4)  # the 7x7 visibility maps of the training recipe
 
 _DATA = flags.DEFINE_string("data", "", "RecordIO folder; empty = write a synthetic one in a temp dir.")
 _SUBSAMPLING = flags.DEFINE_enum("subsampling", "420", ["420", "444"],
@@ -84,7 +87,7 @@ def _worker_rates(source: RecordIOSource) -> list[tuple[float, float]]:
     """(images/s, images per CPU-second) of `BatchLoader.map` on this thread, once per repeat."""
     cfg = _data_cfg(0)
     rows = _rows(source, cfg)
-    loader = pipeline.BatchLoader(source, cfg, 0)
+    loader = pipeline.BatchLoader(source, cfg, 0, GRID)
     loader.map(rows[0])
     rates = []
     for _ in range(_REPEATS.value):
@@ -99,7 +102,7 @@ def _worker_rates(source: RecordIOSource) -> list[tuple[float, float]]:
 def _pipeline_rate(source: RecordIOSource, num_workers: int) -> tuple[float, float, float]:
     """(images/s wall clock, images per CPU-second of this process, seconds to the first batch)."""
     ds = pipeline.train_epoch_dataset(source, _data_cfg(num_workers), 0, global_batch=_BATCH.value,
-                                      process_index=0, process_count=1)
+                                      process_index=0, process_count=1, grid=GRID)
     it = iter(ds)
     start = time.perf_counter()
     next(it)
@@ -116,7 +119,7 @@ def _pipeline_rate(source: RecordIOSource, num_workers: int) -> tuple[float, flo
 def _stage_times(source: RecordIOSource) -> dict[str, float]:
     """CPU microseconds per image of each `BatchLoader` stage, over the timed batches."""
     cfg = _data_cfg(0)
-    loader = pipeline.BatchLoader(source, cfg, 0)
+    loader = pipeline.BatchLoader(source, cfg, 0, GRID)
     rows = _rows(source, cfg)
     loader.map(rows[0])
     totals = dict(decode=0.0, augment=0.0, occlude=0.0)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from oaml_jax.models import QAConv, qaconv_pair_scores  # noqa: E402  (repo root put on the path above)
+from oaml_jax.models.qaconv import QAConv, qaconv_pair_scores  # noqa: E402  (repo root put on the path above)
 
 _PAIRS = flags.DEFINE_integer("pairs", 6000, "Pairs to score (LFW has 6,000).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Pairs per chunk inside qaconv_pair_scores.")

@@ -12,7 +12,7 @@ from typing import Optional
 import ml_collections
 
 def get_model_config() -> ml_collections.ConfigDict:
-    """Model fields (consumed by `oaml_jax.model_factory.build_model`)."""
+    """Model fields (checked and consumed by `oaml_jax.models.factory`)."""
     model = ml_collections.ConfigDict()
     # Backbone preset: ir_18, ir_34, ir_50, ir_100, ir_se_50, ir_se_100.
     model.arch = "ir_50"
@@ -23,6 +23,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.feature_stage = 4
     # Compute dtype of the backbone: "float32" or "bfloat16" (parameters always stay float32).
     model.dtype = "float32"
+    # Channel order the network takes: "BGR" (AdaFace-compatible, the published weights) or "RGB". Faces
+    # are always handed over as uint8 RGB; `oaml_jax.models.face_input` maps them on the device.
+    model.input_channel_order = "BGR"
     # Number of identities; 0 = read from the training data.
     model.num_classes = 0
     # Margin head: "adaface" | "arcface" | "cosface".
@@ -58,12 +61,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     # Grain worker processes; 0 = decode in the training process.
     data.num_workers = 0
     data.seed = 0
-    # AdaFace-compatible models take BGR input.
-    data.bgr = True
     # "raise": a corrupt record stops training naming it; "skip": replace it and count it.
     data.on_corrupt = "raise"
-    # Occlusion ground-truth grid (the feature map size: 7 for feature_stage 4, 14 for stage 3).
-    data.grid = 7
     # Classes per chunk of the k-NN class graph (memory bound of the chunked matmul).
     data.graph_chunk = 4096
     # AdaFace's augmenter: flip, then crop (RandomResizedCrop scale 0.2-1, padded back), low resolution and
@@ -119,8 +118,6 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.train.nonfinite = "stop"
     # Steps to trace with the profiler (clu Profile, written to the workdir); 0 = no trace.
     config.train.profile_steps = 0
-    # Test hook: poison the batch at this step with NaN (checks the non-finite path); -1 = off.
-    config.train.inject_nan_step = -1
 
     config.eval = ml_collections.ConfigDict()
     # Validation pair sets looked up in data.path as <name>.bin; missing ones are skipped with a warning.
@@ -141,9 +138,6 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.eval.ijb_qaconv = False
     config.eval.ijb_batch_size = 0  # faces per extraction call; 0 = eval.batch_size
     config.eval.ijb_qaconv_chunk = 4096  # image pairs per QAConv call
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.axis_name = "data"
 
     config.distributed = ml_collections.ConfigDict()
     # Call jax.distributed.initialize (multi-host). With an empty coordinator address, jax discovers the

@@ -15,26 +15,12 @@ from configs import default
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    """Returns the IR-50 MS1MV2 config; `arg="test"` shrinks it like configs/default.py."""
+    """Returns the IR-50 MS1MV2 config; `arg="test"` shrinks it like configs/default.py.
+
+    configs/default.py already holds this recipe's model, optimizer and schedule; only what differs is set.
+    """
     config = default.get_config(arg)
     if arg == "test":
         return config
-    config.model.arch = "ir_50"
-    config.model.head = "adaface"
-    config.model.head_kwargs = ml_collections.ConfigDict(dict(m=0.4, h=0.333, s=64.0, t_alpha=0.01))
-    config.model.lam_ada, config.model.lam_qa, config.model.lam_occ = 0.1, 0.9, 0.1
-    config.data.source = "recordio"
-    config.data.path = "data/faces_emore"
-    config.data.sampler = "pk"
-    config.data.k = 4
     config.data.num_workers = 8
-    config.optim.name = "sgd"
-    config.optim.lr = 0.1
-    config.optim.momentum = 0.9
-    config.optim.weight_decay = 5e-4
-    config.optim.schedule = "step"
-    config.optim.drop_epochs = (12, 20, 24)
-    config.optim.drop_factor = 0.1
-    config.train.epochs = 26
-    config.train.batch_size = 512
     return config

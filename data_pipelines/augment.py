@@ -1,4 +1,4 @@
-"""AdaFace-style training augmentation and input normalization.
+"""AdaFace-style training augmentation.
 
 All functions take RGB uint8 images `[H, W, 3]` (112x112 faces in practice) and a
 `np.random.Generator`, so they can be used directly from a Grain `random_map` (they are
@@ -72,26 +72,6 @@ def check_config(cfg: Mapping[str, Any] | Any) -> None:
     lo, hi = (float(v) for v in _cfg_value(cfg, "crop_scale"))
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"data.augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
-
-
-def flip_horizontal(images: np.ndarray) -> np.ndarray:
-    """Mirrors images left-right (used for flip fusion at evaluation time).
-
-    Args:
-      images: `[..., H, W, C]` array (a single image `[H, W, C]` or a batch `[N, H, W, C]`).
-
-    Returns:
-      Contiguous array of the same shape and dtype with the width axis reversed.
-    """
-    images = np.asarray(images)
-    if images.ndim < 3:
-        raise ValueError(f"expected images [..., H, W, C], got shape {images.shape}")
-    if images.dtype not in (np.uint8, np.float32) or images.shape[-1] > 4:
-        return np.ascontiguousarray(images[..., ::-1, :])
-    # OpenCV mirrors every row of a [rows, W, C] image in one pass, ~20x faster than numpy's
-    # strided copy of a reversed view.
-    rows = np.ascontiguousarray(images).reshape(-1, *images.shape[-2:])
-    return cv2.flip(rows, 1).reshape(images.shape)
 
 
 def crop_window(height: int, width: int, rng: np.random.Generator,
@@ -218,7 +198,19 @@ class Augmentation:
                    photometric_prob=float(cfg["photometric_prob"]))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Applies each augmentation with its probability; see `augment`."""
+        """Applies each augmentation with its probability.
+
+        Args:
+          image: `[H, W, 3]` uint8 RGB (112x112 aligned face).
+          rng: random generator.
+
+        Returns:
+          `[H, W, 3]` uint8 RGB. When no augmentation fires the input array itself is returned (not a
+          copy).
+
+        Raises:
+          ValueError: the image is not `[H, W, 3]` uint8.
+        """
         _check_image(image)
         flip, crop, lowres, jitter = rng.random(4).tolist()
         out = image
@@ -231,52 +223,3 @@ class Augmentation:
         if jitter < self.photometric_prob:
             out = photometric(out, rng)
         return out
-
-
-def augment(image: np.ndarray, rng: np.random.Generator,
-            cfg: Mapping[str, Any] | Any) -> np.ndarray:
-    """Applies the AdaFace training augmentations, each with its configured probability.
-
-    Validates `cfg` on every call; a loop over many images builds `Augmentation.from_config(cfg)`
-    once.
-
-    Args:
-      image: `[H, W, 3]` uint8 RGB (112x112 aligned face).
-      rng: random generator.
-      cfg: mapping or ConfigDict with `flip_prob`, `crop_prob`, `crop_scale` (lo, hi),
-        `lowres_prob` and `photometric_prob`.
-
-    Returns:
-      `[H, W, 3]` uint8 RGB. When no augmentation fires the input array itself
-      is returned (not a copy).
-
-    Raises:
-      KeyError: a config key is missing (the message names it).
-      ValueError: a bad config value, or the image is not `[H, W, 3]` uint8.
-    """
-    return Augmentation.from_config(cfg)(image, rng)
-
-
-def normalize(image: np.ndarray, bgr: bool = True) -> np.ndarray:
-    """Maps uint8 pixels to float32 in [-1, 1]: `(x / 255 - 0.5) / 0.5`.
-
-    Args:
-      image: `[..., 3]` uint8 RGB (one image or a batch).
-      bgr: reverse the channel order (AdaFace-compatible models take BGR input).
-
-    Returns:
-      `[..., 3]` float32 in [-1, 1].
-    """
-    if image.shape[-1] != 3:
-        raise ValueError(f"expected RGB images [..., 3], got shape {image.shape}")
-    if bgr:
-        if image.dtype == np.uint8 and image.size:
-            # One-row view for OpenCV: its channel swap is ~20x faster than numpy's strided copy.
-            flat = np.ascontiguousarray(image).reshape(1, -1, 3)
-            image = cv2.cvtColor(flat, cv2.COLOR_RGB2BGR).reshape(image.shape)
-        else:
-            image = image[..., ::-1]
-    out = image.astype(np.float32)
-    np.subtract(out, np.float32(127.5), out=out)
-    np.divide(out, np.float32(127.5), out=out)
-    return out

@@ -1,4 +1,4 @@
-"""Grain train and eval pipelines: `train_epoch_dataset` (training batches) and `eval_batches`.
+"""The Grain training pipeline: `train_epoch_dataset` (this process's part of every batch of an epoch).
 
 Train: the sampler's epoch array `[num_batches, global_batch]` of record indices is cut to this
 process's contiguous part of every global batch, then
@@ -8,8 +8,8 @@ process's contiguous part of every global batch, then
       .to_iter_dataset(ReadOptions)   .mp_prefetch(MultiprocessingOptions) when num_workers > 0
 
 A whole batch is one Grain element, so Grain workers each build whole batches. Images stay uint8 RGB:
-the train step normalizes them on the device (`oaml_jax.train.preprocess`), which moves a quarter of
-the bytes from host to device and spends no host time on floating-point conversion.
+the train step maps them to the model's input on the device (`oaml_jax.models.face_input`), which moves a
+quarter of the bytes from host to device and spends no host time on floating-point conversion.
 
 Every element's randomness comes from Philox generators keyed by (seed, epoch) at counters (stream,
 global position), one stream for its augmentation and one for its occlusion, so a batch is bitwise the
@@ -19,9 +19,7 @@ index inside this process's dataset, which depends on the process count).
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
 from typing import Any, Optional
 
 import cv2
@@ -31,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import samplers
-from data_pipelines.augment import Augmentation, flip_horizontal, normalize
+from data_pipelines.augment import Augmentation
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptImageError, check_size, decode_image
 from data_pipelines.occlusion import Occlusion
@@ -151,11 +149,17 @@ class BatchLoader(grain.transforms.Map):
     batch; timing it on one thread gives the per-worker rate (`bench/data_throughput.py`).
     """
 
-    def __init__(self, source: Any, data_cfg: ml_collections.ConfigDict, epoch: int):
+    def __init__(self, source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, grid: int):
+        """Args:
+            source: a random-access source (`open_source`).
+            data_cfg: `config.data` (seed, on_corrupt, augment, occlusion).
+            epoch: the epoch (keys the per-element random streams).
+            grid: side of the visibility maps (the model's feature map, `InputContract.grid`).
+        """
         self.source = source
         self.seed = int(data_cfg.seed)
         self.epoch = int(epoch)
-        self.grid = int(data_cfg.grid)
+        self.grid = int(grid)
         self.skip_corrupt = data_cfg.on_corrupt == "skip"
         self.augmentation = Augmentation.from_config(data_cfg.augment)
         self.occlusion = Occlusion.from_config(data_cfg.occlusion)
@@ -243,7 +247,7 @@ def epoch_indices(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, 
 
 
 def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, *,
-                        global_batch: int, process_index: int, process_count: int,
+                        global_batch: int, process_index: int, process_count: int, grid: int,
                         neighbours: Optional[np.ndarray] = None) -> grain.IterDataset:
     """This process's part of every global batch of one epoch.
 
@@ -255,11 +259,12 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       process_index: this process, in [0, process_count).
       process_count: number of processes; each gets `b_local = global_batch // process_count` images,
         the contiguous slice `[process_index * b_local, (process_index + 1) * b_local)` of every batch.
+      grid: side of the visibility maps (the model's feature map, `InputContract.grid`).
       neighbours: int32 `[C, >= P-1]` nearest classes, required by the "graph" sampler.
 
     Returns:
       An IterDataset of dicts "image" uint8 `[b_local, 112, 112, 3]` RGB (augmented and occluded;
-      `oaml_jax.train.preprocess` normalizes it and applies data_cfg.bgr on the device), "label" int32
+      the train step maps it to the model's input on the device), "label" int32
       `[b_local]`, "mask" float32 `[b_local, grid, grid]` (1 = visible), "corrupt" int32 `[b_local]`
       (1 where a corrupt record was replaced by the next decodable record of the same identity under
       on_corrupt="skip"; under "raise" a CorruptImageError naming the record stops the iteration). An
@@ -273,56 +278,9 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
     part = slice(process_index * b_local, (process_index + 1) * b_local)
     local = np.stack([indices[:, part], positions[:, part]], axis=-1)  # [num_batches, b_local, 2]
     ds = (grain.MapDataset.source(local)
-          .map(BatchLoader(source, data_cfg, epoch))
+          .map(BatchLoader(source, data_cfg, epoch, grid))
           .to_iter_dataset(_READ_OPTIONS))
     if data_cfg.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
                                                          per_worker_buffer_size=_WORKER_BUFFER))
     return ds
-
-
-def eval_batches(images: np.ndarray, batch_size: int, *, bgr: bool = True, flip: bool = False,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Normalized evaluation batches, this process's part of each global batch.
-
-    Step s covers images `[s * batch_size, (s + 1) * batch_size)`; this process gets the contiguous
-    slice `[process_index * b, (process_index + 1) * b)` of it, `b = batch_size // process_count`.
-    Positions past the end are zero images with valid=False, so every process runs
-    `ceil(N / batch_size)` steps.
-
-    Args:
-      images: uint8 `[N, 112, 112, 3]` RGB.
-      batch_size: global images per step; divisible by process_count.
-      bgr: output BGR channel order.
-      flip: flip the images horizontally (test-time augmentation).
-      process_index: this process, in [0, process_count).
-      process_count: number of processes.
-
-    Returns:
-      An iterator of {"image": float32 `[b, 112, 112, 3]`, "valid": bool `[b]`}.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"eval_batches: images must be uint8 [N, H, W, 3], got "
-                         f"{images.dtype}{list(images.shape)}")
-    if batch_size <= 0 or process_count <= 0 or batch_size % process_count:
-        raise ValueError(f"eval.batch_size {batch_size} must be a positive multiple of the process count "
-                         f"{process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-    # Validated above, before the first next(), so bad arguments fail at the call.
-    return _eval_batches(images, batch_size, bgr, flip, process_index, process_count)
-
-
-def _eval_batches(images: np.ndarray, batch_size: int, bgr: bool, flip: bool, process_index: int,
-                  process_count: int) -> Iterator[dict[str, np.ndarray]]:
-    b = batch_size // process_count
-    num = images.shape[0]
-    for step in range(math.ceil(num / batch_size)):
-        start = step * batch_size + process_index * b
-        chunk = images[min(start, num):min(start + b, num)]
-        if flip:
-            chunk = flip_horizontal(chunk)
-        batch = np.zeros((b,) + images.shape[1:], np.float32)
-        batch[:chunk.shape[0]] = normalize(chunk, bgr=bgr)
-        yield {"image": batch, "valid": np.arange(b) < chunk.shape[0]}

@@ -5,11 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-# Left eye, right eye, nose tip, left mouth corner, right mouth corner (x, y) in a 112x112 crop; image
-# left/right, i.e. the subject's right eye comes first.
-ARCFACE_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64)
+from oaml_jax.models.face_input import ARCFACE_TEMPLATE, FACE_SIZE
 
 
 def _as_points(points: np.ndarray, field: str) -> np.ndarray:
@@ -64,15 +60,15 @@ def template_for_size(size: int) -> np.ndarray:
     Returns:
         `[5, 2]` float64 template.
     """
-    if size > 0 and size % 112 == 0:
-        return ARCFACE_TEMPLATE_112 * (size / 112.0)
+    if size > 0 and size % FACE_SIZE == 0:
+        return ARCFACE_TEMPLATE * (size / FACE_SIZE)
     if size > 0 and size % 128 == 0:
         ratio = size / 128.0
-        return ARCFACE_TEMPLATE_112 * ratio + np.array([8.0 * ratio, 0.0])
+        return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0])
     raise ValueError(f"size: expected a multiple of 112 or 128, got {size}")
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
     """Warp a face so its 5 landmarks land on the ArcFace template.
 
     Args:

@@ -1,7 +1,8 @@
 """AdaFace (PyTorch) <-> oaml_jax IR backbone weight conversion.
 
 AdaFace's published IR models (mk-minchul/AdaFace, `net.py`) take BGR input normalized as
-(x / 255 - 0.5) / 0.5; checkpoints converted here record `"input_channel_order": "BGR"` in their config.
+(x / 255 - 0.5) / 0.5; checkpoints converted here record `model.input_channel_order = "BGR"` in their
+config, which `oaml_jax.checkpoint.restore` honours.
 
 Name mapping (PyTorch `net.py` -> Flax `IResNet`; a Lightning `.ckpt` prefixes every name with "model."):
   input_layer.{0,1,2}              -> stem_conv, stem_bn, stem_prelu
@@ -23,31 +24,35 @@ OAML's `qaconv.*` and `occlusion_head.*`, ...). Anything else that does not matc
 
 CLI:
   python -m oaml_jax.convert --ckpt adaface_ir50_ms1mv2.ckpt --arch ir_50 --out /tmp/ir50_orbax
-writes an Orbax checkpoint (step 0) with items "variables" ({"params": {"backbone": ...},
-"batch_stats": {"backbone": ...}}) and "config" (JSON: model arch/overrides, source, channel order).
+  (`--ckpt weights.npz`: the same names in a numpy archive, read without torch and without unpickling)
+writes a checkpoint through `oaml_jax.checkpoint.write_converted` (step 0: the backbone's variables and
+its model fields, channel order included) that eval.py, `FaceModel` and `--config.init_from` restore.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import io
 import pickle
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
+from etils import epath
 from flax import traverse_util
 
+from oaml_jax import checkpoint
 from oaml_jax.models.backbone import IResNet, build_backbone
+from oaml_jax.models.face_input import FACE_SHAPE
+from oaml_jax.paths import user_path
 
 BACKBONE_PREFIXES = ("input_layer", "body", "output_layer")
 CHECKPOINT_PREFIXES = ("model.", "module.")
 IGNORED_SUFFIX = "num_batches_tracked"
-INPUT_CHANNEL_ORDER = "BGR"
+# What AdaFace's published models are: BGR input, the 7x7 stage-4 map, float32.
+ADAFACE_MODEL_FIELDS = {"feature_stage": 4, "dtype": "float32", "input_channel_order": "BGR"}
 
 _STEM = {"stem_conv": "input_layer.0", "stem_bn": "input_layer.1", "stem_prelu": "input_layer.2"}
 _UNIT = {
@@ -138,7 +143,7 @@ def _torch_module(modules: tuple[str, ...], output_layer: str) -> str:
 
 def _plan(module: IResNet) -> list[_Entry]:
     """Every tensor of `module`'s variables with its AdaFace name, from `jax.eval_shape` of the init."""
-    images = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1,) + FACE_SHAPE, jnp.float32)
     shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), images)
     channels = module.widths[-1]
     entries = []
@@ -277,11 +282,34 @@ def flax_to_adaface(variables: Mapping[str, Any], arch: str, **overrides: Any) -
     return state_dict
 
 
-def load_torch_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def load_state_dict(path: epath.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Reads AdaFace weights: a `.npz` of name -> array (numpy only, no code can run), or a PyTorch
+    state_dict / Lightning `.ckpt` (`load_torch_checkpoint`).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: a `.npz` that holds pickled objects or no arrays; see `load_torch_checkpoint`.
+    """
+    path = user_path(path, "--ckpt")
+    if path.suffix != ".npz":
+        return load_torch_checkpoint(path, allow_pickle)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except ValueError as e:
+        raise ValueError(f"{path}: not a numpy .npz of plain arrays ({e})") from e
+    if not arrays:
+        raise ValueError(f"{path}: the .npz holds no arrays")
+    return arrays
+
+
+def load_torch_checkpoint(path: epath.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a PyTorch state_dict or Lightning `.ckpt` (`{"state_dict": ...}`) into numpy arrays.
 
     Args:
-        path: the `.ckpt` / `.pt` / `.pth` file.
+        path: the `.ckpt` / `.pt` / `.pth` file (local or any epath URI).
         allow_pickle: let torch unpickle arbitrary objects (Lightning stores hyper-parameters that the
             safe `weights_only` loader refuses). Only for files you trust: unpickling runs code.
 
@@ -299,10 +327,11 @@ def load_torch_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np
         raise ImportError(
             "reading PyTorch checkpoints needs torch: pip install -r requirements-torch.txt"
         ) from e
-    if not os.path.isfile(path):
+    path = user_path(path, "--ckpt")
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
         if allow_pickle:
             raise
@@ -319,56 +348,11 @@ def load_torch_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np
     return arrays
 
 
-def write_converted_checkpoint(
-    variables: Mapping[str, Any], arch: str, out_dir: str, source: str, **overrides: Any
-) -> str:
-    """Writes converted backbone variables as an Orbax checkpoint (step 0) that
-    `oaml_jax.checkpoint.restore_variables` reads.
-
-    Args:
-        variables: `{"params": P, "batch_stats": B}` of the backbone (from `adaface_to_flax`).
-        arch: the backbone arch.
-        out_dir: checkpoint directory (created); must not already hold step 0.
-        source: where the weights came from (recorded as "converted_from").
-        **overrides: backbone overrides (recorded in the config; must be JSON-serializable).
-
-    Returns:
-        The absolute checkpoint directory.
-
-    Raises:
-        ValueError: unknown arch/override or an override that JSON cannot hold.
-        FileExistsError: `out_dir` already holds a step 0.
-    """
-    build_backbone(arch, **overrides)
-    config = {"model": {"arch": arch, **overrides}, "converted_from": source,
-              "input_channel_order": INPUT_CHANNEL_ORDER}
-    try:
-        json.dumps(config)
-    except TypeError as e:
-        raise ValueError(f"backbone overrides {overrides} must be JSON-serializable to be recorded: {e}") from e
-    tree = {
-        "params": {"backbone": variables["params"]},
-        "batch_stats": {"backbone": variables["batch_stats"]},
-    }
-    directory = os.path.abspath(out_dir)
-    with ocp.CheckpointManager(directory) as manager:
-        if 0 in manager.all_steps():
-            raise FileExistsError(f"{directory} already holds a checkpoint at step 0")
-        manager.save(
-            0,
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(tree), config=ocp.args.JsonSave(config)
-            ),
-        )
-        manager.wait_until_finished()
-    logging.info("wrote converted %s backbone from %s to %s", arch, source, directory)
-    return directory
-
-
 def _define_flags() -> None:
-    flags.DEFINE_string("ckpt", None, "AdaFace PyTorch checkpoint (.ckpt or state_dict .pt/.pth).", required=True)
+    flags.DEFINE_string("ckpt", None, "AdaFace weights: PyTorch .ckpt / .pt / .pth, or a .npz of name -> array.",
+                        required=True)
     flags.DEFINE_string("arch", "ir_50", "Backbone arch (oaml_jax.models.backbone.ARCHS).")
-    flags.DEFINE_string("out", None, "Output Orbax checkpoint directory.", required=True)
+    flags.DEFINE_string("out", None, "Output checkpoint directory (local or gs://...).", required=True)
     flags.DEFINE_bool("allow_pickle", False, "Unpickle arbitrary objects in --ckpt (trusted files only).")
 
 
@@ -376,9 +360,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    state_dict = load_torch_checkpoint(f.ckpt, allow_pickle=f.allow_pickle)
+    state_dict = load_state_dict(f.ckpt, allow_pickle=f.allow_pickle)
     variables = adaface_to_flax(state_dict, f.arch)
-    write_converted_checkpoint(variables, f.arch, f.out, f.ckpt)
+    checkpoint.write_converted(variables, dict(ADAFACE_MODEL_FIELDS, arch=f.arch, backbone={}), f.out, f.ckpt)
 
 
 if __name__ == "__main__":

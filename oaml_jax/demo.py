@@ -21,8 +21,8 @@ from ml_collections import config_flags
 
 from data_pipelines import recordio
 from data_pipelines import synthetic
-from oaml_jax import evaluate
 from oaml_jax import train
+from oaml_jax.evaluation import runner
 
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
@@ -57,7 +57,7 @@ def main(argv):
         config.data.path = data_dir
     train_dir = os.path.join(workdir, "train")
     train.train_and_evaluate(config, train_dir)
-    results = evaluate.run(config, train_dir)
+    results = runner.run(config, train_dir)
     print(results["table"])
 
 

@@ -151,9 +151,3 @@ def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int = 1,
     if peak <= 0 or seconds_per_step <= 0:
         return 0.0
     return flops_per_step / num_devices / seconds_per_step / peak
-
-
-def mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean of each scalar metric over a list of per-step metric dicts (device arrays fetched once)."""
-    fetched = jax.device_get(history)
-    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}

@@ -6,6 +6,8 @@ gradient (PyTorch SGD semantics) for SGD and decoupled for AdamW, applied to con
 class kernel only: BatchNorm scales/biases, PReLU slopes and biases are not decayed.
 """
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -17,6 +19,30 @@ LR_REFERENCE_BATCH = 512
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
+
+
+def check_config(optim_cfg: Mapping[str, Any]) -> None:
+    """Checks `config.optim`; raises ValueError naming the field (a negative lr would climb the loss)."""
+    if optim_cfg["name"] not in OPTIMIZERS:
+        raise ValueError(f"optim.name={optim_cfg['name']!r} is unknown; expected one of {OPTIMIZERS}")
+    if optim_cfg["schedule"] not in SCHEDULES:
+        raise ValueError(f"optim.schedule={optim_cfg['schedule']!r} is unknown; expected one of {SCHEDULES}")
+
+    def refuse(field: str, expected: str):
+        raise ValueError(f"optim.{field}={optim_cfg[field]} {expected}")
+
+    if not (math.isfinite(optim_cfg["lr"]) and optim_cfg["lr"] > 0):
+        refuse("lr", "must be a positive learning rate (per 512 images)")
+    if not 0 <= optim_cfg["momentum"] < 1:
+        refuse("momentum", "must be in [0, 1)")
+    for field in ("weight_decay", "warmup_epochs", "grad_clip_norm"):
+        if not (math.isfinite(optim_cfg[field]) and optim_cfg[field] >= 0):
+            refuse(field, "must be >= 0")
+    if not 0 < optim_cfg["drop_factor"] <= 1:
+        refuse("drop_factor", "must be in (0, 1]")
+    drops = tuple(optim_cfg["drop_epochs"])
+    if any(e <= 0 for e in drops) or list(drops) != sorted(drops):
+        raise ValueError(f"optim.drop_epochs={drops}: expected increasing positive epochs")
 
 
 def scaled_lr(optim_cfg: ml_collections.ConfigDict, global_batch: int) -> float:
@@ -47,10 +73,8 @@ def lr_schedule(optim_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, e
         main = optax.piecewise_constant_schedule(
             peak, {int(e * steps_per_epoch) - warmup_steps: optim_cfg.drop_factor
                    for e in optim_cfg.drop_epochs})
-    elif optim_cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(peak, total_steps - warmup_steps)
     else:
-        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}; expected one of {SCHEDULES}")
+        main = optax.cosine_decay_schedule(peak, total_steps - warmup_steps)
     if warmup_steps == 0:
         return main
     warmup = optax.linear_schedule(0.0, peak, warmup_steps)
@@ -69,6 +93,12 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int
                    global_batch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optimizer from `config.optim`.
 
+    Args:
+        optim_cfg: `config.optim`, checked by `check_config`.
+        steps_per_epoch: optimizer steps per epoch.
+        epochs: total epochs of the run.
+        global_batch: images per step, over all devices.
+
     Returns:
         (transformation, schedule): clip (if `grad_clip_norm` > 0) -> weight decay -> SGD/AdamW.
     """
@@ -81,9 +111,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int
         if optim_cfg.weight_decay > 0:
             parts.append(optax.add_decayed_weights(optim_cfg.weight_decay, mask=decay_mask))
         parts.append(optax.sgd(schedule, momentum=optim_cfg.momentum or None))
-    elif optim_cfg.name == "adamw":
+    else:
         parts.append(optax.adamw(schedule, b1=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
                                  mask=decay_mask))
-    else:
-        raise ValueError(f"optim.name={optim_cfg.name!r}; expected one of {OPTIMIZERS}")
     return optax.chain(*parts), schedule

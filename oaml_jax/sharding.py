@@ -18,14 +18,14 @@ DATA_AXIS = "data"
 CLASS_KERNEL_PATH = ("head", "kernel")
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None, axis_name: str = DATA_AXIS) -> Mesh:
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A 1-D mesh over `devices` (default: all devices of all processes).
 
     The axis type is Auto: QAConv's all-pairs einsum over two batch-sharded operands needs the compiler to
     choose the collectives (Explicit axes raise a ShardingTypeError there).
     """
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def padded_num_classes(num_classes: int, num_devices: int) -> int:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from oaml_jax import align
-from oaml_jax.align import ARCFACE_TEMPLATE_112
+from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 
 
 def _similarity(scale, angle, tx, ty):
@@ -18,16 +18,16 @@ def _apply(matrix, points):
 
 def test_estimate_similarity_recovers_a_known_transform():
     truth = _similarity(1.7, 0.4, 31.0, -12.5)
-    dst = _apply(truth, ARCFACE_TEMPLATE_112)
-    np.testing.assert_allclose(align.estimate_similarity(ARCFACE_TEMPLATE_112, dst), truth, atol=1e-9)
+    dst = _apply(truth, ARCFACE_TEMPLATE)
+    np.testing.assert_allclose(align.estimate_similarity(ARCFACE_TEMPLATE, dst), truth, atol=1e-9)
 
 
 @pytest.mark.parametrize("scale,angle,tx,ty", [(2.3, 0.3, 140.0, 60.0), (0.8, -0.7, 10.0, 35.0),
                                                (1.0, np.pi, 200.0, 180.0)])
 def test_landmarks_map_back_onto_the_template(scale, angle, tx, ty):
-    landmarks = _apply(_similarity(scale, angle, tx, ty), ARCFACE_TEMPLATE_112)
-    matrix = align.estimate_similarity(landmarks, ARCFACE_TEMPLATE_112)
-    assert np.abs(_apply(matrix, landmarks) - ARCFACE_TEMPLATE_112).max() < 1e-3
+    landmarks = _apply(_similarity(scale, angle, tx, ty), ARCFACE_TEMPLATE)
+    matrix = align.estimate_similarity(landmarks, ARCFACE_TEMPLATE)
+    assert np.abs(_apply(matrix, landmarks) - ARCFACE_TEMPLATE).max() < 1e-3
 
 
 def test_estimate_similarity_is_least_squares_and_never_reflects():
@@ -47,16 +47,16 @@ def test_estimate_similarity_is_least_squares_and_never_reflects():
 
 def test_estimate_similarity_errors():
     with pytest.raises(ValueError, match="all points coincide"):
-        align.estimate_similarity(np.ones((5, 2)), ARCFACE_TEMPLATE_112)
+        align.estimate_similarity(np.ones((5, 2)), ARCFACE_TEMPLATE)
     with pytest.raises(ValueError, match=r"src: expected \[N, 2\]"):
-        align.estimate_similarity(np.ones((5, 3)), ARCFACE_TEMPLATE_112)
+        align.estimate_similarity(np.ones((5, 3)), ARCFACE_TEMPLATE)
 
 
 def test_align_face_puts_landmarks_on_the_template():
     # A 250x300 image with a Gaussian blob at each landmark of a face that is scaled by 1.6,
     # rotated by 0.35 rad and shifted.
     truth = _similarity(1.6, 0.35, 90.0, 40.0)
-    landmarks = _apply(truth, ARCFACE_TEMPLATE_112)
+    landmarks = _apply(truth, ARCFACE_TEMPLATE)
     yy, xx = np.mgrid[0:250, 0:300].astype(np.float64)
     image = np.zeros((250, 300), np.float64)
     for x, y in landmarks:
@@ -69,7 +69,7 @@ def test_align_face_puts_landmarks_on_the_template():
     ay, ax = np.mgrid[0:112, 0:112]
     total = gray.sum()
     found = 0.0
-    for x, y in ARCFACE_TEMPLATE_112:
+    for x, y in ARCFACE_TEMPLATE:
         window = (np.abs(ax - x) <= 6) & (np.abs(ay - y) <= 6)
         weight = gray * window
         found += weight.sum()
@@ -80,9 +80,9 @@ def test_align_face_puts_landmarks_on_the_template():
 
 def test_align_face_other_sizes_and_errors():
     image = np.zeros((200, 200, 3), np.uint8)
-    landmarks = ARCFACE_TEMPLATE_112 + 40
+    landmarks = ARCFACE_TEMPLATE + 40
     assert align.align_face(image, landmarks, size=224).shape == (224, 224, 3)
-    np.testing.assert_allclose(align.template_for_size(128), ARCFACE_TEMPLATE_112 + [8.0, 0.0])
+    np.testing.assert_allclose(align.template_for_size(128), ARCFACE_TEMPLATE + [8.0, 0.0])
     with pytest.raises(ValueError, match="size: expected a multiple of 112 or 128, got 100"):
         align.align_face(image, landmarks, size=100)
     with pytest.raises(ValueError, match=r"image: expected uint8 \[H, W, 3\]"):

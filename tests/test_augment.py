@@ -21,16 +21,20 @@ def _cfg(**overrides) -> dict:
     return {**OFF, **overrides}
 
 
+def _apply(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
+    return augment.Augmentation.from_config(cfg)(image, rng)
+
+
 def test_all_probabilities_zero_is_identity():
     image = _face()
     for seed in range(5):
-        out = augment.augment(image, np.random.default_rng(seed), OFF)
+        out = _apply(image, np.random.default_rng(seed), OFF)
         np.testing.assert_array_equal(out, image)
 
 
 def test_flip_prob_one_mirrors():
     image = _face()
-    out = augment.augment(image, np.random.default_rng(0), _cfg(flip_prob=1.0))
+    out = _apply(image, np.random.default_rng(0), _cfg(flip_prob=1.0))
     np.testing.assert_array_equal(out, image[:, ::-1])
     assert out.flags.c_contiguous
 
@@ -39,7 +43,7 @@ def test_crop_keeps_size_and_zero_pads_outside_window():
     image = _face(low=1)  # no zero pixels, so zeros mark the padding exactly
     padded = 0
     for seed in range(20):
-        out = augment.augment(image, np.random.default_rng(seed),
+        out = _apply(image, np.random.default_rng(seed),
                               _cfg(crop_prob=1.0, crop_scale=(0.3, 0.6)))
         assert out.shape == (112, 112, 3) and out.dtype == np.uint8
         kept = out.any(axis=-1)
@@ -67,7 +71,7 @@ def test_lowres_and_photometric_keep_shape_and_dtype():
     image = _face()
     for key in ("lowres_prob", "photometric_prob"):
         for seed in range(5):
-            out = augment.augment(image, np.random.default_rng(seed), _cfg(**{key: 1.0}))
+            out = _apply(image, np.random.default_rng(seed), _cfg(**{key: 1.0}))
             assert out.shape == image.shape and out.dtype == np.uint8
             assert not np.array_equal(out, image)
 
@@ -128,8 +132,8 @@ def test_defaults_shape_dtype_and_determinism():
     image = _face()
     cfg = ml_collections.ConfigDict(DEFAULTS)
     for seed in range(30):
-        out = augment.augment(image, np.random.default_rng(seed), cfg)
-        again = augment.augment(image, np.random.default_rng(seed), cfg)
+        out = _apply(image, np.random.default_rng(seed), cfg)
+        again = _apply(image, np.random.default_rng(seed), cfg)
         assert out.shape == (112, 112, 3) and out.dtype == np.uint8
         np.testing.assert_array_equal(out, again)
     np.testing.assert_array_equal(image, _face())  # input untouched
@@ -139,7 +143,7 @@ def test_missing_key_names_it():
     cfg = dict(DEFAULTS)
     del cfg["crop_scale"]
     with pytest.raises(KeyError, match=r"data\.augment\.crop_scale"):
-        augment.augment(_face(), np.random.default_rng(0), cfg)
+        _apply(_face(), np.random.default_rng(0), cfg)
     with pytest.raises(KeyError, match=r"data\.augment\.crop_scale"):
         augment.check_config(ml_collections.ConfigDict(cfg))
 
@@ -154,35 +158,6 @@ def test_check_config_rejects_bad_values():
 
 def test_augment_rejects_non_rgb_uint8():
     with pytest.raises(ValueError, match=r"RGB uint8 image \[H, W, 3\]"):
-        augment.augment(np.zeros((112, 112), np.uint8), np.random.default_rng(0), OFF)
+        _apply(np.zeros((112, 112), np.uint8), np.random.default_rng(0), OFF)
     with pytest.raises(ValueError, match="float32"):
-        augment.augment(np.zeros((112, 112, 3), np.float32), np.random.default_rng(0), OFF)
-
-
-def test_normalize_known_values_and_bgr_order():
-    image = np.array([[[0, 255, 51]]], np.uint8)
-    rgb = augment.normalize(image, bgr=False)
-    assert rgb.dtype == np.float32
-    np.testing.assert_allclose(rgb[0, 0], [-1.0, 1.0, 51 / 127.5 - 1.0], atol=1e-7)
-    assert rgb[0, 0, 0] == -1.0 and rgb[0, 0, 1] == 1.0
-    bgr = augment.normalize(image)
-    np.testing.assert_array_equal(bgr[0, 0], rgb[0, 0, ::-1])
-    batch = np.stack([_face(1), _face(2)])
-    out = augment.normalize(batch)
-    assert out.shape == batch.shape
-    np.testing.assert_allclose(out, (batch[..., ::-1] / 255.0 - 0.5) / 0.5, atol=1e-6)
-    np.testing.assert_array_equal(augment.normalize(batch.astype(np.float32)), out)
-    assert augment.normalize(np.zeros((0, 112, 112, 3), np.uint8)).shape == (0, 112, 112, 3)
-
-
-def test_flip_horizontal_batches_and_dtypes():
-    rng = np.random.default_rng(0)
-    for batch in (rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8),
-                  rng.random((2, 5, 4, 3), dtype=np.float32),
-                  rng.integers(0, 9, (5, 4, 3)),
-                  rng.integers(0, 256, (2, 5, 4, 1), dtype=np.uint8)):
-        out = augment.flip_horizontal(batch)
-        assert out.dtype == batch.dtype and out.shape == batch.shape
-        np.testing.assert_array_equal(out, batch[..., ::-1, :])
-    with pytest.raises(ValueError, match=r"\[\.\.\., H, W, C\]"):
-        augment.flip_horizontal(np.zeros((4, 3)))
+        _apply(np.zeros((112, 112, 3), np.float32), np.random.default_rng(0), OFF)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oaml_jax import checkpoint, convert, sharding
+from oaml_jax import checkpoint, sharding
+from oaml_jax.models import factory
+from oaml_jax.models.face_input import InputContract
 from oaml_jax.train_state import TrainState
 
 
@@ -48,6 +50,12 @@ def test_round_trip_with_iterator_meta_and_neighbours(tmp_path):
     ckpt.close()
 
 
+def _abstract_state(mesh):
+    abstract = jax.eval_shape(lambda: _state(0.0))
+    shardings = sharding.state_shardings(abstract, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def test_keeps_latest_and_best(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
     accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: None}
@@ -56,25 +64,69 @@ def test_keeps_latest_and_best(tmp_path):
         ckpt.save(step, _state(float(step)), data_iter=None, meta=meta, config={})
     ckpt.wait_until_finished()
     assert sorted(ckpt.manager.all_steps()) == [2, 4, 5]
+    abstract = _abstract_state(sharding.make_mesh())
+    assert float(ckpt.restore_state(2, abstract).batch_stats["head"]["batch_mean"]) == 22.0
     ckpt.close()
-    variables, config = checkpoint.restore_variables(str(tmp_path), step=2)
-    assert config == {} and float(variables["batch_stats"]["head"]["batch_mean"]) == 22.0
-    latest, _ = checkpoint.restore_variables(str(tmp_path))
-    assert float(latest["params"]["head"]["kernel"][0, 0]) == 5.0
+    assert checkpoint.locate(str(tmp_path)) == (checkpoint.user_path(tmp_path / "checkpoints", "x"), 5)
+    assert checkpoint.locate(str(tmp_path / "checkpoints" / "4"))[1] == 4
 
 
-def test_restore_variables_of_converted_adaface(tmp_path):
+def _tiny_model_fields():
+    from configs import default
+    model = default.get_config("test").model
+    return {k: model[k] for k in factory.EMBEDDING_FIELDS}
+
+
+def test_restore_of_converted_backbone_builds_its_model(tmp_path):
+    fields = _tiny_model_fields()
+    model = factory.build_embedding_model(fields)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)), method="embed"))()
+    backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    out = checkpoint.write_converted(backbone, dict(fields, input_channel_order="RGB"), str(tmp_path / "conv"),
+                                     source="test.ckpt")
+    restored = checkpoint.restore(out)
+    assert isinstance(restored.model, factory.EmbeddingModel) and restored.scores == ("adaface",)
+    assert restored.contract == InputContract(channel_order="RGB", grid=7) and restored.step == 0
+    assert restored.config["converted_from"] == "test.ckpt"
+    chex_equal = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), restored.variables, variables)
+    assert all(jax.tree.leaves(chex_equal))
+    with pytest.raises(FileExistsError, match="already holds a checkpoint at step 0"):
+        checkpoint.write_converted(backbone, fields, out, source="again")
+
+
+def test_restore_refuses_variables_that_do_not_match_their_config(tmp_path):
+    fields = _tiny_model_fields()
     variables = {"params": {"stem_conv": {"kernel": np.ones((3, 3, 3, 8), np.float32)}},
                  "batch_stats": {"stem_bn": {"mean": np.zeros(8, np.float32)}}}
-    out = convert.write_converted_checkpoint(variables, "ir_18", str(tmp_path / "conv"), source="test.ckpt")
-    restored, config = checkpoint.restore_variables(out)
-    np.testing.assert_array_equal(restored["params"]["backbone"]["stem_conv"]["kernel"], 1.0)
-    assert config["model"]["arch"] == "ir_18" and config["input_channel_order"] == "BGR"
+    out = checkpoint.write_converted(variables, fields, str(tmp_path / "conv"), source="test.ckpt")
+    with pytest.raises(ValueError, match=r"conv/0 does not match the model its config describes: missing "
+                                         r"\['batch_stats'\]\['backbone'\]\['body_0'\]"):
+        checkpoint.restore(out)
 
 
-def test_restore_variables_errors(tmp_path):
+def test_write_converted_refuses_missing_or_unrecordable_fields(tmp_path):
+    fields = _tiny_model_fields()
+    with pytest.raises(ValueError, match=r"model fields \['input_channel_order'\] missing"):
+        checkpoint.write_converted({}, {k: v for k, v in fields.items() if k != "input_channel_order"},
+                                   str(tmp_path / "a"), "x")
+    with pytest.raises(ValueError, match="must be JSON-serializable"):
+        widths = np.array(fields["backbone"]["widths"])  # a valid backbone field JSON cannot hold
+        checkpoint.write_converted({}, dict(fields, backbone=dict(fields["backbone"], widths=widths)),
+                                   str(tmp_path / "b"), "x")
+
+
+def test_restore_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
-        checkpoint.restore_variables(str(tmp_path / "absent"))
+        checkpoint.restore(str(tmp_path / "absent"))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        checkpoint.restore_variables(str(tmp_path / "empty"))
+        checkpoint.restore(str(tmp_path / "empty"))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), every=1, keep=2, async_save=False)
+    ckpt.save(1, _state(1.0), data_iter=None, meta={}, config={"seed": 0})
+    ckpt.close()
+    with pytest.raises(FileNotFoundError, match=r"no step 7 .*have \[1\]"):
+        checkpoint.restore(str(tmp_path / "run"), step=7)
+    with pytest.raises(ValueError, match=r"the saved config has no model field\(s\) \['arch'"):
+        checkpoint.restore(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="gs:/bucket.*missing a slash|missing slash"):
+        checkpoint.restore("gs:/bucket/run")

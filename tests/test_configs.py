@@ -5,8 +5,8 @@ import pytest
 from configs import default, demo, ir50_ms1mv2, ir100_ms1mv2
 from oaml_jax import train
 
-CONTRACT_DATA_FIELDS = {"source", "path", "sampler", "k", "num_workers", "seed", "bgr", "on_corrupt", "grid",
-                        "graph_chunk", "augment", "occlusion"}
+CONTRACT_DATA_FIELDS = {"source", "path", "sampler", "k", "num_workers", "seed", "on_corrupt", "graph_chunk",
+                        "augment", "occlusion"}
 
 
 def test_ir50_recipe():

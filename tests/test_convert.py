@@ -5,16 +5,15 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from oaml_jax import convert
+from oaml_jax import checkpoint, convert
 from oaml_jax.models.backbone import build_backbone
 from test_backbone import random_variables
 
 PLAIN = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=16)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SE = dict(stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), embedding_size=16)
 EPS = 1e-5
 
@@ -249,28 +248,30 @@ def test_flax_to_adaface_reports_missing_and_unused_leaves():
     assert "unused: batch_stats/extra/mean shape (3,)" in str(info.value)
 
 
-def test_write_converted_checkpoint_restores(tmp_path):
-    variables = random_variables(build_backbone("ir_18", **PLAIN), seed=9)
-    out = convert.write_converted_checkpoint(variables, "ir_18", str(tmp_path / "ckpt"), "adaface_ir18.ckpt",
-                                             **PLAIN)
-    with ocp.CheckpointManager(out) as manager:
-        assert manager.all_steps() == [0]
-        restored = manager.restore(0, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-    assert_trees_equal(restored["variables"], {"params": {"backbone": variables["params"]},
-                                               "batch_stats": {"backbone": variables["batch_stats"]}})
-    assert restored["config"] == {
-        "model": {"arch": "ir_18", "stage_sizes": [1, 1, 1, 1], "widths": [8, 16, 16, 32], "embedding_size": 16},
-        "converted_from": "adaface_ir18.ckpt",
-        "input_channel_order": "BGR",
-    }
-    with pytest.raises(FileExistsError, match="already holds a checkpoint at step 0"):
-        convert.write_converted_checkpoint(variables, "ir_18", out, "again", **PLAIN)
+def test_cli_converts_npz_into_a_checkpoint_restore_reads(tmp_path):
+    """`python -m oaml_jax.convert` on a .npz state_dict (no torch): the restored backbone gives the same
+    embeddings as the weights mapped in this process."""
+    backbone = build_backbone("ir_18")
+    state_dict = convert.flax_to_adaface(random_variables(backbone, seed=3), "ir_18")
+    np.savez(tmp_path / "adaface_ir18.npz", **{"model." + k: v for k, v in state_dict.items()})
+    out = tmp_path / "converted"
+    result = subprocess.run([sys.executable, "-m", "oaml_jax.convert", f"--ckpt={tmp_path / 'adaface_ir18.npz'}",
+                             "--arch=ir_18", f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = checkpoint.restore(str(out))
+    assert restored.contract.channel_order == "BGR" and restored.config["converted_from"].endswith(".npz")
+    expected = convert.adaface_to_flax(state_dict, "ir_18")
+    for collection in ("params", "batch_stats"):
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), restored.variables[collection]["backbone"],
+                            expected[collection])
+        assert all(jax.tree.leaves(same))
 
 
-def test_write_converted_checkpoint_rejects_unrecordable_override(tmp_path):
-    with pytest.raises(ValueError, match="must be JSON-serializable"):
-        convert.write_converted_checkpoint({}, "ir_18", str(tmp_path / "c"), "x", dtype=jnp.bfloat16)
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    np.savez(tmp_path / "bad.npz", weights=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match=r"bad\.npz: not a numpy \.npz of plain arrays"):
+        convert.load_state_dict(str(tmp_path / "bad.npz"))
 
 
 def test_load_torch_checkpoint_without_torch(monkeypatch):
@@ -280,10 +281,9 @@ def test_load_torch_checkpoint_without_torch(monkeypatch):
 
 
 def test_cli_reports_missing_torch_or_file(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
         [sys.executable, "-m", "oaml_jax.convert", "--ckpt", str(tmp_path / "none.ckpt"), "--arch", "ir_18",
          "--out", str(tmp_path / "out")],
-        cwd=root, capture_output=True, text=True, timeout=120, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert "pip install -r requirements-torch.txt" in result.stderr or "does not exist" in result.stderr

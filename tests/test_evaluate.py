@@ -8,7 +8,7 @@ import pytest
 
 from data_pipelines import bin_pairs, synthetic
 from data_pipelines.occlusion import occlude_deterministic
-from oaml_jax import evaluate
+from oaml_jax.evaluation import pairs, runner
 from oaml_jax.inference import FaceModel
 
 from test_inference import STEP, tiny_config, write_converted_checkpoint, write_training_checkpoint
@@ -47,28 +47,28 @@ def eval_config(data_dir, tensorboard=False):
 def test_occluded_variants_are_deterministic_and_touch_only_second_images():
     images, _ = pair_set(3, seed=2)
     for kind in VARIANTS[1:]:
-        occluded = evaluate.occluded_pairs(images, kind)
-        np.testing.assert_array_equal(occluded, evaluate.occluded_pairs(images, kind))
+        occluded = pairs.occluded_pairs(images, kind)
+        np.testing.assert_array_equal(occluded, pairs.occluded_pairs(images, kind))
         np.testing.assert_array_equal(occluded[0::2], images[0::2])
         for i in range(3):
             assert np.any(occluded[2 * i + 1] != images[2 * i + 1])
             np.testing.assert_array_equal(occluded[2 * i + 1],
                                           occlude_deterministic(images[2 * i + 1], kind, seed=i)[0])
-    assert np.any(evaluate.occluded_pairs(images, "mask") != evaluate.occluded_pairs(images, "blocks"))
+    assert np.any(pairs.occluded_pairs(images, "mask") != pairs.occluded_pairs(images, "blocks"))
     with pytest.raises(ValueError, match="eval.occlusion_variants: unknown \\['hat'\\]"):
         config = tiny_config()
         config.eval.occlusion_variants = ("clean", "hat")
-        evaluate.run(config, "/nonexistent")
+        runner.run(config, "/nonexistent")
 
 
 def test_run_reports_every_set_and_variant(tmp_path, data_dir):
     workdir = write_training_checkpoint(str(tmp_path / "run"))
-    result = evaluate.run(eval_config(data_dir, tensorboard=True), workdir)
+    result = runner.run(eval_config(data_dir, tensorboard=True), workdir)
     assert result["step"] == STEP and result["has_qaconv"]
     expected_rows = [f"{s} {v}" for s in ("val", "lfw") for v in VARIANTS]
     assert list(result["rows"]) == expected_rows
     for row in result["rows"].values():
-        assert set(row) == set(evaluate.COLUMNS)
+        assert set(row) == set(pairs.COLUMNS)
         assert all(np.isfinite(v) and 0.0 <= v <= 100.0 for v in row.values())
     lines = result["table"].splitlines()
     assert [line.split()[:2] for line in lines[2:]] == [r.split() for r in expected_rows]
@@ -94,10 +94,10 @@ def test_converted_adaface_checkpoint_has_adaface_columns_only(tmp_path, data_di
     config = eval_config(data_dir)
     config.eval.bin_names = ("lfw",)
     config.eval.occlusion_variants = ("clean", "mask")
-    result = evaluate.run(config, str(tmp_path / "out"), checkpoint=checkpoint)
+    result = runner.run(config, str(tmp_path / "out"), checkpoint=checkpoint)
     assert not result["has_qaconv"] and list(result["rows"]) == ["lfw clean", "lfw mask"]
     for row in result["rows"].values():
-        assert set(row) == {c for c in evaluate.COLUMNS if c.startswith("AdaFace")}
+        assert set(row) == {c for c in pairs.COLUMNS if c.startswith("AdaFace")}
     for line in result["table"].splitlines()[2:]:
         assert line.split()[2 + 3:] == ["-"] * 6  # QAConv and fused cells
     assert not os.path.exists(tmp_path / "out" / "eval" / "fusion_stats.json")

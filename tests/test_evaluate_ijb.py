@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
-from oaml_jax import align, evaluate, ijb
+from oaml_jax.evaluation import evaluators, fusion, ijb, pairs, runner
+from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 from oaml_jax.inference import FaceModel, Features
 
 from test_inference import tiny_config, write_converted_checkpoint, write_training_checkpoint
@@ -43,7 +44,7 @@ def write_tiny_ijb(root: str, name: str = "ijbc") -> list[tuple[str, int, int]]:
             canvas[dy:dy + 112, dx:dx + 112] = face
             image_name = f"{i:03d}.png"
             cv2.imwrite(os.path.join(root, "loose_crop", image_name), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-            points = align.ARCFACE_TEMPLATE_112 + [dx, dy]
+            points = ARCFACE_TEMPLATE + [dx, dy]
             lines.append(" ".join([image_name, *(f"{v:.4f}" for v in points.reshape(-1)), f"{0.5 + 0.03 * i:.4f}"]))
             faces.append((image_name, template, media))
     with open(os.path.join(root, "meta", f"{name}_face_tid_mid.txt"), "w") as f:
@@ -96,7 +97,7 @@ def brute(ijb_root, workdir):
                   if meta.templates[i] == a and meta.templates[j] == b]
         qaconv.append(np.mean(values))
     qaconv = np.array(qaconv)
-    weights = evaluate.fusion_weights(tiny_config())
+    weights = fusion.check_weights(tiny_config().eval.fusion_weights)
     fused = (weights["adaface"] * (adaface - adaface.mean()) / adaface.std()
              + weights["qaconv"] * (qaconv - qaconv.mean()) / qaconv.std())
     return model, meta, {"adaface": adaface, "qaconv": qaconv, "fused": fused}
@@ -129,12 +130,12 @@ def ijb_config(ijb_root, qaconv):
 
 def test_ijb_scores_equal_plain_loops(brute):
     model, meta, expected = brute
-    weights = evaluate.fusion_weights(tiny_config())
-    scores = evaluate.ijb_scores(model, meta, weights, batch_size=_BATCH, qaconv=True, qaconv_chunk=64)
+    weights = fusion.check_weights(tiny_config().eval.fusion_weights)
+    scores = ijb.ijb_scores(model, meta, weights, batch_size=_BATCH, qaconv=True, qaconv_chunk=64)
     assert set(scores) == {"adaface", "qaconv", "fused"}
     for name, values in scores.items():
         np.testing.assert_allclose(values, expected[name], atol=1e-5, err_msg=name)
-    adaface_only = evaluate.ijb_scores(model, meta, weights, batch_size=_BATCH, qaconv=False)
+    adaface_only = ijb.ijb_scores(model, meta, weights, batch_size=_BATCH, qaconv=False)
     assert set(adaface_only) == {"adaface"}
     np.testing.assert_allclose(adaface_only["adaface"], expected["adaface"], atol=1e-5)
 
@@ -142,7 +143,7 @@ def test_ijb_scores_equal_plain_loops(brute):
 def test_converted_checkpoint_gets_adaface_scores_only(tmp_path, brute):
     _, meta, expected = brute
     model = FaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=_BATCH)
-    scores = evaluate.ijb_scores(model, meta, evaluate.fusion_weights(tiny_config()), batch_size=_BATCH,
+    scores = ijb.ijb_scores(model, meta, fusion.check_weights(tiny_config().eval.fusion_weights), batch_size=_BATCH,
                                  qaconv=True)
     assert set(scores) == {"adaface"}
     # Same backbone as the training checkpoint: same template scores.
@@ -153,13 +154,13 @@ def test_converted_checkpoint_gets_adaface_scores_only(tmp_path, brute):
 def test_run_ijb_tars_equal_brute_force(tmp_path, ijb_root, workdir, brute, qaconv):
     _, meta, expected = brute
     out = str(tmp_path / "out")
-    result = evaluate.run(ijb_config(ijb_root, qaconv), out, checkpoint=workdir)
+    result = runner.run(ijb_config(ijb_root, qaconv), out, checkpoint=workdir)
     methods = ("adaface", "qaconv", "fused") if qaconv else ("adaface",)
     assert list(result["ijb"]) == ["ijbc"] and tuple(result["ijb"]["ijbc"]) == methods
     # The brute-force scores separate no genuine / impostor pair by less than the float32 noise.
     for method in methods:
         assert result["ijb"]["ijbc"][method] == brute_tars(expected[method], meta.labels), method
-    labels = [label for label, key in evaluate.METHODS if key in methods]
+    labels = [label for label, key in pairs.METHODS if key in methods]
     assert [line.split()[:2] for line in result["table"].splitlines()[2:]] == [["ijbc", l] for l in labels]
     assert os.path.getsize(result["files"]["ijb_ijbc"]) > 0
     with open(os.path.join(out, "eval", "results.json")) as f:
@@ -172,14 +173,15 @@ def test_ijb_config_errors(tmp_path, ijb_root):
     config.eval.ijb_names = ("ijbb",)
     with pytest.raises(FileNotFoundError, match=r"eval.ijb_root=.*no meta/<name>_face_tid_mid.txt for any of "
                                                 r"eval.ijb_names=\('ijbb',\)"):
-        evaluate.run(config, str(tmp_path))
+        runner.run(config, str(tmp_path))
     config.eval.ijb_names = ("IJBC", "ijbd")
     with pytest.raises(ValueError, match=r"eval.ijb_names: unknown \['ijbd'\]"):
-        evaluate.run(config, str(tmp_path))
+        runner.run(config, str(tmp_path))
     config.eval.ijb_names = ("ijbc",)
     config.eval.ijb_qaconv_chunk = 0
     with pytest.raises(ValueError, match="eval.ijb_qaconv_chunk=0: expected >= 1"):
-        evaluate.run(config, str(tmp_path))
-    assert evaluate.ijb_folder(ijb_root, "ijbc") == os.path.join(ijb_root, "IJBC")
-    assert evaluate.ijb_folder(os.path.join(ijb_root, "IJBC"), "ijbc") == os.path.join(ijb_root, "IJBC")
-    assert evaluate.ijb_settings(tiny_config())["folders"] == {}
+        runner.run(config, str(tmp_path))
+    assert str(ijb.ijb_folder(ijb_root, "ijbc")) == os.path.join(ijb_root, "IJBC")
+    assert str(ijb.ijb_folder(os.path.join(ijb_root, "IJBC"), "ijbc")) == os.path.join(ijb_root, "IJBC")
+    assert ijb.ijb_folder(ijb_root, "ijbb") is None
+    assert "ijb" not in evaluators.from_config(tiny_config(), training=False)

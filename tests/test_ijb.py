@@ -6,7 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from oaml_jax import align, ijb, verification
+from oaml_jax import align
+from oaml_jax.evaluation import ijb, verification
+from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 
 # (image name, template, media): template 101 has two medias (one with two frames), 7 one media of two
 # frames, 55 a single photo, 8 two single-photo medias.
@@ -25,7 +27,7 @@ def write_tiny_ijb(root, name="ijbc", rng=None):
         image = rng.integers(0, 256, size=(90 + 7 * i, 80 + 5 * i, 3), dtype=np.uint8)
         angle, scale = 0.1 * (i - 3), 0.6 + 0.05 * i
         c, s = np.cos(angle), np.sin(angle)
-        points = align.ARCFACE_TEMPLATE_112 @ (scale * np.array([[c, s], [-s, c]])) + [5.0 + i, 4.0]
+        points = ARCFACE_TEMPLATE @ (scale * np.array([[c, s], [-s, c]])) + [5.0 + i, 4.0]
         cv2.imwrite(os.path.join(root, "loose_crop", image_name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         images.append(image)
         landmarks.append(points)

@@ -19,9 +19,11 @@ import optax
 import pytest
 
 from data_pipelines import synthetic
-from data_pipelines.augment import normalize
-from oaml_jax import checkpoint, convert, model_factory, plots, verification
+from oaml_jax import checkpoint
+from oaml_jax.evaluation import fusion, plots, verification
 from oaml_jax.inference import FaceModel, verify_pair
+from oaml_jax.models import factory
+from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
 from oaml_jax.train_state import TrainState
 
@@ -44,7 +46,7 @@ def tiny_config():
 def tiny_variables(seed: int = 0):
     """Initialized OAML variables with BN statistics moved off their defaults (so eval-mode BN matters)."""
     config = tiny_config()
-    model = model_factory.build_model(config.model, NUM_CLASSES)
+    model = factory.build_model(config.model, NUM_CLASSES)
     init = jax.jit(lambda rng: model.init({"params": rng, "dropout": rng}, jnp.zeros((2, 112, 112, 3)),
                                           jnp.zeros((2,), jnp.int32), jnp.ones((2, 7, 7)), train=False))
     variables = init(jax.random.PRNGKey(seed))
@@ -73,8 +75,7 @@ def write_converted_checkpoint(out_dir: str):
     """The backbone of `tiny_variables()` written the way `oaml_jax.convert` writes AdaFace weights."""
     config, _, variables = tiny_variables()
     backbone = {k: v["backbone"] for k, v in variables.items()}
-    return convert.write_converted_checkpoint(backbone, config.model.arch, out_dir, "test",
-                                              **dict(config.model.backbone))
+    return checkpoint.write_converted(backbone, config.model, out_dir, "test")
 
 
 def faces(n: int, seed: int = 0) -> np.ndarray:
@@ -103,8 +104,9 @@ def face_model(workdir):
 
 
 def _reference_embeddings(model, variables, images):
-    """Direct `OAML.embed` on normalized BGR images and their mirrors, flip-fused by hand."""
-    out = [model.apply(variables, jnp.asarray(normalize(x)), method=OAML.embed) for x in (images, images[:, :, ::-1])]
+    """Direct `OAML.embed` on BGR-normalized images and their mirrors, flip-fused by hand."""
+    preprocess = InputContract(channel_order="BGR").preprocess
+    out = [model.apply(variables, preprocess(jnp.asarray(x)), method=OAML.embed) for x in (images, images[:, :, ::-1])]
     fused = out[0]["embeddings"] * out[0]["norms"] + out[1]["embeddings"] * out[1]["norms"]
     return np.asarray(fused / jnp.linalg.norm(fused, axis=1, keepdims=True)), out[0]
 
@@ -114,7 +116,7 @@ def test_embed_equals_direct_model_and_is_batch_independent(face_model):
     images = faces(5)
     embeddings, norms = face_model.embed(images)  # 5 images, batch 4: two steps, the second padded
     expected, plain = _reference_embeddings(model, variables, images)
-    assert face_model.step == STEP and face_model.has_qaconv and not face_model.converted
+    assert face_model.step == STEP and face_model.has_qaconv and isinstance(face_model.model, OAML)
     assert embeddings.shape == (5, 32) and norms.shape == (5,)
     np.testing.assert_allclose(embeddings, expected, atol=ATOL)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
@@ -125,7 +127,7 @@ def test_embed_equals_direct_model_and_is_batch_independent(face_model):
 def test_match_agrees_with_pair_scores_and_fuses_with_given_stats(face_model):
     images = faces(6)
     features = face_model.extract(images, pair_scores=True)
-    stats = verification.FusionStats(mean={"adaface": 0.2, "qaconv": 0.1}, std={"adaface": 0.5, "qaconv": 2.0})
+    stats = fusion.FusionStats(mean={"adaface": 0.2, "qaconv": 0.1}, std={"adaface": 0.5, "qaconv": 2.0})
     scores = face_model.match(images[0::2], images[1::2], stats=stats)
     assert {k: v.shape for k, v in scores.items()} == {"adaface": (3, 3), "qaconv": (3, 3), "fused": (3, 3)}
     np.testing.assert_allclose(np.diag(scores["adaface"]), verification.cosine_pair_scores(features.embeddings),
@@ -141,7 +143,8 @@ def test_match_agrees_with_pair_scores_and_fuses_with_given_stats(face_model):
 def test_converted_checkpoint_gives_adaface_only(tmp_path, face_model):
     model = FaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=4)
     images = faces(3)
-    assert model.converted and not model.has_qaconv and model.bgr
+    assert isinstance(model.model, factory.EmbeddingModel) and not model.has_qaconv
+    assert model.contract.channel_order == "BGR"
     np.testing.assert_allclose(model.embed(images)[0], face_model.embed(images)[0], atol=ATOL)
     scores = model.match(images[:2], images[2:])
     assert scores["qaconv"] is None and scores["fused"] is None and scores["adaface"].shape == (2, 1)

@@ -29,11 +29,25 @@ def test_warmup_then_cosine():
                                [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
 
 
-def test_unknown_schedule_and_optimizer():
-    with pytest.raises(ValueError, match=r"optim.schedule='poly'"):
-        optim.lr_schedule(_optim(schedule="poly"), steps_per_epoch=1, epochs=1, global_batch=512)
-    with pytest.raises(ValueError, match=r"optim.name='lamb'"):
-        optim.make_optimizer(_optim(name="lamb"), steps_per_epoch=1, epochs=1, global_batch=512)
+@pytest.mark.parametrize("field,value,match", [
+    ("schedule", "poly", r"optim\.schedule='poly' is unknown"),
+    ("name", "lamb", r"optim\.name='lamb' is unknown"),
+    ("lr", -0.1, r"optim\.lr=-0\.1 must be a positive learning rate"),
+    ("lr", 0.0, r"optim\.lr=0\.0 must be a positive learning rate"),
+    ("lr", float("nan"), r"optim\.lr=nan must be a positive"),
+    ("weight_decay", -5e-4, r"optim\.weight_decay=-0\.0005 must be >= 0"),
+    ("momentum", 1.0, r"optim\.momentum=1\.0 must be in \[0, 1\)"),
+    ("warmup_epochs", -1.0, r"optim\.warmup_epochs=-1\.0 must be >= 0"),
+    ("drop_factor", 0.0, r"optim\.drop_factor=0\.0 must be in \(0, 1\]"),
+    ("drop_epochs", (20, 12), r"optim\.drop_epochs=\(20, 12\): expected increasing positive epochs"),
+])
+def test_check_config_refuses_nonsense_by_name(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        optim.check_config(_optim(**{field: value}))
+
+
+def test_defaults_pass_the_check():
+    optim.check_config(_optim())
 
 
 PARAMS = {"backbone": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)},

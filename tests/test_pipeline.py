@@ -10,13 +10,13 @@ import pytest
 from absl import flags
 
 from data_pipelines import pipeline
-from data_pipelines.augment import normalize
 from data_pipelines.images import CorruptImageError, decode_image, encode_jpeg
 from data_pipelines.recordio import RecordIOSource, write_recordio
 
 NUM_IDS, PER_ID = 8, 6
 GLOBAL_BATCH = 8  # P = 4 identities x K = 2 images
 CORRUPT = 14  # record index of the corrupt JPEG (identity 2)
+GRID = 7  # visibility-map side of a stage-4 model
 
 
 def _face(identity, sample):
@@ -47,8 +47,8 @@ def corrupt_source(tmp_path_factory):
 
 def _cfg(**overrides):
     cfg = ml_collections.ConfigDict(dict(
-        source="recordio", path="", sampler="pk", k=2, num_workers=0, seed=7, bgr=True,
-        on_corrupt="raise", grid=7, graph_chunk=4096,
+        source="recordio", path="", sampler="pk", k=2, num_workers=0, seed=7,
+        on_corrupt="raise", graph_chunk=4096,
         augment=dict(flip_prob=0.5, crop_prob=0.2, crop_scale=(0.6, 1.0), lowres_prob=0.2,
                      photometric_prob=0.2),
         occlusion=dict(prob_blocks=0.3, prob_mask=0.3, prob_sunglasses=0.2, prob_rgba=0.0, rgba_path="",
@@ -59,7 +59,8 @@ def _cfg(**overrides):
 
 def _batches(source, cfg, epoch=0, process_index=0, process_count=1, **kw):
     ds = pipeline.train_epoch_dataset(source, cfg, epoch, global_batch=GLOBAL_BATCH,
-                                      process_index=process_index, process_count=process_count, **kw)
+                                      process_index=process_index, process_count=process_count, grid=GRID,
+                                      **kw)
     return list(ds)
 
 
@@ -111,7 +112,7 @@ def test_element_random_streams_depend_only_on_seed_epoch_position_stream():
 
 
 def test_stages_build_the_batch_that_map_returns(source):
-    loader = pipeline.BatchLoader(source, _cfg(), 0)
+    loader = pipeline.BatchLoader(source, _cfg(), 0, GRID)
     rows = np.stack([np.arange(8) * 5, np.arange(8) + 40], axis=-1)
     whole = loader.map(rows)
     staged = loader.decode(rows)
@@ -129,13 +130,13 @@ def test_iterator_checkpoint_restores_same_batches(source):
     cfg = _cfg()
     reference = _batches(source, cfg)
     ds = pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH, process_index=0,
-                                      process_count=1)
+                                      process_count=1, grid=GRID)
     it = iter(ds)
     for _ in range(2):
         next(it)
     state = it.get_state()
     resumed = iter(pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH,
-                                                process_index=0, process_count=1))
+                                                process_index=0, process_count=1, grid=GRID))
     resumed.set_state(state)
     _assert_batches_equal(list(resumed), reference[2:])
 
@@ -146,7 +147,7 @@ def test_iterator_checkpoint_through_orbax(source, tmp_path):
 
     def fresh():
         return iter(pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH,
-                                                 process_index=0, process_count=1))
+                                                 process_index=0, process_count=1, grid=GRID))
 
     it = fresh()
     for _ in range(3):
@@ -165,7 +166,7 @@ def test_workers_match_in_process_and_checkpoint(source):
     reference = _batches(source, _cfg())
     cfg = _cfg(num_workers=2)
     ds = pipeline.train_epoch_dataset(source, cfg, 0, global_batch=GLOBAL_BATCH, process_index=0,
-                                      process_count=1)
+                                      process_count=1, grid=GRID)
     it = iter(ds)
     head = [next(it) for _ in range(3)]
     state = it.get_state()
@@ -233,12 +234,14 @@ def test_wrong_image_size_raises_naming_the_record_under_either_policy(tmp_path)
 
 def test_validation_errors(source):
     with pytest.raises(ValueError, match=r"train\.batch_size 10 must be a positive multiple of data\.k 4"):
-        pipeline.train_epoch_dataset(source, _cfg(k=4), 0, global_batch=10, process_index=0, process_count=1)
+        pipeline.train_epoch_dataset(source, _cfg(k=4), 0, global_batch=10, process_index=0, process_count=1,
+                                     grid=GRID)
     with pytest.raises(ValueError, match=r"train\.batch_size 8 must be divisible by the process count 3"):
-        pipeline.train_epoch_dataset(source, _cfg(), 0, global_batch=8, process_index=0, process_count=3)
+        pipeline.train_epoch_dataset(source, _cfg(), 0, global_batch=8, process_index=0, process_count=3,
+                                     grid=GRID)
     with pytest.raises(ValueError, match=r"data\.on_corrupt: unknown policy 'ignore'"):
         pipeline.train_epoch_dataset(source, _cfg(on_corrupt="ignore"), 0, global_batch=8, process_index=0,
-                                     process_count=1)
+                                     process_count=1, grid=GRID)
     with pytest.raises(ValueError, match="exceeds the 48 training records"):
         pipeline.steps_per_epoch(48, 64)
 
@@ -251,25 +254,3 @@ def test_open_source(source, tmp_path):
         pipeline.open_source(_cfg(path=missing))
     with pytest.raises(ValueError, match=r"data\.source: unknown source 'lmdb'"):
         pipeline.open_source(_cfg(source="lmdb", path=source.folder))
-
-
-def test_eval_batches_pad_and_split():
-    images = np.random.default_rng(0).integers(0, 256, (10, 112, 112, 3), dtype=np.uint8)
-    whole = list(pipeline.eval_batches(images, 4, bgr=False))
-    assert len(whole) == 3
-    np.testing.assert_array_equal(whole[-1]["valid"], [True, True, False, False])
-    np.testing.assert_array_equal(whole[-1]["image"][2:], 0)
-    np.testing.assert_array_equal(whole[0]["image"][1], normalize(images[1], bgr=False))
-    parts = [list(pipeline.eval_batches(images, 4, bgr=False, process_index=i, process_count=2))
-             for i in range(2)]
-    assert len(parts[0]) == len(parts[1]) == 3
-    for step in range(3):
-        for key in ("image", "valid"):
-            np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]),
-                                          whole[step][key])
-    np.testing.assert_array_equal(parts[1][2]["valid"], [False, False])
-    flipped = next(pipeline.eval_batches(images, 4, bgr=True, flip=True))
-    np.testing.assert_array_equal(flipped["image"][0], normalize(images[0, :, ::-1], bgr=True))
-    with pytest.raises(ValueError, match=r"eval\.batch_size 5 must be a positive multiple"):
-        pipeline.eval_batches(images, 5, process_count=2)
-

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from oaml_jax import plots, verification
+from oaml_jax.evaluation import plots, verification
 
 
 def _read_png(path):
@@ -38,7 +38,7 @@ def test_plot_roc_writes_png_of_the_figure_size(tmp_path):
         fpr, tpr, _ = verification.roc_curve(rng.normal(size=2000) + gap * issame, issame)
         curves[name] = (fpr, tpr)
     path = plots.plot_roc(curves, str(tmp_path / "sub" / "roc.png"), title="IJB-C")
-    assert path == str(tmp_path / "sub" / "roc.png")
+    assert str(path) == str(tmp_path / "sub" / "roc.png")
     image = _read_png(path)
     assert image.shape == (500, 600, 3)
     assert image.std() > 10  # something other than a blank canvas was drawn

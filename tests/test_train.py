@@ -8,8 +8,7 @@ import pytest
 from absl import flags
 
 import train_worker
-from data_pipelines.augment import normalize
-from oaml_jax import checkpoint, train
+from oaml_jax import checkpoint, sharding, train
 
 flags.FLAGS.mark_as_parsed()
 train_worker.enable_compilation_cache()
@@ -38,9 +37,12 @@ def test_few_steps_learn_and_update_statistics(full_run):
     assert sorted(result["losses"]) == list(range(6))
     assert all(np.isfinite(v) for v in result["losses"].values())
     assert set(LOSS_TERMS) <= set(result["metrics"])
-    assert 0.0 <= result["validation"]["val/val"] <= 1.0
-    (v4, _), (v6, config) = (checkpoint.restore_variables(workdir, step=s) for s in (4, 6))
-    assert config["train"]["batch_size"] == 16
+    assert 0.0 <= result["validation"]["val/val/clean/adaface_accuracy"] <= 1.0
+    assert result["validation"]["val_accuracy"] == result["validation"]["val/val/clean/adaface_accuracy"]
+    assert {"val/val/clean/qaconv_accuracy", "val/val/clean/fused_auc"} <= set(result["validation"])
+    r4, r6 = (checkpoint.restore(workdir, step=s) for s in (4, 6))
+    v4, v6 = r4.variables, r6.variables
+    assert r6.config["train"]["batch_size"] == 16
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), v4, v6)
     assert all(jax.tree.leaves(changed["params"]["backbone"]))  # every backbone parameter moved
     assert changed["params"]["head"]["kernel"]
@@ -65,22 +67,38 @@ def test_kill_and_resume_reproduces_uninterrupted_run(full_run, data, tmp_path):
     assert second["validation"]["val_accuracy"] == pytest.approx(full["validation"]["val_accuracy"])
 
 
-def test_nan_stops_loudly_and_keeps_last_checkpoint(data, tmp_path):
+def poison_train_batch(monkeypatch, step: int) -> None:
+    """Makes the train batch of `step` (its ground-truth masks) NaN, from outside the loop."""
+    calls = []
+    real = sharding.global_batch
+
+    def poisoned(local, mesh):
+        if "mask" in local:
+            if len(calls) == step:
+                local = dict(local, mask=np.full_like(local["mask"], np.nan))
+            calls.append(step)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", poisoned)
+
+
+def test_nan_stops_loudly_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     workdir = str(tmp_path / "nan")
-    config = train_worker.tiny_config(data, max_steps=6, inject_nan_step=3)
+    poison_train_batch(monkeypatch, 3)
     with pytest.raises(FloatingPointError, match=r"at step 3 .*last good checkpoint: .*checkpoints/2"):
-        train.train_and_evaluate(config, workdir)
-    variables, _ = checkpoint.restore_variables(workdir)
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6), workdir)
+    variables = checkpoint.restore(workdir).variables
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [2]
 
 
-def test_nan_skip_keeps_previous_state(data, tmp_path):
+def test_nan_skip_keeps_previous_state(data, tmp_path, monkeypatch):
     workdir = str(tmp_path / "skip")
-    config = train_worker.tiny_config(data, max_steps=2, inject_nan_step=1, nonfinite="skip", checkpoint_every=1)
+    poison_train_batch(monkeypatch, 1)
+    config = train_worker.tiny_config(data, max_steps=2, nonfinite="skip", checkpoint_every=1)
     result = train.train_and_evaluate(config, workdir)
     assert result["step"] == 2 and np.isnan(result["losses"][1])
-    (v1, _), (v2, _) = (checkpoint.restore_variables(workdir, step=s) for s in (1, 2))
+    v1, v2 = (checkpoint.restore(workdir, step=s).variables for s in (1, 2))
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), v1, v2)
     assert all(jax.tree.leaves(same))
 
@@ -106,14 +124,3 @@ def test_missing_data_folder_fails_before_compiling(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.path="):
         train.train_and_evaluate(config, str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work")
-
-
-def test_preprocess_matches_host_normalize_and_rejects_floats():
-    images = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
-    for bgr in (True, False):
-        np.testing.assert_allclose(np.asarray(jax.jit(train.preprocess, static_argnums=1)(images, bgr)),
-                                   normalize(images, bgr=bgr), rtol=0, atol=1e-6)
-    corner = np.array([[[[0, 255, 51]]]], np.uint8)
-    np.testing.assert_allclose(np.asarray(train.preprocess(corner, True)), [[[[-0.6, 1.0, -1.0]]]], atol=1e-6)
-    with pytest.raises(TypeError, match=r"train batch 'image' must be uint8 .* got float32"):
-        train.preprocess(normalize(images), True)

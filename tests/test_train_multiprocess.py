@@ -71,7 +71,8 @@ def test_two_processes_agree_and_restore_in_one(runs):
         {k: v for k, v in p1["metrics"].items() if k not in timing}
     for step, loss in results["one"]["losses"].items():
         np.testing.assert_allclose(results["proc0"]["losses"][step], loss, rtol=2e-4)
-    variables, config = checkpoint.restore_variables(str(root / "two"))
-    assert config["distributed"]["num_processes"] == 2
+    restored = checkpoint.restore(str(root / "two"))
+    variables = restored.variables
+    assert restored.config["distributed"]["num_processes"] == 2
     assert variables["params"]["head"]["kernel"].shape == (32, 8)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from oaml_jax import verification
-from oaml_jax.verification import FusionStats
+from oaml_jax.evaluation import fusion, verification
+from oaml_jax.evaluation.fusion import FusionStats
 
 
 def _hand_example():
@@ -101,7 +101,7 @@ def test_ten_fold_accuracy_rejects_bad_input():
 
 def test_fuse_known_answer():
     stats = FusionStats(mean={"a": 1.0, "b": 10.0}, std={"a": 2.0, "b": 5.0})
-    fused = verification.fuse({"a": np.array([3.0, 1.0]), "b": np.array([0.0, 20.0])}, {"a": 0.5, "b": 2.0},
+    fused = fusion.fuse({"a": np.array([3.0, 1.0]), "b": np.array([0.0, 20.0])}, {"a": 0.5, "b": 2.0},
                               stats)
     # 0.5 * (3 - 1) / 2 + 2 * (0 - 10) / 5 = -3.5;  0.5 * 0 + 2 * (20 - 10) / 5 = 4.
     np.testing.assert_allclose(fused, [-3.5, 4.0])
@@ -113,7 +113,7 @@ def test_fusion_stats_fit_and_errors():
     with pytest.raises(ValueError, match="scores 'c': constant scores"):
         FusionStats.fit({"c": np.ones(3)})
     with pytest.raises(KeyError, match="weights name 'z' has no scores"):
-        verification.fuse({"a": np.ones(2)}, {"z": 1.0}, stats)
+        fusion.fuse({"a": np.ones(2)}, {"z": 1.0}, stats)
 
 
 def test_fused_statistics_never_see_the_test_fold(monkeypatch):
@@ -137,7 +137,7 @@ def test_fused_statistics_never_see_the_test_fold(monkeypatch):
         ada_k[test] = 1e6
         qa_k[test] = -1e6
         seen.clear()
-        result = verification.ten_fold_fused_accuracy({"ada": ada_k, "qa": qa_k}, issame,
+        result = fusion.ten_fold_fused_accuracy({"ada": ada_k, "qa": qa_k}, issame,
                                                       {"ada": 1.0, "qa": 1.0}, n_folds=n_folds)
         assert len(seen) == n_folds
         train = np.setdiff1d(np.arange(n), test)
@@ -153,7 +153,7 @@ def test_ten_fold_fused_accuracy_matches_manual_per_fold_fusion():
     issame = rng.random(60) < 0.5
     scores = {"ada": rng.normal(size=60) + issame, "qa": 3 * rng.normal(size=60) + 2 * issame}
     weights = {"ada": 0.7, "qa": 0.3}
-    result = verification.ten_fold_fused_accuracy(scores, issame, weights)
+    result = fusion.ten_fold_fused_accuracy(scores, issame, weights)
     accs = []
     for test in np.array_split(np.arange(60), 10):
         train = np.setdiff1d(np.arange(60), test)

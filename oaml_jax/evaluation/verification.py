@@ -14,7 +14,6 @@ Conventions:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 INSIGHTFACE_COSINE_THRESHOLDS = 1.0 - np.arange(0.0, 4.0, 0.01) / 2.0
 
 
-def _as_scores(scores: np.ndarray, field: str) -> np.ndarray:
+def as_scores(scores: np.ndarray, field: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
         raise ValueError(f"{field}: expected a 1-D array of scores, got shape {scores.shape}")
@@ -34,7 +33,7 @@ def _as_scores(scores: np.ndarray, field: str) -> np.ndarray:
     return scores
 
 
-def _as_labels(issame: np.ndarray, n: int, field: str = "issame") -> np.ndarray:
+def as_labels(issame: np.ndarray, n: int, field: str = "issame") -> np.ndarray:
     issame = np.asarray(issame)
     if issame.shape != (n,):
         raise ValueError(f"{field}: expected shape ({n},) matching the scores, got {issame.shape}")
@@ -112,8 +111,13 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray,
     return float(thresholds[best]), float(accuracies[best])
 
 
-def _ten_fold(issame: np.ndarray, n_folds: int, thresholds: np.ndarray | None,
-              fold_scores: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict:
+def ten_fold(issame: np.ndarray, n_folds: int, thresholds: np.ndarray | None,
+             fold_scores: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The 10-fold protocol over any scoring: `fold_scores(train_idx, test_idx) -> (train, test scores)`.
+
+    Returns:
+        As `ten_fold_accuracy`.
+    """
     fold_acc, fold_thr = [], []
     folds = fold_indices(issame.size, n_folds)
     for k, test_idx in enumerate(folds):
@@ -142,109 +146,9 @@ def ten_fold_accuracy(scores: np.ndarray, issame: np.ndarray, n_folds: int = 10,
         dict with "accuracy" (mean over folds), "std" (population std over folds, as insightface reports),
         "fold_accuracies" `[n_folds]` and "thresholds" `[n_folds]` (the threshold used on each fold).
     """
-    scores = _as_scores(scores, "scores")
-    issame = _as_labels(issame, scores.size)
-    return _ten_fold(issame, n_folds, thresholds, lambda tr, te: (scores[tr], scores[te]))
-
-
-@dataclasses.dataclass(frozen=True)
-class FusionStats:
-    """Per-score z-normalization statistics: `mean[name]`, `std[name]` (population std)."""
-
-    mean: Mapping[str, float]
-    std: Mapping[str, float]
-
-    @classmethod
-    def fit(cls, score_dict: Mapping[str, np.ndarray]) -> FusionStats:
-        """Mean and std of each score array.
-
-        Args:
-            score_dict: name -> `[N]` scores (the pairs the statistics may see).
-
-        Returns:
-            The fitted statistics; a constant score (std 0) raises ValueError naming it.
-        """
-        mean, std = {}, {}
-        for name, values in score_dict.items():
-            values = _as_scores(values, f"scores '{name}'")
-            if values.size == 0:
-                raise ValueError(f"scores '{name}': cannot fit statistics on no scores")
-            mean[name] = float(values.mean())
-            std[name] = float(values.std())
-            if std[name] == 0.0:
-                raise ValueError(f"scores '{name}': constant scores cannot be z-normalized (std 0)")
-        return cls(mean=mean, std=std)
-
-
-def fuse(score_dict: Mapping[str, np.ndarray], weights: Mapping[str, float],
-         stats: FusionStats) -> np.ndarray:
-    """Weighted sum of z-normalized scores: `sum_k w_k * (s_k - mean_k) / std_k`.
-
-    Args:
-        score_dict: name -> `[N]` scores; must hold every name in `weights` (others are ignored).
-        weights: name -> weight.
-        stats: statistics from `FusionStats.fit` holding every name in `weights`.
-
-    Returns:
-        `[N]` float64 fused scores.
-    """
-    if not weights:
-        raise ValueError("weights: expected at least one score name")
-    fused = None
-    for name, weight in weights.items():
-        if name not in score_dict:
-            raise KeyError(f"weights name '{name}' has no scores; have {sorted(score_dict)}")
-        if name not in stats.mean:
-            raise KeyError(f"weights name '{name}' has no fusion statistics; have {sorted(stats.mean)}")
-        values = _as_scores(score_dict[name], f"scores '{name}'")
-        term = weight * (values - stats.mean[name]) / stats.std[name]
-        if fused is not None and term.shape != fused.shape:
-            raise ValueError(f"scores '{name}': shape {term.shape} differs from the others' {fused.shape}")
-        fused = term if fused is None else fused + term
-    return fused
-
-
-def ten_fold_fused_accuracy(score_dict: Mapping[str, np.ndarray], issame: np.ndarray,
-                            weights: Mapping[str, float], n_folds: int = 10,
-                            thresholds: np.ndarray | None = None) -> dict:
-    """10-fold accuracy of fused scores, the z-normalization fitted on the training folds only.
-
-    For each held-out fold the statistics come from `FusionStats.fit` on the other folds' scores, so
-    nothing about the test fold (not even its score distribution) reaches the fused decision.
-
-    Args:
-        score_dict: name -> `[N]` scores, pairs in file order.
-        issame: `[N]` bool ground truth.
-        weights: name -> fusion weight.
-        n_folds: number of contiguous folds.
-        thresholds: optional fixed candidate grid (of fused scores).
-
-    Returns:
-        As `ten_fold_accuracy`, plus "stats": the `FusionStats` used for each fold.
-    """
-    if not weights:
-        raise ValueError("weights: expected at least one score name")
-    missing = [name for name in weights if name not in score_dict]
-    if missing:
-        raise KeyError(f"weights names {missing} have no scores; have {sorted(score_dict)}")
-    arrays = {name: _as_scores(score_dict[name], f"scores '{name}'") for name in weights}
-    n = next(iter(arrays.values())).size
-    for name, values in arrays.items():
-        if values.size != n:
-            raise ValueError(f"scores '{name}': {values.size} scores, the others have {n}")
-    issame = _as_labels(issame, n)
-    fold_stats = []
-
-    def fold_scores(train_idx, test_idx):
-        stats = FusionStats.fit({name: values[train_idx] for name, values in arrays.items()})
-        fold_stats.append(stats)
-        train = fuse({name: values[train_idx] for name, values in arrays.items()}, weights, stats)
-        test = fuse({name: values[test_idx] for name, values in arrays.items()}, weights, stats)
-        return train, test
-
-    result = _ten_fold(issame, n_folds, thresholds, fold_scores)
-    result["stats"] = fold_stats
-    return result
+    scores = as_scores(scores, "scores")
+    issame = as_labels(issame, scores.size)
+    return ten_fold(issame, n_folds, thresholds, lambda tr, te: (scores[tr], scores[te]))
 
 
 def far_threshold(impostor_scores: np.ndarray, far: float) -> float:
@@ -289,8 +193,8 @@ def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars: Sequence[float]) ->
     Returns:
         dict far -> tar.
     """
-    scores = _as_scores(scores, "scores")
-    issame = _as_labels(issame, scores.size)
+    scores = as_scores(scores, "scores")
+    issame = as_labels(issame, scores.size)
     genuine = scores[issame]
     if genuine.size == 0:
         raise ValueError("no genuine pairs: TAR is undefined")
@@ -309,8 +213,8 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
         `(fpr, tpr, thresholds)`, each `[K+1]` for K distinct scores: thresholds descending, starting at
         +inf (the (0, 0) point), as `sklearn.metrics.roc_curve(drop_intermediate=False)`.
     """
-    scores = _as_scores(scores, "scores")
-    issame = _as_labels(issame, scores.size)
+    scores = as_scores(scores, "scores")
+    issame = as_labels(issame, scores.size)
     n_pos = int(issame.sum())
     n_neg = issame.size - n_pos
     if n_pos == 0 or n_neg == 0:

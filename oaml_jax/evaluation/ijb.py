@@ -17,14 +17,19 @@ weights so the caller picks the mode.
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
-import cv2
 import numpy as np
 import scipy.sparse
+from absl import logging
+from etils import epath
 
-from oaml_jax import align, verification
+from data_pipelines.images import decode_image
+from oaml_jax import align
+from oaml_jax.evaluation import fusion, verification
+from oaml_jax.inference import FaceModel
+from oaml_jax.models.face_input import FACE_SIZE
 
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IJB_NAMES = ("ijbb", "ijbc")
@@ -46,7 +51,7 @@ class IJBMeta:
         labels: `[M]` bool, True for same-identity pairs.
     """
 
-    root: str
+    root: epath.Path
     name: str
     image_names: np.ndarray
     templates: np.ndarray
@@ -57,36 +62,39 @@ class IJBMeta:
     labels: np.ndarray
 
     @property
-    def image_dir(self) -> str:
-        return os.path.join(self.root, "loose_crop")
+    def image_dir(self) -> epath.Path:
+        return self.root / "loose_crop"
 
 
-def _read_rows(path: str, num_fields: int, what: str) -> list[list[str]]:
-    if not os.path.isfile(path):
+def _read_rows(path: epath.Path, num_fields: int, what: str) -> list[list[str]]:
+    if not path.is_file():
         raise FileNotFoundError(f"IJB meta file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != num_fields:
-                raise ValueError(f"{path}:{line_no}: expected {num_fields} fields ({what}), got "
-                                 f"{len(fields)}: {line.strip()!r}")
-            rows.append(fields)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e})") from e
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != num_fields:
+            raise ValueError(f"{path}:{line_no}: expected {num_fields} fields ({what}), got "
+                             f"{len(fields)}: {line.strip()!r}")
+        rows.append(fields)
     if not rows:
         raise ValueError(f"{path}: no entries")
     return rows
 
 
-def _parse(path: str, rows: list[list[str]], columns: slice, dtype) -> np.ndarray:
+def _parse(path: epath.Path, rows: list[list[str]], columns: slice, dtype) -> np.ndarray:
     try:
         return np.array([row[columns] for row in rows], dtype=dtype)
     except ValueError as e:
         raise ValueError(f"{path}: non-numeric field ({e})") from e
 
 
-def read_ijb_meta(root: str, name: str) -> IJBMeta:
+def read_ijb_meta(root: epath.PathLike, name: str) -> IJBMeta:
     """Read the three IJB meta files.
 
     Args:
@@ -100,10 +108,11 @@ def read_ijb_meta(root: str, name: str) -> IJBMeta:
     name = name.lower()
     if name not in IJB_NAMES:
         raise ValueError(f"name: expected one of {IJB_NAMES}, got '{name}'")
-    meta_dir = os.path.join(root, "meta")
-    tid_path = os.path.join(meta_dir, f"{name}_face_tid_mid.txt")
-    pair_path = os.path.join(meta_dir, f"{name}_template_pair_label.txt")
-    lmk_path = os.path.join(meta_dir, f"{name}_name_5pts_score.txt")
+    root = epath.Path(root)
+    meta_dir = root / "meta"
+    tid_path = meta_dir / f"{name}_face_tid_mid.txt"
+    pair_path = meta_dir / f"{name}_template_pair_label.txt"
+    lmk_path = meta_dir / f"{name}_name_5pts_score.txt"
 
     tid_rows = _read_rows(tid_path, 3, "image_name template_id media_id")
     pair_rows = _read_rows(pair_path, 3, "template_1 template_2 label")
@@ -135,7 +144,7 @@ def read_ijb_meta(root: str, name: str) -> IJBMeta:
                    pairs=pairs[:, :2], labels=pairs[:, 2].astype(bool))
 
 
-def load_aligned_face(meta: IJBMeta, index: int, size: int = 112) -> np.ndarray:
+def load_aligned_face(meta: IJBMeta, index: int, size: int = FACE_SIZE) -> np.ndarray:
     """Read face `index` from `loose_crop/` and align it with its landmarks.
 
     Args:
@@ -146,16 +155,14 @@ def load_aligned_face(meta: IJBMeta, index: int, size: int = 112) -> np.ndarray:
     Returns:
         uint8 `[size, size, 3]` RGB crop.
     """
-    path = os.path.join(meta.image_dir, str(meta.image_names[index]))
-    if not os.path.isfile(path):
+    path = meta.image_dir / str(meta.image_names[index])
+    if not path.is_file():
         raise FileNotFoundError(f"IJB image listed in the meta files is missing: {path}")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot decode IJB image: {path}")
-    return align.align_face(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), meta.landmarks[index], size)
+    return align.align_face(decode_image(path.read_bytes(), where=f"IJB image {path}"), meta.landmarks[index],
+                            size)
 
 
-def iter_aligned_faces(root: str, meta: IJBMeta, size: int = 112) -> Iterator[np.ndarray]:
+def iter_aligned_faces(root: epath.PathLike, meta: IJBMeta, size: int = FACE_SIZE) -> Iterator[np.ndarray]:
     """Aligned crops of every face, in meta order.
 
     Args:
@@ -166,13 +173,13 @@ def iter_aligned_faces(root: str, meta: IJBMeta, size: int = 112) -> Iterator[np
     Yields:
         uint8 `[size, size, 3]` RGB crops.
     """
-    meta = dataclasses.replace(meta, root=root)
+    meta = dataclasses.replace(meta, root=epath.Path(root))
     for index in range(meta.image_names.size):
         yield load_aligned_face(meta, index, size)
 
 
-def iter_aligned_batches(root: str, meta: IJBMeta, batch_size: int,
-                         size: int = 112) -> Iterator[np.ndarray]:
+def iter_aligned_batches(root: epath.PathLike, meta: IJBMeta, batch_size: int,
+                         size: int = FACE_SIZE) -> Iterator[np.ndarray]:
     """`iter_aligned_faces` grouped into batches (the last one may be smaller).
 
     Args:
@@ -346,3 +353,181 @@ def ijb_tar_table(scores: np.ndarray, labels: np.ndarray,
         dict far -> tar.
     """
     return verification.tar_at_far(scores, labels, fars)
+
+
+# Evaluation of a model on IJB-B/C (eval.py; too slow for train-time validation).
+
+# Image pairs per QAConv call on IJB: two float16 maps each on the host gather (411 MB at 7x7x512) and
+# float32 on the device.
+IJB_QACONV_CHUNK = 4096
+# Pairs matched at once inside one QAConv call: bounds the [n, hw, hw] similarity temporaries.
+_QACONV_INNER_CHUNK = 1024
+
+
+def ijb_folder(root: epath.PathLike, name: str) -> Optional[epath.Path]:
+    """The folder of IJB set `name` under `eval.ijb_root`, or None when it is not there.
+
+    Accepts insightface's `IJB_release` layout (`<root>/IJBB`, `<root>/IJBC`, each with `meta/` and
+    `loose_crop/`) and a root that is itself one set's folder.
+    """
+    root = epath.Path(root)
+    for folder in (root / name.upper(), root / name, root):
+        if (folder / "meta" / f"{name}_face_tid_mid.txt").is_file():
+            return folder
+    return None
+
+
+def ijb_face_features(model: FaceModel, meta: IJBMeta, batch_size: int, keep_maps: bool
+                      ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """Per-face features of an IJB set, read, aligned and extracted `batch_size` faces at a time.
+
+    Host memory is preallocated once: `[F, E]` float32 features and, with `keep_maps`, `[F, h, w, c]`
+    float16 feature maps (the maps are channel-L2-normalized, so their entries lie in [-1, 1] where
+    float16 keeps 11 significant bits; half of float32's 47 GB at 7x7x512 on IJB-C's 469k faces) and
+    `[F, h, w]` float32 visibility maps.
+
+    Args:
+        model: the restored model.
+        meta: the set's metadata.
+        batch_size: faces loaded and passed to `model.extract` per call.
+        keep_maps: also keep feature and visibility maps (QAConv; needs `model.has_qaconv`).
+
+    Returns:
+        (`[F, E]` float32 flip-fused un-normalized features `(e n + e_flip n_flip) / 2`, maps `[F, h, w, c]`
+        float16 or None, visibility `[F, h, w]` float32 or None).
+    """
+    num_faces = meta.image_names.size
+    feats, maps, occlusion = None, None, None
+    done = 0
+    for batch in iter_aligned_batches(meta.root, meta, batch_size):
+        part = model.extract(batch, keep_maps=keep_maps)
+        if feats is None:
+            feats = np.empty((num_faces, part.embeddings.shape[1]), np.float32)
+            if keep_maps:
+                maps = np.empty((num_faces,) + part.feature_maps.shape[1:], np.float16)
+                occlusion = np.empty((num_faces,) + part.occlusion.shape[1:], np.float32)
+        end = done + batch.shape[0]
+        feats[done:end] = part.embeddings * part.norms[:, None]
+        if keep_maps:
+            maps[done:end] = part.feature_maps
+            occlusion[done:end] = part.occlusion
+        done = end
+        logging.log_every_n_seconds(logging.INFO, "%s: %d / %d faces extracted", 60, meta.name, done, num_faces)
+    return feats, maps, occlusion
+
+
+def ijb_scores(model: FaceModel, meta: IJBMeta, weights: Mapping[str, float], *, batch_size: int,
+               qaconv: bool, qaconv_chunk: int = IJB_QACONV_CHUNK) -> dict[str, np.ndarray]:
+    """Template-pair scores of one IJB set (1:1 verification).
+
+    - "adaface": face features `(e n + e_flip n_flip) / 2` (flip-fused, norm-weighted) scaled by the
+      detector score, averaged per media, summed per template, L2-normalized; cosine of the two templates
+      (insightface's best IJB setting, `template_features`).
+    - "qaconv" (when `qaconv` and the model has QAConv): mean over all image pairs (a in T1, b in T2) of
+      the symmetric, occlusion-weighted QAConv pair score (`template_pair_scores_from_pairwise`), on
+      the float16-stored maps computed in float32.
+    - "fused" (with "qaconv"): `sum_k w_k (s_k - mean_k) / std_k`, the statistics fitted on all template
+      pairs of the set (label-free, so no label reaches the fusion).
+
+    Cost of "qaconv": `sum_m |T1_m| |T2_m|` QAConv pair scores (billions on IJB-C, whose video templates
+    hold hundreds of frames), each moving two float16 maps to the device (2 x 49 KB at 7x7x512) and
+    costing about h w h w c multiply-adds (one similarity matrix serves both directions); and
+    `F x h x w x c` float16 maps in host memory (23.5 GB on IJB-C). Off by default (`eval.ijb_qaconv`).
+
+    Args:
+        model: the restored model.
+        meta: the set's metadata.
+        weights: fusion weights ("adaface", "qaconv").
+        batch_size: faces per extraction call.
+        qaconv: compute "qaconv" and "fused" (ignored, with a warning, without QAConv in the model).
+        qaconv_chunk: image pairs per QAConv call (all calls are padded to this size: one compilation).
+
+    Returns:
+        name -> `[M]` float64 scores of `meta.pairs`.
+    """
+    if qaconv and not model.has_qaconv:
+        logging.warning("eval.ijb_qaconv: the checkpoint has no QAConv (a converted AdaFace backbone?); "
+                        "AdaFace scores only")
+        qaconv = False
+    feats, maps, occlusion = ijb_face_features(model, meta, batch_size, keep_maps=qaconv)
+    template_ids, template_feats = template_features(feats, meta.templates, meta.medias, meta.detector_scores)
+    scores = {"adaface": verify_templates(template_ids, template_feats, meta.pairs).astype(np.float64)}
+    if not qaconv:
+        return scores
+
+    def score_fn(idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
+        n = idx_a.size
+        idx_a, idx_b = (np.pad(idx, (0, qaconv_chunk - n)) for idx in (idx_a, idx_b))
+        values = model.qaconv_pair_scores(maps[idx_a], maps[idx_b], occlusion[idx_a], occlusion[idx_b],
+                                          chunk_size=min(qaconv_chunk, _QACONV_INNER_CHUNK))
+        return values[:n]
+
+    scores["qaconv"] = template_pair_scores_from_pairwise(meta.templates, meta.pairs, score_fn, chunk=qaconv_chunk)
+    scores["fused"] = fusion.fuse(scores, weights, fusion.FusionStats.fit(scores))
+    return scores
+
+
+@dataclasses.dataclass(frozen=True)
+class IJBResult:
+    """One IJB set: `scores` method -> `[M]`, `labels` `[M]` bool, `tar` method -> far -> TAR."""
+
+    scores: dict[str, np.ndarray]
+    labels: np.ndarray
+    tar: dict[str, dict[float, float]]
+
+
+class IJBEvaluator:
+    """IJB-B/C 1:1 verification of every set found under a root, for any `FaceModel`."""
+
+    def __init__(self, root: epath.PathLike, names: Sequence[str] = IJB_NAMES, *, qaconv: bool = False,
+                 batch_size: int = 0, qaconv_chunk: int = IJB_QACONV_CHUNK,
+                 fusion_weights: Mapping[str, float] = fusion.DEFAULT_WEIGHTS):
+        """Finds the sets and reads (so checks) their meta files.
+
+        Args:
+            root: `eval.ijb_root` (insightface's `IJB_release` folder or one set's folder; any epath).
+            names: sets to look for (`IJB_NAMES`); missing ones are warned about and skipped.
+            qaconv: also QAConv and fused template scores (see `ijb_scores` for the cost).
+            batch_size: faces aligned and extracted per call (rounded up to the model's batch size);
+                0 = the model's batch size.
+            qaconv_chunk: image pairs per QAConv call.
+            fusion_weights: weights of the fused score.
+
+        Raises:
+            FileNotFoundError: none of the sets is under `root`.
+            ValueError: a malformed meta file (naming file and line).
+        """
+        self.qaconv, self.batch_size, self.qaconv_chunk = qaconv, batch_size, qaconv_chunk
+        self.fusion_weights = dict(fusion_weights)
+        self.metas = {}
+        for name in names:
+            folder = ijb_folder(root, name)
+            if folder is None:
+                logging.warning("IJB set %s not found under eval.ijb_root=%s; skipped", name, root)
+                continue
+            self.metas[name] = read_ijb_meta(folder, name)
+            logging.info("%s: %d faces, %d templates, %d template pairs", name, self.metas[name].image_names.size,
+                         np.unique(self.metas[name].templates).size, self.metas[name].labels.size)
+        if not self.metas:
+            raise FileNotFoundError(f"eval.ijb_root={root}: no meta/<name>_face_tid_mid.txt for any of "
+                                    f"eval.ijb_names={tuple(names)} (looked in <root>/<NAME>, <root>/<name>, <root>)")
+
+    def evaluate(self, model: FaceModel) -> dict[str, IJBResult]:
+        """name -> `IJBResult` for every set found."""
+        multiple = model.batch_size
+        batch_size = -(-(self.batch_size or multiple) // multiple) * multiple
+        results = {}
+        for name, meta in self.metas.items():
+            scores = ijb_scores(model, meta, self.fusion_weights, batch_size=batch_size, qaconv=self.qaconv,
+                                qaconv_chunk=self.qaconv_chunk)
+            results[name] = IJBResult(scores=scores, labels=meta.labels,
+                                      tar={method: ijb_tar_table(values, meta.labels)
+                                           for method, values in scores.items()})
+        return results
+
+    def run(self, model: FaceModel) -> Iterator[tuple[str, float]]:
+        """Yields ("<set>/<method>/tar@<far>", TAR) for every set, method and FAR of `IJB_FARS`."""
+        for name, result in self.evaluate(model).items():
+            for method, tars in result.tar.items():
+                for far, tar in tars.items():
+                    yield f"{name}/{method}/tar@{far:.0e}", tar

@@ -7,10 +7,11 @@ summaries); `plot_*` functions build it, write a PNG and return the path.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -41,11 +42,13 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def _save(fig: Figure, path: str) -> str:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format="png")
+def _save(fig: Figure, path: epath.PathLike) -> epath.Path:
+    """Writes `fig` as a PNG at `path` (local or any epath URI), creating its folder."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=_DPI, format="png")
+    path.write_bytes(buffer.getvalue())
     return path
 
 
@@ -121,7 +124,8 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str =
     return fig
 
 
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "ROC") -> str:
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: epath.PathLike,
+             title: str = "ROC") -> epath.Path:
     """Write `roc_figure(curves, title)` as a PNG at `path` and return the path."""
     return _save(roc_figure(curves, title), path)
 
@@ -160,8 +164,8 @@ def occlusion_grid_figure(images: np.ndarray, maps: np.ndarray, titles: Sequence
     return fig
 
 
-def plot_occlusion_grid(images: np.ndarray, maps: np.ndarray, path: str,
-                        titles: Sequence[str] | None = None) -> str:
+def plot_occlusion_grid(images: np.ndarray, maps: np.ndarray, path: epath.PathLike,
+                        titles: Sequence[str] | None = None) -> epath.Path:
     """Write `occlusion_grid_figure(images, maps, titles)` as a PNG at `path` and return the path."""
     return _save(occlusion_grid_figure(images, maps, titles), path)
 
@@ -195,6 +199,7 @@ def pair_verification_figure(img_a: np.ndarray, img_b: np.ndarray, map_a: np.nda
 
 
 def plot_pair_verification(img_a: np.ndarray, img_b: np.ndarray, map_a: np.ndarray, map_b: np.ndarray,
-                           scores: Mapping[str, float], path: str, title: str | None = None) -> str:
+                           scores: Mapping[str, float], path: epath.PathLike,
+                           title: str | None = None) -> epath.Path:
     """Write `pair_verification_figure(...)` as a PNG at `path` and return the path."""
     return _save(pair_verification_figure(img_a, img_b, map_a, map_b, scores, title), path)

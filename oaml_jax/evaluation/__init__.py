@@ -1,0 +1,1 @@
+"""Evaluation: verification metrics, score fusion, the `.bin` pair protocol, IJB-B/C, plots, eval.py."""
