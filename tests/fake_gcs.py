@@ -547,11 +547,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
               content_type: str = "application/json; charset=UTF-8") -> None:
-        url = urllib.parse.urlsplit(self.path)
-        if not url.path.startswith(CONTROL_PREFIX):
+        path, _, query = self.path.partition("?")  # CONNECT's "path" is host:port
+        if not path.startswith(CONTROL_PREFIX):
             with self.log_lock:
                 self.log.append({"time": time.time(), "method": self.command, "host": self.tls_host,
-                                 "path": url.path, "query": url.query, "status": status,
+                                 "path": path, "query": query, "status": status,
                                  "user_agent": self.headers.get("User-Agent", "")})
         self.send_response(status)
         for key, value in (headers or {}).items():
