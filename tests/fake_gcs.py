@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -55,7 +56,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import urllib.request
 from typing import Iterator
 
 import pytest
@@ -101,8 +101,12 @@ class FakeGcs:
         return "/".join([self.root, *parts])
 
     def _control(self, name: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{CONTROL_PREFIX}{name}", timeout=30) as r:
-            return json.load(r)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)  # never through a proxy
+        try:
+            conn.request("GET", f"{CONTROL_PREFIX}{name}")
+            return json.load(conn.getresponse())
+        finally:
+            conn.close()
 
     def objects(self) -> dict[str, int]:
         """The bucket's content as the server holds it: {object name: size in bytes}, sorted by name."""
@@ -179,13 +183,12 @@ def fake_gcs(allow_unsupported: bool = False) -> Iterator[FakeGcs]:
                                  "\n".join(f"{r['method']} {r['path']}?{r['query']} ({r['user_agent']})"
                                            for r in unsupported))
     finally:
-        if proc.poll() is None:
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        proc.stdin.close()  # the server exits when its stdin closes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         proc.stdout.close()
         shutil.rmtree(folder, ignore_errors=True)
 
