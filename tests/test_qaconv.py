@@ -245,6 +245,33 @@ def test_custom_vjp_matcher_equals_einsum_autodiff(weighted):
                 np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"{name}, direction {direction}")
 
 
+def test_bfloat16_matcher_follows_float32_reference():
+    """bfloat16 GEMMs (inputs and the backward pass's gradient of S rounded to 8 bits of mantissa): values and
+    gradients within 2% of the largest float32 entry; cotangents come back in the inputs' dtypes."""
+    probe, gallery, pv, gv = _features(0, 3), _features(1, 5), _vis(2, 3), _vis(3, 5)
+    weights = np.random.default_rng(4).normal(size=(3, 5, 2 * HW)).astype(np.float32)
+
+    @jax.jit
+    def run(probe, gallery, pv, gv):
+        def loss(dtype, fn):
+            return lambda *args: jnp.sum(fn(*args, dtype=dtype) * weights)
+        args = (probe, gallery, pv, gv)
+        return (jax.value_and_grad(loss(jnp.bfloat16, match_features), argnums=(0, 1, 2, 3))(*args),
+                jax.value_and_grad(loss(jnp.float32, match_features_einsum), argnums=(0, 1, 2, 3))(*args))
+
+    got, want = run(probe, gallery, pv, gv)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, atol=0.02 * np.abs(w).max(), rtol=0)
+
+
+def test_loss_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"got scores \(2, 3, 4\) and labels \(2, 3\)"):
+        qaconv_loss(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match=r"got scores \(4, 4\) and labels \(2, 2\)"):
+        retrieval_accuracy(np.zeros((4, 4), np.float32), np.zeros((2, 2), np.int32))
+
+
 def test_detached_maps_get_no_gradient_and_features_keep_theirs():
     probe, gallery, pv, gv = _features(0, 3), _features(1, 4), _vis(2, 3), _vis(3, 4)
 

@@ -182,8 +182,10 @@ def test_check_group_size():
         check_group_size(24, global_batch=512, num_devices=8, k=4)
     with pytest.raises(ValueError, match="model.qaconv_group_size=-4 must be 0"):
         check_group_size(-4, global_batch=512, num_devices=8, k=4)
-    with pytest.raises(ValueError, match="model.qaconv_group_size=2 must be a multiple of data.k=4"):
-        check_group_size(2, global_batch=512, num_devices=8, k=4)
+    for bad in (2, 4):  # not a multiple of K; a single identity (no negatives)
+        with pytest.raises(ValueError, match=rf"model.qaconv_group_size={bad} must be a multiple of data.k=4 and "
+                                             r"at least 2 x 4"):
+            check_group_size(bad, global_batch=512, num_devices=8, k=4)
     with pytest.raises(ValueError, match="train.batch_size=500 must split evenly over the 8 devices"):
         check_group_size(4, global_batch=500, num_devices=8, k=4)
 

@@ -34,7 +34,8 @@ def check_group_size(group_size: int, *, global_batch: int, num_devices: int, k:
     """Checks `model.qaconv_group_size` against the batch layout.
 
     A group must lie inside one device's part of the batch (so no device needs another's feature maps) and
-    hold whole identities of the PK / graph batches (K images each).
+    hold whole identities of the PK / graph batches (K images each), at least two of them (the losses need
+    negatives inside the group).
 
     Args:
         group_size: `model.qaconv_group_size`, images per matching group; 0 = the whole global batch.
@@ -46,9 +47,9 @@ def check_group_size(group_size: int, *, global_batch: int, num_devices: int, k:
         The group size in images (`global_batch` for 0).
 
     Raises:
-        ValueError: naming `model.qaconv_group_size` when it is negative, does not divide the per-device batch
-            or is not a multiple of K (naming `train.batch_size` when the batch does not split over the
-            devices).
+        ValueError: naming `model.qaconv_group_size` when it is negative, does not divide the per-device batch,
+            is not a multiple of K or holds a single identity (naming `train.batch_size` when the batch does
+            not split over the devices).
     """
     if group_size == 0:
         return global_batch
@@ -59,9 +60,9 @@ def check_group_size(group_size: int, *, global_batch: int, num_devices: int, k:
         raise ValueError(f"model.qaconv_group_size={group_size} must be 0 (the whole batch) or divide the "
                          f"per-device batch {per_device} (train.batch_size={global_batch} over {num_devices} "
                          f"devices), so that no matching group spans devices")
-    if group_size % k:
-        raise ValueError(f"model.qaconv_group_size={group_size} must be a multiple of data.k={k}, so that every "
-                         f"group holds whole identities")
+    if group_size % k or group_size < 2 * k:
+        raise ValueError(f"model.qaconv_group_size={group_size} must be a multiple of data.k={k} and at least 2 x "
+                         f"{k}, so that every group holds whole identities and negatives for each of them")
     return group_size
 
 

@@ -504,14 +504,13 @@ def qaconv_pair_scores(variables: Mapping[str, Any], a: Array, b: Array, a_vis: 
 def _groups(scores: Array, labels: Array) -> tuple[Array, Array]:
     """`[B, B]` scores with `[B]` labels, or `[n, G, G]` with `[n, G]` -> float32 `[n, G, G]`, `[n, G]`."""
     scores, labels = jnp.asarray(scores, jnp.float32), jnp.asarray(labels)
-    if scores.ndim == 2:
-        scores, labels = scores[None], labels.reshape(1, -1)
-    n, g = labels.shape if labels.ndim == 2 else (None, None)
-    if scores.ndim != 3 or scores.shape != (n, g, g):
+    grouped = scores.ndim == 3 and labels.ndim == 2
+    ungrouped = scores.ndim == 2 and labels.ndim == 1
+    if not (grouped or ungrouped) or scores.shape[-1] != labels.shape[-1] or scores.shape[:-1] != labels.shape:
         raise ValueError(f"oaml_jax/models/qaconv.py: self-matching scores must be [B, B] with labels [B], or "
                          f"[groups, G, G] with labels [groups, G]; got scores {tuple(scores.shape)} and labels "
                          f"{tuple(labels.shape)}")
-    return scores, labels
+    return (scores, labels) if grouped else (scores[None], labels[None])
 
 
 def _same_label(labels: Array) -> Array:
