@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oaml_jax.models.qaconv import (QAConv, gallery_blocks, hard_triplet_loss, l2_normalize_channels,
-                                    match_features, match_features_einsum, pairwise_matching_loss, qaconv_loss,
+from oaml_jax.models.qaconv import (QAConv, hard_triplet_loss, l2_normalize_channels, match_features,
+                                    match_features_einsum, pairwise_matching_loss, plan_blocks, qaconv_loss,
                                     qaconv_pair_scores, qaconv_scores_chunked, retrieval_accuracy)
 
 H, W, C = 2, 2, 5
@@ -231,7 +231,7 @@ def test_custom_vjp_matcher_equals_einsum_autodiff(weighted):
     first, second = weights.copy(), weights.copy()
     first[..., HW:], second[..., :HW] = 0.0, 0.0  # probe -> gallery maxima; gallery -> probe maxima
     for block_bytes in (4 * 3 * HW * HW * 2, 2**20):
-        assert gallery_blocks(3, 5, HW, block_bytes) == ((3, 2) if block_bytes < 2**20 else (1, 5))
+        assert plan_blocks(3, 5, HW, block_bytes) == ((3, 2) if block_bytes < 2**20 else (1, 5))
         (value, grads), (ref_value, ref_grads) = _matcher_and_reference(
             probe, gallery, probe_vis, gallery_vis, (first, second), block_bytes=block_bytes)
         np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
@@ -304,12 +304,12 @@ def test_matcher_propagates_nan():
     assert np.isnan(out[1]).any() and not np.isnan(out[0]).any()
 
 
-def test_gallery_blocks_bound_and_errors():
+def test_plan_blocks_bound_and_errors():
     # 512 x 512 images of 7x7 under 256 MiB: 54 images fit, so 10 blocks of 52 (520, 8 padded).
-    assert gallery_blocks(512, 512, 49, 256 * 2**20) == (10, 52)
-    assert gallery_blocks(4, 7, 4, 1) == (7, 1)  # at least one image per block
+    assert plan_blocks(512, 512, 49, 256 * 2**20) == (10, 52)
+    assert plan_blocks(4, 7, 4, 1) == (7, 1)  # at least one image per block
     with pytest.raises(ValueError, match="block_bytes must be >= 1, got 0"):
-        gallery_blocks(4, 7, 4, 0)
+        plan_blocks(4, 7, 4, 0)
 
 
 def _loss_memory(batch, channels, old):

@@ -104,7 +104,7 @@ def _index_dtype(hw: int) -> Any:
 
 def _block_similarity(probe: Array, gallery_block: Array, probe_vis: Array | None,
                       gallery_vis_block: Array | None, precision) -> tuple[Array, Array]:
-    """Raw and weighted similarities `[n, p, hw, cb, hw]` (float32) of probe `[n, p, hw, c]` x block `[n, cb, hw, c]`."""
+    """Raw and weighted float32 similarities `[n, p, hw, cb, hw]`: probe `[n, p, hw, c]` x block `[n, cb, hw, c]`."""
     n, p, hw, c = probe.shape
     cb = gallery_block.shape[1]
     raw = jax.lax.dot_general(probe.reshape(n, p * hw, c), gallery_block.reshape(n, cb * hw, c),
@@ -233,7 +233,7 @@ def _block_match_bwd(precision, residuals, cotangent):
 _block_match.defvjp(_block_match_fwd, _block_match_bwd, symbolic_zeros=True)
 
 
-def gallery_blocks(p: int, g: int, hw: int, block_bytes: int = BLOCK_BYTES) -> tuple[int, int]:
+def plan_blocks(p: int, g: int, hw: int, block_bytes: int = BLOCK_BYTES) -> tuple[int, int]:
     """How `match_features` cuts a gallery: (number of blocks, gallery images per block).
 
     A block of one group holds `p * block * hw * hw` float32 similarities, at most `block_bytes` (but at
@@ -272,7 +272,7 @@ def match_features(probe: Array, gallery: Array, probe_vis: Array | None = None,
             weighting.
         gallery_vis: `[g, h, w]` (`[n, g, h, w]`) visibility of the gallery locations, or None.
         dtype: compute dtype of the GEMMs (accumulated in float32).
-        block_bytes: float32 similarities held at once per group (see `gallery_blocks`).
+        block_bytes: float32 similarities held at once per group (see `plan_blocks`).
 
     Returns:
         `[p, g, 2hw]` (`[n, p, g, 2hw]`) float32: best gallery match of each probe location, then best probe
@@ -288,7 +288,7 @@ def match_features(probe: Array, gallery: Array, probe_vis: Array | None = None,
         return out[0]
     n, p, h, w, c = probe.shape
     g, hw = gallery.shape[1], h * w
-    num_blocks, block = gallery_blocks(p, g, hw, block_bytes)
+    num_blocks, block = plan_blocks(p, g, hw, block_bytes)
     pad = num_blocks * block - g
 
     def blocks(x):
