@@ -45,6 +45,11 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.qaconv_to_backbone = True
     model.detach_occ_input = True
     model.detach_qaconv_vis = True
+    # QAConv matching group, in images: self-matching and its losses run inside groups of this many
+    # consecutive images (a divisor of the per-device batch and a multiple of data.k); 0 = the whole batch.
+    model.qaconv_group_size = 0
+    # Weight QAConv's similarities by the predicted occlusion maps (False = all-ones maps).
+    model.qaconv_occlusion_weighting = True
     return model
 
 

@@ -234,16 +234,21 @@ class BatchLoader(grain.transforms.Map):
 
 
 def epoch_indices(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, global_batch: int,
-                  neighbours: Optional[np.ndarray] = None) -> np.ndarray:
-    """The sampler's record indices of one epoch, int64 `[num_batches, global_batch]`."""
+                  neighbours: Optional[np.ndarray] = None, group_size: int = 0) -> np.ndarray:
+    """The sampler's record indices of one epoch, int64 `[num_batches, global_batch]`.
+
+    `group_size` is `model.qaconv_group_size` (0 = the whole batch): the graph sampler makes every group of
+    that many consecutive images one class neighbourhood, and then needs `neighbours` with at least
+    `group_size // data.k - 1` columns (`global_batch // data.k - 1` for 0).
+    """
     labels = source.labels()
     p = global_batch // data_cfg.k
     if data_cfg.sampler == "pk":
-        return samplers.PKSampler(labels, p, data_cfg.k, data_cfg.seed).epoch(epoch)
+        return samplers.PKSampler(labels, p, data_cfg.k, data_cfg.seed, group_size).epoch(epoch)
     if neighbours is None:
-        raise ValueError("data.sampler 'graph' needs `neighbours` (int32 [C, >= P-1], see "
+        raise ValueError("data.sampler 'graph' needs `neighbours` (int32 [C, >= G/K - 1], see "
                          "samplers.knn_classes)")
-    return samplers.GraphSampler(labels, p, data_cfg.k, data_cfg.seed).epoch(epoch, neighbours)
+    return samplers.GraphSampler(labels, p, data_cfg.k, data_cfg.seed, group_size).epoch(epoch, neighbours)
 
 
 def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, *,

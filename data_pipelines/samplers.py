@@ -4,6 +4,11 @@ Both samplers turn `labels` (one int per record) into an epoch array of record i
 `[num_batches, global_batch]` with `global_batch = p * k`, deterministic from `(seed, epoch)`. Inside a
 batch the K images of one identity are contiguous, so batch position `j` holds identity slot `j // k`.
 
+QAConv matching groups (`model.qaconv_group_size` = G images, a multiple of K dividing the batch) are the
+G consecutive images of a batch: every group holds G/K whole identities. `PKSampler` batches are groups of
+distinct identities as they are; `GraphSampler` makes each group one class neighbourhood (a seed class and
+its G/K - 1 nearest classes), so the hard negatives QAConv needs are inside the group it is matched in.
+
 Epoch length: `num_batches = num_records // global_batch` for both samplers, so an epoch is one pass's
 worth of images and `pipeline.steps_per_epoch(num_records, global_batch)` is known before sampling.
 `PKSampler` draws identities from a stream of concatenated shuffles of all identities, so each identity
@@ -35,6 +40,16 @@ def _check_batch(labels: np.ndarray, p: int, k: int) -> np.ndarray:
         raise ValueError(
             f"{labels.size} records are fewer than one global batch of p*k = {p}*{k} = {p * k} images")
     return labels.astype(np.int64)
+
+
+def _classes_per_group(p: int, k: int, group_size: int) -> int:
+    """Identities per matching group of `group_size` images (0 = the whole batch of p * k)."""
+    if group_size == 0:
+        return p
+    if group_size < 0 or group_size % k or (p * k) % group_size:
+        raise ValueError(f"group_size={group_size} (model.qaconv_group_size) must be 0 or a multiple of k={k} "
+                         f"that divides the global batch p*k = {p * k}")
+    return group_size // k
 
 
 class _ImageCycler:
@@ -93,15 +108,17 @@ class PKSampler:
     """P distinct identities x K images per batch.
 
     `num_batches = len(labels) // (p * k)`; identities come from concatenated shuffles of all identities
-    present in `labels` (each appears equally often, within one, per epoch).
+    present in `labels` (each appears equally often, within one, per epoch). Every matching group of
+    `group_size` consecutive images holds `group_size / k` whole, distinct identities.
 
     Attributes:
       num_batches: batches per epoch.
       global_batch: p * k.
     """
 
-    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int):
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, group_size: int = 0):
         self.labels = _check_batch(labels, p, k)
+        _classes_per_group(p, k, group_size)
         self.classes = np.unique(self.labels)
         if self.classes.size < p:
             raise ValueError(f"PK sampling needs at least p={p} identities, labels hold {self.classes.size}")
@@ -173,28 +190,32 @@ def knn_classes(centres: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
 
 
 class GraphSampler:
-    """Graph sampling (QAConv-GS style): each batch is a seed class and its P-1 nearest classes.
+    """Graph sampling (QAConv-GS style): each matching group is a seed class and its nearest classes.
 
-    Seeds are visited in a shuffled order; a class already placed in a batch this epoch (as seed or as
-    neighbour) is skipped as a seed, and once every class is used a new shuffled round starts. The
-    neighbours themselves are kept even when already used, since their similarity to the seed is the
-    point of the batch. Neighbour entries that are the seed itself, repeated, out of range or without
-    records are skipped and further neighbours are used; if the row runs out, random classes unused this
-    round (then any class) fill the batch, so it always holds exactly P distinct classes.
-    `num_batches = len(labels) // (p * k)`, as for `PKSampler`.
+    A group of `group_size` images (0 = the whole batch) holds `q = group_size / k` classes: a seed and its
+    q-1 nearest classes, K images each; a batch holds `p / q` such groups, one after the other. Seeds are
+    visited in a shuffled order; a class already placed in a group this epoch (as seed or as neighbour) is
+    skipped as a seed, and once every class is used a new shuffled round starts. The neighbours themselves
+    are kept even when already used, since their similarity to the seed is the point of the group (so a
+    class may appear in two groups of one batch). Neighbour entries that are the seed itself, repeated, out
+    of range or without records are skipped and further neighbours are used; if the row runs out, random
+    classes unused this round (then any class) fill the group, so it always holds exactly q distinct
+    classes. `num_batches = len(labels) // (p * k)`, as for `PKSampler`.
 
     Attributes:
       num_batches: batches per epoch.
       global_batch: p * k.
+      classes_per_group: q, the classes of one neighbourhood; `epoch` needs q-1 neighbours per class.
     """
 
-    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int):
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, group_size: int = 0):
         self.labels = _check_batch(labels, p, k)
+        self.classes_per_group = _classes_per_group(p, k, group_size)
         self.num_classes = int(self.labels.max()) + 1
         self.present = np.bincount(self.labels, minlength=self.num_classes) > 0
-        if self.present.sum() < p:
-            raise ValueError(f"graph sampling needs at least p={p} identities, labels hold "
-                             f"{self.present.sum()}")
+        if self.present.sum() < self.classes_per_group:
+            raise ValueError(f"graph sampling needs at least {self.classes_per_group} identities per group, labels "
+                             f"hold {self.present.sum()}")
         self.p, self.k, self.seed = p, k, seed
         self.global_batch = p * k
         self.num_batches = self.labels.size // self.global_batch
@@ -204,24 +225,25 @@ class GraphSampler:
 
         Args:
           epoch: epoch number; with `seed` it fixes the result.
-          neighbours: int [C, >= p-1] nearest classes of each class, most similar first (`knn_classes`).
+          neighbours: int [C, >= q-1] nearest classes of each class, most similar first (`knn_classes`
+            with k = classes_per_group - 1).
 
         Returns:
           int64 [num_batches, p * k].
         """
+        q = self.classes_per_group
         neighbours = np.asarray(neighbours)
-        if (neighbours.ndim != 2 or neighbours.shape[0] < self.num_classes
-                or neighbours.shape[1] < self.p - 1):
-            raise ValueError(f"neighbours must be [C >= {self.num_classes}, >= p-1 = {self.p - 1}], got "
-                             f"{neighbours.shape}")
+        if neighbours.ndim != 2 or neighbours.shape[0] < self.num_classes or neighbours.shape[1] < q - 1:
+            raise ValueError(f"neighbours must be [C >= {self.num_classes}, >= classes per group - 1 = {q - 1}], "
+                             f"got {neighbours.shape}")
         rng = np.random.default_rng([self.seed, epoch])
         cycler = _ImageCycler(self.labels, self.k, rng)
         classes = np.flatnonzero(self.present)
         used = np.zeros(self.num_classes, bool)
         seeds = rng.permutation(classes)
         cursor = 0
-        slots = np.empty((self.num_batches, self.p), np.int64)
-        for b in range(self.num_batches):
+        slots = np.empty((self.num_batches * (self.p // q), q), np.int64)
+        for group in range(slots.shape[0]):
             while cursor < seeds.size and used[seeds[cursor]]:
                 cursor += 1
             if cursor == seeds.size:
@@ -229,22 +251,22 @@ class GraphSampler:
                 seeds = rng.permutation(classes)
                 cursor = 0
             seed_class = seeds[cursor]
-            batch = self._batch_classes(seed_class, neighbours[seed_class], used, rng)
-            used[batch] = True
-            slots[b] = batch
+            slots[group] = self._group_classes(seed_class, neighbours[seed_class], used, rng)
+            used[slots[group]] = True
         return cycler.take(slots.reshape(-1)).reshape(self.num_batches, self.global_batch)
 
-    def _batch_classes(self, seed_class: int, row: np.ndarray, used: np.ndarray,
+    def _group_classes(self, seed_class: int, row: np.ndarray, used: np.ndarray,
                        rng: np.random.Generator) -> np.ndarray:
         row = row[(row >= 0) & (row < self.num_classes)]
         row = row[self.present[row] & (row != seed_class)]
         _, first = np.unique(row, return_index=True)
-        batch = np.concatenate([[seed_class], row[np.sort(first)][:self.p - 1]]).astype(np.int64)
-        if batch.size < self.p:
+        q = self.classes_per_group
+        group = np.concatenate([[seed_class], row[np.sort(first)][:q - 1]]).astype(np.int64)
+        if group.size < q:
             taken = np.zeros(self.num_classes, bool)
-            taken[batch] = True
+            taken[group] = True
             fill = np.flatnonzero(self.present & ~taken & ~used)
-            if fill.size < self.p - batch.size:
+            if fill.size < q - group.size:
                 fill = np.flatnonzero(self.present & ~taken)
-            batch = np.concatenate([batch, rng.choice(fill, self.p - batch.size, replace=False)])
-        return batch
+            group = np.concatenate([group, rng.choice(fill, q - group.size, replace=False)])
+        return group

@@ -1,14 +1,17 @@
-"""QAConv: einsum vs loop reference, occlusion weighting, chunked/pair evaluation, and the losses."""
+"""QAConv: matcher vs loop and einsum references (values, custom-VJP gradients, memory), occlusion weighting,
+chunked/pair evaluation, and the losses."""
 
 import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oaml_jax.models.qaconv import (QAConv, hard_triplet_loss, l2_normalize_channels, pairwise_matching_loss,
-                                    qaconv_loss, qaconv_pair_scores, qaconv_scores_chunked, retrieval_accuracy)
+from oaml_jax.models.qaconv import (QAConv, hard_triplet_loss, l2_normalize_channels, match_features,
+                                    match_features_einsum, pairwise_matching_loss, plan_blocks, qaconv_loss,
+                                    qaconv_pair_scores, qaconv_scores_chunked, retrieval_accuracy)
 
 H, W, C = 2, 2, 5
 HW = H * W
@@ -199,3 +202,143 @@ def test_triplet_masks_rows_without_positive_or_negative():
     loss, valid = out["triplet"]
     assert float(loss) == 0.0 and float(valid) == 0.0
     assert np.all(np.asarray(out["trip_grad"]) == 0.0)
+
+
+def _matcher_vjps(fn, probe, gallery, probe_vis, gallery_vis, cotangents):
+    """Value and (d probe, d gallery, d probe_vis, d gallery_vis) of `fn` for each cotangent."""
+    value, vjp = jax.vjp(fn, probe, gallery, probe_vis, gallery_vis)
+    return value, [vjp(ct) for ct in cotangents]
+
+
+@functools.partial(jax.jit, static_argnames=("block_bytes",))
+def _matcher_and_reference(probe, gallery, probe_vis, gallery_vis, cotangents, block_bytes):
+    new = _matcher_vjps(functools.partial(match_features, block_bytes=block_bytes), probe, gallery, probe_vis,
+                        gallery_vis, cotangents)
+    return new, _matcher_vjps(match_features_einsum, probe, gallery, probe_vis, gallery_vis, cotangents)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_custom_vjp_matcher_equals_einsum_autodiff(weighted):
+    """Values and gradients (features and maps) of both matching directions against the einsum reference.
+
+    float32; tolerance rtol = atol = 1e-5 (the two compute the same sums in different orders). block_bytes
+    makes 3 gallery blocks of 2 images for 5 gallery images (one padded), so the blocked loops, the padding
+    and the one-block path of `_matcher_and_reference`'s first call are all exercised.
+    """
+    probe, gallery = _features(0, 3), _features(1, 5)
+    probe_vis, gallery_vis = (_vis(2, 3), _vis(3, 5)) if weighted else (None, None)
+    weights = np.random.default_rng(4).normal(size=(3, 5, 2 * HW)).astype(np.float32)
+    first, second = weights.copy(), weights.copy()
+    first[..., HW:], second[..., :HW] = 0.0, 0.0  # probe -> gallery maxima; gallery -> probe maxima
+    for block_bytes in (4 * 3 * HW * HW * 2, 2**20):
+        assert plan_blocks(3, 5, HW, block_bytes) == ((3, 2) if block_bytes < 2**20 else (1, 5))
+        (value, grads), (ref_value, ref_grads) = _matcher_and_reference(
+            probe, gallery, probe_vis, gallery_vis, (first, second), block_bytes=block_bytes)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+        for direction, (got, want) in enumerate(zip(grads, ref_grads)):
+            names = ("probe", "gallery", "probe_vis", "gallery_vis")
+            for name, g, r in zip(names, got, want):
+                if r is None:
+                    assert g is None
+                    continue
+                assert np.abs(r).max() > 0, (direction, name)
+                np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"{name}, direction {direction}")
+
+
+def test_bfloat16_matcher_follows_float32_reference():
+    """bfloat16 GEMMs (inputs and the backward pass's gradient of S rounded to 8 bits of mantissa): values and
+    gradients within 2% of the largest float32 entry; cotangents come back in the inputs' dtypes."""
+    probe, gallery, pv, gv = _features(0, 3), _features(1, 5), _vis(2, 3), _vis(3, 5)
+    weights = np.random.default_rng(4).normal(size=(3, 5, 2 * HW)).astype(np.float32)
+
+    @jax.jit
+    def run(probe, gallery, pv, gv):
+        def loss(dtype, fn):
+            return lambda *args: jnp.sum(fn(*args, dtype=dtype) * weights)
+        args = (probe, gallery, pv, gv)
+        return (jax.value_and_grad(loss(jnp.bfloat16, match_features), argnums=(0, 1, 2, 3))(*args),
+                jax.value_and_grad(loss(jnp.float32, match_features_einsum), argnums=(0, 1, 2, 3))(*args))
+
+    got, want = run(probe, gallery, pv, gv)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, atol=0.02 * np.abs(w).max(), rtol=0)
+
+
+def test_loss_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"got scores \(2, 3, 4\) and labels \(2, 3\)"):
+        qaconv_loss(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match=r"got scores \(4, 4\) and labels \(2, 2\)"):
+        retrieval_accuracy(np.zeros((4, 4), np.float32), np.zeros((2, 2), np.int32))
+
+
+def test_detached_maps_get_no_gradient_and_features_keep_theirs():
+    probe, gallery, pv, gv = _features(0, 3), _features(1, 4), _vis(2, 3), _vis(3, 4)
+
+    def loss(probe, pv, detach):
+        maps = jax.lax.stop_gradient(pv) if detach else pv
+        return jnp.sum(match_features(probe, gallery, maps, gv) ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    d_probe, d_maps = grad(probe, pv, True)
+    d_probe_attached, d_maps_attached = grad(probe, pv, False)
+    assert np.all(np.asarray(d_maps) == 0.0) and np.abs(d_maps_attached).max() > 0
+    np.testing.assert_array_equal(d_probe, d_probe_attached)
+
+
+def test_grouped_matching_equals_each_group_alone():
+    probe, gallery, pv, gv = _features(0, 6), _features(1, 8), _vis(2, 6), _vis(3, 8)
+    grouped = jax.jit(match_features)(probe.reshape(2, 3, H, W, C), gallery.reshape(2, 4, H, W, C),
+                                      pv.reshape(2, 3, H, W), gv.reshape(2, 4, H, W))
+    assert grouped.shape == (2, 3, 4, 2 * HW)
+    for i in range(2):
+        alone = match_features_einsum(probe[3 * i:3 * i + 3], gallery[4 * i:4 * i + 4], pv[3 * i:3 * i + 3],
+                                      gv[4 * i:4 * i + 4])
+        np.testing.assert_allclose(grouped[i], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_matcher_propagates_nan():
+    probe, gallery = _features(0, 2), _features(1, 3)
+    probe[1, 0, 0, 0] = np.nan
+    out = np.asarray(jax.jit(match_features)(probe, gallery))
+    assert np.isnan(out[1]).any() and not np.isnan(out[0]).any()
+
+
+def test_plan_blocks_bound_and_errors():
+    # 512 x 512 images of 7x7 under 256 MiB: 54 images fit, so 10 blocks of 52 (520, 8 padded).
+    assert plan_blocks(512, 512, 49, 256 * 2**20) == (10, 52)
+    assert plan_blocks(4, 7, 4, 1) == (7, 1)  # at least one image per block
+    with pytest.raises(ValueError, match="block_bytes must be >= 1, got 0"):
+        plan_blocks(4, 7, 4, 0)
+
+
+def _loss_memory(batch, channels, old):
+    """Compiled temporary bytes of value_and_grad of the QAConv training loss (7x7 maps, float32)."""
+    module = QAConv(block_bytes=16 * 2**20)
+    feats = jax.ShapeDtypeStruct((batch, 7, 7, channels), np.float32)
+    maps = jax.ShapeDtypeStruct((batch, 7, 7), np.float32)
+    labels = jax.ShapeDtypeStruct((batch,), np.int32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), feats, feats, maps, maps)
+
+    def loss(params, batch_stats, features, vis, labels):
+        variables_ = {"params": params, "batch_stats": batch_stats}
+        if old:
+            x = match_features_einsum(features, features, vis, vis)
+            scores, _ = module.apply(variables_, x, train=True, method=QAConv.score_features,
+                                     mutable=["batch_stats"])
+        else:
+            scores, _ = module.apply(variables_, features, features, vis, vis, train=True, mutable=["batch_stats"])
+        return qaconv_loss(scores, labels)[0]
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).lower(
+        variables["params"], variables["batch_stats"], feats, maps, labels).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_training_loss_temporary_memory_is_bounded():
+    """B = 128, 7x7x64: S alone is 128^2 * 49^2 float32 = 150 MiB, which the einsum path keeps (and more:
+    756 MiB of temporaries on CPU when written); the blocked matcher with 16 MiB blocks needs 37 MiB. The
+    bound, 64 MiB, fails as soon as S (or a quarter of it) is kept for the backward pass."""
+    bound = 64 * 2**20
+    assert _loss_memory(128, 64, old=False) < bound
+    assert _loss_memory(128, 64, old=True) > 4 * bound

@@ -1,8 +1,10 @@
-"""Tests for data_pipelines.samplers: PK and graph batches, chunked k-NN over class centres."""
+"""Tests for data_pipelines.samplers: PK and graph batches and matching groups, chunked k-NN over class centres."""
 
+import ml_collections
 import numpy as np
 import pytest
 
+from data_pipelines import pipeline
 from data_pipelines.samplers import GraphSampler, PKSampler, knn_classes
 
 
@@ -127,5 +129,75 @@ def test_graph_fills_short_or_invalid_neighbour_rows():
     neighbours = np.tile(np.array([[0, 0, 99]], np.int32), (10, 1))
     epoch = GraphSampler(labels, p, k, seed=2).epoch(3, neighbours)
     _check_pk_batches(epoch, labels, p, k)
-    with pytest.raises(ValueError, match=r"neighbours must be \[C >= 10, >= p-1 = 3\]"):
+    with pytest.raises(ValueError, match=r"neighbours must be \[C >= 10, >= classes per group - 1 = 3\]"):
         GraphSampler(labels, p, k, seed=2).epoch(0, np.zeros((10, 2), np.int32))
+
+
+def test_pk_groups_hold_whole_distinct_identities():
+    labels = _labels()
+    p, k, group_size = 6, 4, 8
+    epoch = PKSampler(labels, p, k, seed=3, group_size=group_size).epoch(0)
+    np.testing.assert_array_equal(epoch, PKSampler(labels, p, k, seed=3).epoch(0))  # groups change no batch
+    for batch in epoch:
+        groups = labels[batch].reshape(p * k // group_size, group_size)
+        for group in groups:
+            ids, counts = np.unique(group, return_counts=True)
+            assert ids.size == group_size // k and np.all(counts == k)
+        # No identity is split between two groups of a batch.
+        assert np.unique(groups[:, ::k]).size == p
+
+
+def test_graph_groups_are_class_neighbourhoods():
+    """Groups of 6 images with K = 2: 3 classes each, a seed and its 2 nearest (seed +- 1 on the circle);
+    the batch of 24 images holds 4 such groups, whose seeds follow the "not used yet" rule."""
+    labels, centres = _circle_setup()
+    p, k, group_size = 12, 2, 6
+    sampler = GraphSampler(labels, p, k, seed=0, group_size=group_size)
+    assert sampler.classes_per_group == 3
+    neighbours = knn_classes(centres, 2)
+    epoch = sampler.epoch(0, neighbours)
+    assert epoch.shape == (labels.size // (p * k), p * k)
+    blocks = labels[epoch].reshape(-1, k)
+    assert (blocks == blocks[:, :1]).all()
+    used = set()
+    for batch in epoch:
+        for group in labels[batch].reshape(-1, group_size):
+            ids = group[::k]
+            seed = ids[0]
+            assert set(ids) == {(seed - 1) % 24, seed, (seed + 1) % 24}
+            if len(used) < 24:
+                assert seed not in used
+            used.update(ids)
+    with pytest.raises(ValueError, match=r"neighbours must be \[C >= 24, >= classes per group - 1 = 2\]"):
+        sampler.epoch(0, neighbours[:, :1])
+
+
+def test_group_size_errors():
+    labels = _labels()
+    for bad in (6, 5, -4):  # 24 = 6 * 4: 6 is no multiple of k = 4, 5 neither, -4 is negative
+        with pytest.raises(ValueError, match=rf"group_size={bad} \(model.qaconv_group_size\) must be 0 or a "
+                                             r"multiple of k=4 that divides the global batch p\*k = 24"):
+            PKSampler(labels, 6, 4, seed=0, group_size=bad)
+    with pytest.raises(ValueError, match="group_size=16"):
+        GraphSampler(labels, 6, 4, seed=0, group_size=16)
+
+
+class _LabelSource:
+    def __init__(self, labels):
+        self._labels = labels
+
+    def labels(self):
+        return self._labels
+
+
+def test_epoch_indices_passes_the_group_size_to_the_samplers():
+    labels, centres = _circle_setup()
+    cfg = ml_collections.ConfigDict(dict(sampler="graph", k=2, seed=0))
+    neighbours = knn_classes(centres, 2)
+    got = pipeline.epoch_indices(_LabelSource(labels), cfg, 1, 24, neighbours, group_size=6)
+    np.testing.assert_array_equal(got, GraphSampler(labels, 12, 2, seed=0, group_size=6).epoch(1, neighbours))
+    with pytest.raises(ValueError, match=r"classes per group - 1 = 11"):  # group_size 0: one neighbourhood
+        pipeline.epoch_indices(_LabelSource(labels), cfg, 1, 24, neighbours)
+    cfg.sampler = "pk"
+    with pytest.raises(ValueError, match="group_size=3"):
+        pipeline.epoch_indices(_LabelSource(labels), cfg, 1, 24, group_size=3)

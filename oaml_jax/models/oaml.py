@@ -4,10 +4,13 @@
 
 where `occ_loss="bce"` replaces the MSE by the binary cross-entropy of the occlusion logits.
 
-QAConv matches the channel-normalized feature maps of the whole (global) batch against itself, each
-location weighted by its predicted visibility. Three switches decide where gradients flow: into the backbone
-from QAConv (`qaconv_to_backbone`), into the backbone from the occlusion head (not when `detach_occ_input`),
-and into the occlusion head from QAConv (not when `detach_qaconv_vis`).
+QAConv matches the channel-normalized feature maps inside matching groups of `qaconv_group_size` consecutive
+images of the (global) batch (0 = one group: the whole batch), each location weighted by its predicted
+visibility (`qaconv_occlusion_weighting`). A group never spans devices when its size divides the per-device
+batch (`check_group_size`): the device then matches only its own images, and the only cross-device traffic
+QAConv adds is its two scalar BatchNorms' statistics. Three switches decide where gradients flow: into the
+backbone from QAConv (`qaconv_to_backbone`), into the backbone from the occlusion head (not when
+`detach_occ_input`), and into the occlusion head from QAConv (not when `detach_qaconv_vis`).
 """
 
 from typing import Any, Mapping
@@ -25,6 +28,42 @@ Array = jax.Array
 
 OCC_LOSSES = ("mse", "bce")
 HEADS = {"adaface": AdaFace, "arcface": ArcFace, "cosface": CosFace}
+
+
+def check_group_size(group_size: int, *, global_batch: int, num_devices: int, k: int) -> int:
+    """Checks `model.qaconv_group_size` against the batch layout.
+
+    A group must lie inside one device's part of the batch (so no device needs another's feature maps) and
+    hold whole identities of the PK / graph batches (K images each), at least two of them (the losses need
+    negatives inside the group).
+
+    Args:
+        group_size: `model.qaconv_group_size`, images per matching group; 0 = the whole global batch.
+        global_batch: `train.batch_size`, images over all devices.
+        num_devices: devices the batch is split over.
+        k: `data.k`, images per identity in a batch.
+
+    Returns:
+        The group size in images (`global_batch` for 0).
+
+    Raises:
+        ValueError: naming `model.qaconv_group_size` when it is negative, does not divide the per-device batch,
+            is not a multiple of K or holds a single identity (naming `train.batch_size` when the batch does
+            not split over the devices).
+    """
+    if group_size == 0:
+        return global_batch
+    if num_devices < 1 or global_batch % num_devices:
+        raise ValueError(f"train.batch_size={global_batch} must split evenly over the {num_devices} devices")
+    per_device = global_batch // num_devices
+    if group_size < 0 or per_device % group_size:
+        raise ValueError(f"model.qaconv_group_size={group_size} must be 0 (the whole batch) or divide the "
+                         f"per-device batch {per_device} (train.batch_size={global_batch} over {num_devices} "
+                         f"devices), so that no matching group spans devices")
+    if group_size % k or group_size < 2 * k:
+        raise ValueError(f"model.qaconv_group_size={group_size} must be a multiple of data.k={k} and at least 2 x "
+                         f"{k}, so that every group holds whole identities and negatives for each of them")
+    return group_size
 
 
 class OAML(nn.Module):
@@ -49,7 +88,14 @@ class OAML(nn.Module):
         triplet_weight: weight of the hard triplet term inside the QAConv loss.
         triplet_margin: margin of the hard triplet term.
         occ_hidden: hidden width of the occlusion head.
-        dtype: compute dtype of the occlusion head and of the QAConv einsum.
+        qaconv_group_size: images per QAConv matching group (0 = the whole batch). Self-matching, the pairwise
+            and triplet losses and the retrieval accuracy run inside groups of this many consecutive images
+            (scores `[B/G, G, G]`), never across groups; each loss is the mean over the rows of all groups of
+            the per-row value (as with one group), so its scale depends on G but not on the number of groups
+            or devices. The QAConv BatchNorms' batch statistics are taken over all groups jointly.
+        qaconv_occlusion_weighting: weight QAConv's similarities by the occlusion maps; False is the same as
+            all-ones maps (and then QAConv gives the occlusion head no gradient).
+        dtype: compute dtype of the occlusion head and of the QAConv GEMMs.
     """
 
     backbone: nn.Module
@@ -67,6 +113,8 @@ class OAML(nn.Module):
     triplet_weight: float = 0.5
     triplet_margin: float = 1.0
     occ_hidden: int = 128
+    qaconv_group_size: int = 0
+    qaconv_occlusion_weighting: bool = True
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -101,6 +149,10 @@ class OAML(nn.Module):
         Returns:
             (scalar loss, metrics dict with "loss", "loss_ada", "loss_qa", "loss_pair", "loss_trip",
             "loss_occ", "acc_ada", "acc_qa", "occ_mae", "norm_mean", "trip_valid").
+
+        Raises:
+            ValueError: when the masks do not match the feature map or `qaconv_group_size` does not divide B
+                (`init` accepts any B: the variables do not depend on the grouping).
         """
         embeddings, norms, feature_map = self.backbone(images, train=train)
         feature_map = feature_map.astype(jnp.float32)
@@ -120,12 +172,24 @@ class OAML(nn.Module):
         else:
             loss_occ = jnp.mean(optax.sigmoid_binary_cross_entropy(occ_logits, masks))
 
+        batch = feature_map.shape[0]
+        group = self.qaconv_group_size or batch
+        if group > 0 and batch % group and self.is_initializing():
+            group = batch  # init only creates the variables, whose shapes do not depend on the grouping
+        if group < 0 or batch % group:
+            raise ValueError(f"oaml_jax/models/oaml.py: model.qaconv_group_size={self.qaconv_group_size} must be "
+                             f"0 or divide the batch of {batch} images")
         features = l2_normalize_channels(feature_map)
         if not self.qaconv_to_backbone:
             features = jax.lax.stop_gradient(features)
-        vis = jax.lax.stop_gradient(occlusion) if self.detach_qaconv_vis else occlusion
+        features = features.reshape(batch // group, group, *features.shape[1:])
+        vis = None
+        if self.qaconv_occlusion_weighting:
+            vis = jax.lax.stop_gradient(occlusion) if self.detach_qaconv_vis else occlusion
+            vis = vis.reshape(features.shape[:-1])
+        group_labels = labels.reshape(batch // group, group)
         scores = self.qaconv(features, features, vis, vis, train=train)
-        loss_qa, qa_metrics = qaconv_loss(scores, labels, self.triplet_weight, self.triplet_margin)
+        loss_qa, qa_metrics = qaconv_loss(scores, group_labels, self.triplet_weight, self.triplet_margin)
 
         loss = self.lam_ada * loss_ada + self.lam_qa * loss_qa + self.lam_occ * loss_occ
         metrics = dict(
@@ -134,7 +198,7 @@ class OAML(nn.Module):
             loss_qa=loss_qa,
             loss_occ=loss_occ,
             acc_ada=acc_ada,
-            acc_qa=retrieval_accuracy(scores, labels),
+            acc_qa=retrieval_accuracy(scores, group_labels),
             occ_mae=jnp.mean(jnp.abs(occlusion - masks)),
             norm_mean=jnp.mean(norms.astype(jnp.float32)),
             **qa_metrics,
