@@ -33,7 +33,7 @@ from absl import logging
 from data_pipelines import samplers
 from data_pipelines.augment import Augmentation, flip_horizontal, normalize
 from data_pipelines.folders import ImageFolderSource
-from data_pipelines.images import CorruptImageError, check_size, decode_image
+from data_pipelines.images import CorruptRecordError, check_size, decode_image
 from data_pipelines.occlusion import Occlusion
 from data_pipelines.recordio import RecordIOSource
 
@@ -166,7 +166,7 @@ class BatchLoader(grain.transforms.Map):
         image = check_size(decode_image(item["image"], where), IMAGE_SIZE, where)
         return image, int(item["label"])
 
-    def _replacement(self, index: int, error: CorruptImageError) -> tuple[np.ndarray, int]:
+    def _replacement(self, index: int, error: CorruptRecordError) -> tuple[np.ndarray, int]:
         """The next decodable record of the same identity (cyclic in record order)."""
         labels = self.source.labels()
         members = np.flatnonzero(labels == labels[index])
@@ -176,10 +176,10 @@ class BatchLoader(grain.transforms.Map):
                 continue
             try:
                 return self._decode(int(candidate))
-            except CorruptImageError:
+            except CorruptRecordError:
                 continue
-        raise CorruptImageError(error.where, f"{error.reason}; no decodable record of identity "
-                                f"{labels[index]} to replace it with ({members.size} records)")
+        raise CorruptRecordError(error.where, f"{error.reason}; no usable record of identity "
+                                 f"{labels[index]} to replace it with ({members.size} records)")
 
     def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """int64 `[n, 2]` (record index, global position) -> the batch dict of `train_epoch_dataset`."""
@@ -200,7 +200,7 @@ class BatchLoader(grain.transforms.Map):
         for i, index in enumerate(rows[:, 0].tolist()):
             try:
                 images[i], labels[i] = self._decode(index)
-            except CorruptImageError as e:
+            except CorruptRecordError as e:
                 if not self.skip_corrupt:
                     raise
                 logging.warning("Replacing a corrupt record (data.on_corrupt='skip'): %s", e)
@@ -261,10 +261,11 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       An IterDataset of dicts "image" uint8 `[b_local, 112, 112, 3]` RGB (augmented and occluded;
       `oaml_jax.train.preprocess` normalizes it and applies data_cfg.bgr on the device), "label" int32
       `[b_local]`, "mask" float32 `[b_local, grid, grid]` (1 = visible), "corrupt" int32 `[b_local]`
-      (1 where a corrupt record was replaced by the next decodable record of the same identity under
-      on_corrupt="skip"; under "raise" a CorruptImageError naming the record stops the iteration). An
-      image that decodes to a size other than 112x112 raises ValueError under either policy. `iter(ds)`
-      supports get_state/set_state (and grain.checkpoint.CheckpointSave).
+      (1 where a bad record was replaced by the next usable record of the same identity under
+      on_corrupt="skip", each replacement logged; under "raise" the CorruptRecordError naming the record
+      stops the iteration). A bad record is any per-record fault (`images.CorruptRecordError`): an image
+      that cannot be decoded correctly or is not 112x112, a malformed record, a label that is not an
+      integer class. `iter(ds)` supports get_state/set_state (and grain.checkpoint.CheckpointSave).
     """
     _check_train_args(data_cfg, global_batch, process_index, process_count)
     indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours)

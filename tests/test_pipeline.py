@@ -13,10 +13,11 @@ from data_pipelines import pipeline
 from data_pipelines.augment import normalize
 from data_pipelines.images import CorruptImageError, decode_image, encode_jpeg
 from data_pipelines.recordio import RecordIOSource, write_recordio
+from test_images import damage_scan
 
 NUM_IDS, PER_ID = 8, 6
 GLOBAL_BATCH = 8  # P = 4 identities x K = 2 images
-CORRUPT = 14  # record index of the corrupt JPEG (identity 2)
+CORRUPT = 14  # record index of the JPEG with damaged scan data (identity 2)
 
 
 def _face(identity, sample):
@@ -30,7 +31,7 @@ def _write(folder, corrupt=None):
     items = []
     for i in range(NUM_IDS * PER_ID):
         jpeg = encode_jpeg(_face(i // PER_ID, i % PER_ID), quality=90)
-        items.append((jpeg[:len(jpeg) // 3] if i == corrupt else jpeg, i // PER_ID))
+        items.append((damage_scan(jpeg) if i == corrupt else jpeg, i // PER_ID))
     write_recordio(str(folder), items, num_classes=NUM_IDS)
     return RecordIOSource(str(folder))
 
@@ -204,31 +205,44 @@ def test_corrupt_record_raises_naming_it(corrupt_source):
         _batches(corrupt_source, _cfg())
 
 
-def test_corrupt_record_skipped_and_counted(corrupt_source):
-    plain = dict(flip_prob=0.0, crop_prob=0.0, crop_scale=(0.6, 1.0), lowres_prob=0.0, photometric_prob=0.0)
-    none = dict(prob_blocks=0.0, prob_mask=0.0, prob_sunglasses=0.0, prob_rgba=0.0, rgba_path="",
-                blocks_count=(1, 3), blocks_size=(0.1, 0.4))
-    batches = _batches(corrupt_source, _cfg(on_corrupt="skip", augment=plain, occlusion=none))
+_PLAIN = dict(flip_prob=0.0, crop_prob=0.0, crop_scale=(0.6, 1.0), lowres_prob=0.0, photometric_prob=0.0)
+_NO_OCCLUSION = dict(prob_blocks=0.0, prob_mask=0.0, prob_sunglasses=0.0, prob_rgba=0.0, rgba_path="",
+                     blocks_count=(1, 3), blocks_size=(0.1, 0.4))
+
+
+def _assert_replaced_once(source, bad_record, caplog):
+    """Under on_corrupt="skip": `bad_record` was drawn once, replaced by the next record of its identity,
+    counted in "corrupt" and logged naming it."""
+    with caplog.at_level("WARNING"):
+        batches = _batches(source, _cfg(on_corrupt="skip", augment=_PLAIN, occlusion=_NO_OCCLUSION))
     corrupt = np.concatenate([b["corrupt"] for b in batches])
     assert corrupt.sum() == 1
     flat = np.concatenate([b["image"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
     j = int(np.flatnonzero(corrupt)[0])
-    assert labels[j] == CORRUPT // PER_ID
-    # Replaced by the next record of the same identity.
-    replacement = decode_image(corrupt_source[CORRUPT + 1]["image"])
-    np.testing.assert_array_equal(flat[j], replacement)
+    assert labels[j] == bad_record // PER_ID
+    np.testing.assert_array_equal(flat[j], decode_image(source[bad_record + 1]["image"]))
+    replaced = [r.getMessage() for r in caplog.records if "Replacing a corrupt record" in r.getMessage()]
+    assert len(replaced) == 1 and f"record {bad_record + 1}:" in replaced[0]
+    return replaced[0]
 
 
-def test_wrong_image_size_raises_naming_the_record_under_either_policy(tmp_path):
+def test_corrupt_record_skipped_and_counted(corrupt_source, caplog):
+    message = _assert_replaced_once(corrupt_source, CORRUPT, caplog)
+    assert "corrupt JPEG" in message
+
+
+def test_wrong_image_size_raises_or_is_skipped_naming_the_record(tmp_path, caplog):
     items = [(encode_jpeg(_face(i // PER_ID, i % PER_ID), quality=90), i // PER_ID)
              for i in range(NUM_IDS * PER_ID)]
     items[9] = (encode_jpeg(np.zeros((96, 96, 3), np.uint8)), items[9][1])
     write_recordio(str(tmp_path), items, num_classes=NUM_IDS)
     small = RecordIOSource(str(tmp_path))
-    for policy in pipeline.ON_CORRUPT:
-        with pytest.raises(ValueError, match=r"train\.rec record 10: image is 96x96x3, expected 112x112x3"):
-            _batches(small, _cfg(on_corrupt=policy))
+    with pytest.raises(CorruptImageError,
+                       match=r"train\.rec record 10: image is 96x96x3, expected 112x112x3"):
+        _batches(small, _cfg(on_corrupt="raise"))
+    message = _assert_replaced_once(small, 9, caplog)
+    assert "image is 96x96x3" in message
 
 
 def test_validation_errors(source):
