@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 from unittest import mock
 
 from etils.epath import gpath
@@ -20,8 +20,13 @@ _PREFIX = "gs://"
 
 
 @contextlib.contextmanager
-def redirect_gcs(root: str) -> Iterator[collections.Counter]:
-    """Within the block, gs:// paths read and write under `root`; yields the per-function call counts."""
+def redirect_gcs(root: str, fail_writes: Optional[Exception] = None) -> Iterator[collections.Counter]:
+    """Within the block, gs:// paths read and write under `root`; yields the per-function call counts.
+
+    Args:
+        root: the local folder standing for gs://.
+        fail_writes: when given, opening a gs:// file for writing raises it (a read-only bucket).
+    """
     calls: collections.Counter = collections.Counter()
 
     def local(path) -> str:
@@ -42,6 +47,11 @@ def redirect_gcs(root: str) -> Iterator[collections.Counter]:
             return original(local(path), local(dst), *args, **kwargs)
         return fn
 
+    def open_(original, path, mode):
+        if fail_writes is not None and "w" in mode and os.fspath(path).startswith(_PREFIX):
+            raise fail_writes
+        return one("open")(original, path, mode)
+
     def glob(original, pattern):
         matches = original(local(pattern))
         if not os.fspath(pattern).startswith(_PREFIX):
@@ -49,10 +59,10 @@ def redirect_gcs(root: str) -> Iterator[collections.Counter]:
         calls["glob"] += 1
         return [_PREFIX + os.path.relpath(m, root) for m in matches]
 
-    single = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")
+    single = ("exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")
     # mock_epath swaps the backends by scheme, but with TensorFlow installed epath sends gs:// to its
     # tf.io.gfile backend before looking there; pretend TensorFlow is absent for the block.
     with mock.patch.object(gpath, "_is_tf_installed", lambda: False), epath_testing.mock_epath(
-            glob=glob, rename=two("rename"), replace=two("replace"), copy=two("copy"),
+            open=open_, glob=glob, rename=two("rename"), replace=two("replace"), copy=two("copy"),
             **{name: one(name) for name in single}):
         yield calls

@@ -258,13 +258,13 @@ def test_validation_errors(source):
 
 
 def test_open_source(source, tmp_path):
-    opened = pipeline.open_source(_cfg(path=source.folder))
+    opened = pipeline.open_source(_cfg(path=os.fspath(source.folder)))
     assert isinstance(opened, RecordIOSource) and len(opened) == NUM_IDS * PER_ID
     missing = os.path.join(str(tmp_path), "nope")
     with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder .*nope"):
         pipeline.open_source(_cfg(path=missing))
     with pytest.raises(ValueError, match=r"data\.source: unknown source 'lmdb'"):
-        pipeline.open_source(_cfg(source="lmdb", path=source.folder))
+        pipeline.open_source(_cfg(source="lmdb", path=os.fspath(source.folder)))
 
 
 def test_eval_batches_pad_and_split():
