@@ -29,6 +29,7 @@ import grain
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from data_pipelines import samplers
 from data_pipelines.augment import Augmentation, flip_horizontal, normalize
@@ -47,29 +48,44 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _WORKER_BUFFER = 2
 
 
+def _check_on_corrupt(data_cfg: ml_collections.ConfigDict) -> None:
+    if data_cfg.on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"data.on_corrupt: unknown policy {data_cfg.on_corrupt!r}; expected one of "
+                         f"{ON_CORRUPT}")
+
+
 def open_source(data_cfg: ml_collections.ConfigDict) -> Any:
     """Opens the training source named by `data_cfg.source` at `data_cfg.path`.
 
     Args:
-      data_cfg: the `config.data` ConfigDict (fields `source`, `path`); for "tfds", `path` is a
-        prepared dataset folder or a TFDS data_dir holding "face_records".
+      data_cfg: the `config.data` ConfigDict (fields `source`, `path`, `on_corrupt`); `path` is any
+        `etils.epath` path (local, gs://, ...); for "tfds" it is a prepared dataset folder or a TFDS
+        data_dir holding "face_records". A RecordIO source gets `on_corrupt` (see `RecordIOSource`).
 
     Returns:
       A random-access source: `len(src)`, `src[i] -> {"image": bytes, "label": int}`, `src.num_classes`,
       `src.labels() -> int64 [len]`.
+
+    Raises:
+      ValueError: unknown `data.source` or `data.on_corrupt`, or an empty `data.path`.
+      FileNotFoundError: `data.path` is not a folder.
     """
-    kind, path = data_cfg.source, os.fspath(data_cfg.path)
+    kind = data_cfg.source
     if kind not in SOURCES:
         raise ValueError(f"data.source: unknown source {kind!r}; expected one of {SOURCES}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"data.path: training data folder {path!r} does not exist "
+    _check_on_corrupt(data_cfg)
+    if not os.fspath(data_cfg.path):
+        raise ValueError(f"data.path is empty; expected the training data folder (data.source={kind!r})")
+    path = epath.Path(data_cfg.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path: training data folder {os.fspath(path)!r} does not exist "
                                 f"(data.source={kind!r})")
     if kind == "tfds":
         # Imported on demand: tensorflow_datasets takes seconds to import.
         from data_pipelines.tfds_faces import TFDSSource
         return TFDSSource(path)
     if kind == "recordio":
-        return RecordIOSource(path)
+        return RecordIOSource(path, on_corrupt=data_cfg.on_corrupt)
     return ImageFolderSource(path)
 
 
@@ -99,9 +115,7 @@ def _check_train_args(data_cfg: ml_collections.ConfigDict, global_batch: int, pr
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     if data_cfg.sampler not in SAMPLERS:
         raise ValueError(f"data.sampler: unknown sampler {data_cfg.sampler!r}; expected one of {SAMPLERS}")
-    if data_cfg.on_corrupt not in ON_CORRUPT:
-        raise ValueError(f"data.on_corrupt: unknown policy {data_cfg.on_corrupt!r}; expected one of "
-                         f"{ON_CORRUPT}")
+    _check_on_corrupt(data_cfg)
     if data_cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
 

@@ -1,6 +1,8 @@
 """Tests for data_pipelines.pipeline on a tiny RecordIO written with write_recordio."""
 
 import os
+import re
+import struct
 
 import grain
 import ml_collections
@@ -11,8 +13,10 @@ from absl import flags
 
 from data_pipelines import pipeline
 from data_pipelines.augment import normalize
-from data_pipelines.images import CorruptImageError, decode_image, encode_jpeg
+from data_pipelines.folders import ImageFolderSource
+from data_pipelines.images import CorruptImageError, CorruptRecordError, decode_image, encode_jpeg
 from data_pipelines.recordio import RecordIOSource, write_recordio
+from mock_gcs import redirect_gcs
 from test_images import damage_scan
 
 NUM_IDS, PER_ID = 8, 6
@@ -245,6 +249,41 @@ def test_wrong_image_size_raises_or_is_skipped_naming_the_record(tmp_path, caplo
     assert "image is 96x96x3" in message
 
 
+def _patch_record(folder, key, at, data):
+    """Overwrites bytes of record `key` (`at` bytes from its start) in a written RecordIO."""
+    offsets = dict(tuple(int(v) for v in line.split("\t"))
+                   for line in (folder / "train.idx").read_text().splitlines())
+    with open(folder / "train.rec", "r+b") as fh:
+        fh.seek(offsets[key] + at)
+        fh.write(data)
+
+
+@pytest.mark.parametrize("fault, record, at, data, reason", [
+    ("bad magic", 14, 0, b"\0\0\0\0", r"bad magic 0x00000000"),
+    ("fractional label", 20, 12, struct.pack("<f", 3.5), r"label 3\.5 is not a class in \[0, 8\)"),
+])
+def test_record_faults_raise_or_are_skipped(tmp_path, caplog, fault, record, at, data, reason):
+    _write(tmp_path)
+    _patch_record(tmp_path, record + 1, at, data)  # image record i is key i + 1
+    strict = pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="raise"))
+    with pytest.raises(CorruptRecordError, match=rf"train\.rec record {record + 1}: {reason}"):
+        _batches(strict, _cfg(on_corrupt="raise"))
+    skipping = pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
+    assert skipping.labels()[record] == record // PER_ID  # lent by the record before it
+    message = _assert_replaced_once(skipping, record, caplog)
+    assert re.search(reason, message), fault
+
+
+def test_faults_that_are_not_per_record_stop_under_skip(tmp_path):
+    _write(tmp_path)
+    (tmp_path / "train.idx").write_text("0\t0\n1\tforty\n")
+    with pytest.raises(ValueError, match=r"train\.idx line 2: malformed index line"):
+        pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
+    os.remove(tmp_path / "train.idx")
+    with pytest.raises(FileNotFoundError, match=r"train\.idx: missing RecordIO index"):
+        pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
+
+
 def test_validation_errors(source):
     with pytest.raises(ValueError, match=r"train\.batch_size 10 must be a positive multiple of data\.k 4"):
         pipeline.train_epoch_dataset(source, _cfg(k=4), 0, global_batch=10, process_index=0, process_count=1)
@@ -260,11 +299,43 @@ def test_validation_errors(source):
 def test_open_source(source, tmp_path):
     opened = pipeline.open_source(_cfg(path=os.fspath(source.folder)))
     assert isinstance(opened, RecordIOSource) and len(opened) == NUM_IDS * PER_ID
+    assert opened.on_corrupt == "raise"
+    assert pipeline.open_source(_cfg(path=os.fspath(source.folder), on_corrupt="skip")).on_corrupt == "skip"
     missing = os.path.join(str(tmp_path), "nope")
     with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder .*nope"):
         pipeline.open_source(_cfg(path=missing))
     with pytest.raises(ValueError, match=r"data\.source: unknown source 'lmdb'"):
         pipeline.open_source(_cfg(source="lmdb", path=os.fspath(source.folder)))
+    with pytest.raises(ValueError, match=r"data\.on_corrupt: unknown policy 'ignore'"):
+        pipeline.open_source(_cfg(path=os.fspath(source.folder), on_corrupt="ignore"))
+    with pytest.raises(ValueError, match=r"data\.path is empty"):
+        pipeline.open_source(_cfg(path=""))
+
+
+def test_open_source_on_gcs(source, tmp_path, monkeypatch):
+    from data_pipelines import tfds_faces
+    gcs = tmp_path / "gcs" / "bucket"
+    items = [(source[i]["image"], source[i]["label"]) for i in range(len(source))]
+    write_recordio(str(gcs / "rec"), items, num_classes=NUM_IDS)
+    for i, (image, label) in enumerate(items[:8]):
+        (gcs / "faces" / f"id{label}").mkdir(parents=True, exist_ok=True)
+        (gcs / "faces" / f"id{label}" / f"{i}.jpg").write_bytes(image)
+    tfds_faces.build_tfds(str(gcs / "rec"), str(gcs / "tfds"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with redirect_gcs(str(tmp_path / "gcs")) as calls:
+        rec = pipeline.open_source(_cfg(path="gs://bucket/rec"))
+        assert isinstance(rec, RecordIOSource) and rec._mm is None
+        _assert_batches_equal(_batches(rec, _cfg()), _batches(source, _cfg()))
+        folder = pipeline.open_source(_cfg(source="folder", path="gs://bucket/faces"))
+        assert isinstance(folder, ImageFolderSource) and folder.class_names == ["id0", "id1"]
+        tfds = pipeline.open_source(_cfg(source="tfds", path="gs://bucket/tfds"))
+        assert tfds.builder_dir == "gs://bucket/tfds/face_records/1.0.0" and len(tfds) == len(source)
+        with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder 'gs://bucket/nope'"):
+            pipeline.open_source(_cfg(path="gs://bucket/nope"))
+    assert calls["open"] > 0 and calls["isdir"] > 0
+    assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory
 
 
 def test_eval_batches_pad_and_split():
