@@ -21,6 +21,7 @@ Paths are `etils.epath` paths: local files are memory mapped, others (gs://, ...
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -435,7 +436,7 @@ class RecordIOSource:
 
     def _class(self, key: int, label: float) -> int:
         """The label as a class index; a fractional or out-of-range label is a bad record."""
-        if not (np.isfinite(label) and label == np.floor(label) and 0 <= label < self.num_classes):
+        if not (math.isfinite(label) and label.is_integer() and 0 <= label < self.num_classes):
             raise CorruptRecordError(f"{self.rec_path} record {key}",
                                      f"label {label:g} is not a class in [0, {self.num_classes}) "
                                      f"(integers, as {self.folder / PROPERTY_NAME} gives)")
@@ -547,18 +548,17 @@ class RecordIOSource:
             if self._local and os.path.exists(tmp):
                 os.remove(tmp)
 
-    def _gather(self, offsets: np.ndarray, width: int) -> np.ndarray:
-        """uint8 `[n, width]`: the `width` bytes at each offset (bytes past the end of the file are junk).
+    def _gather(self, offsets: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """uint8 `[n, len(columns)]`: the bytes at `offset + columns` for each offset (junk past the end).
 
         Local files are indexed through the memory map. Other files are streamed once in ascending offset
         order, `_SCAN_WINDOW` bytes per read, so a scan costs a pass over the file, not a request per
         record.
         """
-        steps = np.arange(width)
         if self._local:
             data = np.frombuffer(self._map(), dtype=np.uint8)
-            return data[np.minimum(offsets[:, None] + steps, self._size - 1)]
-        rows = np.zeros((offsets.size, width), np.uint8)
+            return data[np.minimum(offsets[:, None] + columns, self._size - 1)]
+        rows = np.zeros((offsets.size, columns.size), np.uint8)
         order = np.argsort(offsets, kind="stable")
         ordered = offsets[order]
         fh = self._file()
@@ -566,10 +566,10 @@ class RecordIOSource:
         while lo < ordered.size:
             start = int(ordered[lo])
             hi = max(int(np.searchsorted(ordered, start + _SCAN_WINDOW)), lo + 1)
-            stop = min(int(ordered[hi - 1]) + width, self._size)
+            stop = min(int(ordered[hi - 1]) + int(columns.max()) + 1, self._size)
             fh.seek(start)
             window = np.frombuffer(fh.read(stop - start), dtype=np.uint8)
-            rows[order[lo:hi]] = window[np.minimum(ordered[lo:hi, None] - start + steps, window.size - 1)]
+            rows[order[lo:hi]] = window[np.minimum(ordered[lo:hi, None] - start + columns, window.size - 1)]
             lo = hi
         return rows
 
@@ -577,10 +577,10 @@ class RecordIOSource:
         """Labels from the record headers, int64 `[len]`, -1 where a record has no usable label."""
         labels = np.empty(len(self), dtype=np.int64)
         # Per record: magic, lrecord, flag, label (16 bytes), then the first vector label at +32.
-        take = np.concatenate([np.arange(16), np.arange(32, 36)])
+        columns = np.concatenate([np.arange(16), np.arange(32, 36)])
         for lo in range(0, len(self), chunk):
             offs = self._offsets[lo:lo + chunk]
-            rows = self._gather(offs, 36)[:, take]
+            rows = self._gather(offs, columns)
             words = rows[:, :12].copy().view("<u4")
             magic, lrec, flag = words[:, 0], words[:, 1], words[:, 2]
             scalar = rows[:, 12:16].copy().view("<f4")[:, 0]
