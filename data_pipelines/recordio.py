@@ -41,6 +41,8 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEADER = struct.Struct("<II")
 _IRHEADER = struct.Struct("<IfQQ")
 _LENGTH_MASK = (1 << 29) - 1
+# Image keys beyond any real file (MS1M: 5.8M, glint360k: 17M); bounds the keys probed around the header.
+_MAX_KEYS = 1 << 31
 # Bytes per read when a non-local file is streamed for its record headers.
 _SCAN_WINDOW = 64 << 20
 
@@ -249,13 +251,13 @@ def identity_boundary(images_end: float, holds_image: Callable[[int], Optional[b
         n: image records are keys [1, n).
 
     Raises:
-        ValueError: the stored value is not a positive integer, or the records around it do not show
-            exactly one image/identity boundary (the message lists what each candidate key holds).
+        ValueError: the stored value is not an integer in [1, 2**31], or the records around it do not
+            show exactly one image/identity boundary (the message lists what each candidate key holds).
     """
     value = np.float32(images_end)
-    if not np.isfinite(value) or value < 1 or value != np.floor(value):
-        raise ValueError(f"{where}: header gives {images_end} as the end of the image keys, expected a "
-                         "key >= 1")
+    if not np.isfinite(value) or value < 1 or value != np.floor(value) or value > _MAX_KEYS:
+        raise ValueError(f"{where}: header gives {images_end:g} as the end of the image keys, expected an "
+                         f"integer key in [1, {_MAX_KEYS}]")
     step = int(np.spacing(value))
     window = [n for n in range(max(1, int(value) - step), int(value) + step + 1) if np.float32(n) == value]
     kinds = {n: holds_image(n) for n in [window[0] - 1] + window if n >= 1}

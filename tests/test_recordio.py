@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import struct
 from concurrent import futures
 
@@ -216,8 +217,10 @@ def test_identity_boundary_refuses_what_it_cannot_pin():
                 r"expected 1 \(key 16777218: image, .*key 16777221: image\)")
     with pytest.raises(ValueError, match=expected):
         recordio.identity_boundary(float(np.float32(2**24 + 3)), all_images, "rec record 0")
-    with pytest.raises(ValueError, match=r"header gives 7\.5 as the end of the image keys"):
-        recordio.identity_boundary(7.5, all_images, "h")
+    for value in (7.5, 0.0, float("nan"), 3e38):
+        with pytest.raises(ValueError, match=rf"h: header gives {re.escape(f'{value:g}')} as the end of the "
+                                             r"image keys, expected an integer key in \[1, 2147483648\]"):
+            recordio.identity_boundary(value, all_images, "h")
 
 
 def test_header_disagreeing_with_the_records_is_refused(rec_folder):
