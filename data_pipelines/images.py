@@ -1,4 +1,8 @@
-"""Image decoding and encoding for face crops (JPEG fast path, everything else through OpenCV)."""
+"""Image decoding and encoding for face crops, and the error a bad record raises.
+
+JPEGs decode through libjpeg-turbo (simplejpeg) in strict mode, other formats through OpenCV; damaged
+data is an error (`CorruptImageError`), never a decoded image.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +17,35 @@ ImageBytes = Union[bytes, bytearray, memoryview, np.ndarray]
 _JPEG_SOI = b"\xff\xd8"
 
 
-class CorruptImageError(ValueError):
-    """An image (or the record holding it) could not be decoded.
+class CorruptRecordError(ValueError):
+    """One record of a dataset is bad: its bytes, its label or its image cannot be used.
+
+    The single kind of "this record is bad" error: training's `data.on_corrupt="skip"` replaces such a
+    record by another of the same identity and counts it; faults that are not about one record (a
+    missing file, an unreadable index) raise other errors and always stop.
 
     Attributes:
         where: the location of the bad data, e.g. "/data/train.rec record 17".
         reason: what went wrong.
     """
 
+    _UNNAMED = "<record>"
+
     def __init__(self, where: str, reason: str):
         self.where = where
         self.reason = reason
-        super().__init__(f"{where or '<image>'}: {reason}")
+        super().__init__(f"{where or self._UNNAMED}: {reason}")
 
     def __reduce__(self):
         # Grain workers send exceptions back to the main process by pickling them; the default
         # reduction would call __init__ with the formatted message only.
         return (type(self), (self.where, self.reason))
+
+
+class CorruptImageError(CorruptRecordError):
+    """A record's image cannot be decoded correctly, or decodes to the wrong size."""
+
+    _UNNAMED = "<image>"
 
 
 def _as_bytes(data: ImageBytes, where: str) -> bytes:
@@ -47,10 +63,19 @@ def _as_bytes(data: ImageBytes, where: str) -> bytes:
 
 
 def decode_image(data: ImageBytes, where: str = "") -> np.ndarray:
-    """Decodes an encoded image (JPEG, PNG, BMP, ...) to RGB.
+    """Decodes an encoded image (JPEG, PNG, BMP, ...) to RGB, refusing damaged data.
 
-    JPEGs go through simplejpeg (libjpeg-turbo, strict: truncated or corrupt data is an error);
-    other formats, and JPEG variants simplejpeg refuses, go through cv2.imdecode.
+    JPEGs (data starting with the SOI marker) are decoded by simplejpeg (libjpeg-turbo) in strict mode
+    only: any libjpeg warning (damaged or truncated scan data, bad Huffman codes, missing markers) is an
+    error. There is no OpenCV fallback for JPEGs: OpenCV's libjpeg conceals the same damage (it warns on
+    stderr and fills grey), so an image it returns cannot be told apart from garbage. libjpeg-turbo
+    reads every variant aligned face crops use (baseline and progressive, any chroma subsampling,
+    grayscale, CMYK/YCCK); the rare variants its 8-bit interface refuses (12-bit precision, for one) are
+    refused here too, with libjpeg's reason ("Unsupported JPEG data precision 12"), and must be
+    re-encoded as 8-bit JPEG or PNG. JPEG carries no checksum: damage after which the Huffman codes
+    happen to resynchronize decodes without any warning and cannot be seen by any decoder. Other formats
+    go through cv2.imdecode: libpng checks every chunk's CRC, so damaged PNGs are refused; formats
+    without checksums (BMP) cannot reveal damage to any decoder.
 
     Args:
         data: the encoded image: bytes, bytearray, memoryview or a 1-D uint8 array.
@@ -60,21 +85,19 @@ def decode_image(data: ImageBytes, where: str = "") -> np.ndarray:
         uint8 `[H, W, 3]` RGB. Grayscale images are replicated to 3 channels; alpha is dropped.
 
     Raises:
-        CorruptImageError: the data is empty or cannot be decoded.
+        CorruptImageError: the data is empty, damaged, or not an image format we can decode.
     """
     buf = _as_bytes(data, where)
     if not buf:
         raise CorruptImageError(where, "empty image data (0 bytes)")
-    reason = None
     if buf.startswith(_JPEG_SOI):
         try:
-            return simplejpeg.decode_jpeg(buf, colorspace="RGB")
+            return simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
         except ValueError as e:
-            reason = f"corrupt JPEG ({len(buf)} bytes): {e}"
+            raise CorruptImageError(where, f"corrupt JPEG ({len(buf)} bytes): {e}") from None
     img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise CorruptImageError(
-            where, reason or f"undecodable image data ({len(buf)} bytes, starts with {buf[:8]!r})")
+        raise CorruptImageError(where, f"undecodable image data ({len(buf)} bytes, starts with {buf[:8]!r})")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -112,11 +135,11 @@ def check_size(img: np.ndarray, expected: tuple[int, int] = (112, 112), where: s
         `img` unchanged.
 
     Raises:
-        ValueError: the image has another size (aligned face crops are never resized silently).
+        CorruptImageError: the image has another size (aligned face crops are never resized silently);
+            a per-record fault, so `data.on_corrupt="skip"` replaces the record.
     """
     h, w = expected
     if img.ndim != 3 or img.shape[:2] != (h, w) or img.shape[2] != 3:
-        raise ValueError(
-            f"{where or '<image>'}: image is {'x'.join(map(str, img.shape))}, expected {h}x{w}x3 "
-            f"(aligned face crops)")
+        raise CorruptImageError(where, f"image is {'x'.join(map(str, img.shape))}, expected {h}x{w}x3 "
+                                "(aligned face crops)")
     return img

@@ -27,11 +27,12 @@ import grain
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from data_pipelines import samplers
 from data_pipelines.augment import Augmentation
 from data_pipelines.folders import ImageFolderSource
-from data_pipelines.images import CorruptImageError, check_size, decode_image
+from data_pipelines.images import CorruptRecordError, check_size, decode_image
 from data_pipelines.occlusion import Occlusion
 from data_pipelines.recordio import RecordIOSource
 
@@ -45,29 +46,44 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _WORKER_BUFFER = 2
 
 
+def _check_on_corrupt(data_cfg: ml_collections.ConfigDict) -> None:
+    if data_cfg.on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"data.on_corrupt: unknown policy {data_cfg.on_corrupt!r}; expected one of "
+                         f"{ON_CORRUPT}")
+
+
 def open_source(data_cfg: ml_collections.ConfigDict) -> Any:
     """Opens the training source named by `data_cfg.source` at `data_cfg.path`.
 
     Args:
-      data_cfg: the `config.data` ConfigDict (fields `source`, `path`); for "tfds", `path` is a
-        prepared dataset folder or a TFDS data_dir holding "face_records".
+      data_cfg: the `config.data` ConfigDict (fields `source`, `path`, `on_corrupt`); `path` is any
+        `etils.epath` path (local, gs://, ...); for "tfds" it is a prepared dataset folder or a TFDS
+        data_dir holding "face_records". A RecordIO source gets `on_corrupt` (see `RecordIOSource`).
 
     Returns:
       A random-access source: `len(src)`, `src[i] -> {"image": bytes, "label": int}`, `src.num_classes`,
       `src.labels() -> int64 [len]`.
+
+    Raises:
+      ValueError: unknown `data.source` or `data.on_corrupt`, or an empty `data.path`.
+      FileNotFoundError: `data.path` is not a folder.
     """
-    kind, path = data_cfg.source, os.fspath(data_cfg.path)
+    kind = data_cfg.source
     if kind not in SOURCES:
         raise ValueError(f"data.source: unknown source {kind!r}; expected one of {SOURCES}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"data.path: training data folder {path!r} does not exist "
+    _check_on_corrupt(data_cfg)
+    if not os.fspath(data_cfg.path):
+        raise ValueError(f"data.path is empty; expected the training data folder (data.source={kind!r})")
+    path = epath.Path(data_cfg.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path: training data folder {os.fspath(path)!r} does not exist "
                                 f"(data.source={kind!r})")
     if kind == "tfds":
         # Imported on demand: tensorflow_datasets takes seconds to import.
         from data_pipelines.tfds_faces import TFDSSource
         return TFDSSource(path)
     if kind == "recordio":
-        return RecordIOSource(path)
+        return RecordIOSource(path, on_corrupt=data_cfg.on_corrupt)
     return ImageFolderSource(path)
 
 
@@ -97,9 +113,7 @@ def _check_train_args(data_cfg: ml_collections.ConfigDict, global_batch: int, pr
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     if data_cfg.sampler not in SAMPLERS:
         raise ValueError(f"data.sampler: unknown sampler {data_cfg.sampler!r}; expected one of {SAMPLERS}")
-    if data_cfg.on_corrupt not in ON_CORRUPT:
-        raise ValueError(f"data.on_corrupt: unknown policy {data_cfg.on_corrupt!r}; expected one of "
-                         f"{ON_CORRUPT}")
+    _check_on_corrupt(data_cfg)
     if data_cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
 
@@ -170,7 +184,7 @@ class BatchLoader(grain.transforms.Map):
         image = check_size(decode_image(item["image"], where), IMAGE_SIZE, where)
         return image, int(item["label"])
 
-    def _replacement(self, index: int, error: CorruptImageError) -> tuple[np.ndarray, int]:
+    def _replacement(self, index: int, error: CorruptRecordError) -> tuple[np.ndarray, int]:
         """The next decodable record of the same identity (cyclic in record order)."""
         labels = self.source.labels()
         members = np.flatnonzero(labels == labels[index])
@@ -180,10 +194,10 @@ class BatchLoader(grain.transforms.Map):
                 continue
             try:
                 return self._decode(int(candidate))
-            except CorruptImageError:
+            except CorruptRecordError:
                 continue
-        raise CorruptImageError(error.where, f"{error.reason}; no decodable record of identity "
-                                f"{labels[index]} to replace it with ({members.size} records)")
+        raise CorruptRecordError(error.where, f"{error.reason}; no usable record of identity "
+                                 f"{labels[index]} to replace it with ({members.size} records)")
 
     def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """int64 `[n, 2]` (record index, global position) -> the batch dict of `train_epoch_dataset`."""
@@ -204,7 +218,7 @@ class BatchLoader(grain.transforms.Map):
         for i, index in enumerate(rows[:, 0].tolist()):
             try:
                 images[i], labels[i] = self._decode(index)
-            except CorruptImageError as e:
+            except CorruptRecordError as e:
                 if not self.skip_corrupt:
                     raise
                 logging.warning("Replacing a corrupt record (data.on_corrupt='skip'): %s", e)
@@ -271,10 +285,11 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       An IterDataset of dicts "image" uint8 `[b_local, 112, 112, 3]` RGB (augmented and occluded;
       the train step maps it to the model's input on the device), "label" int32
       `[b_local]`, "mask" float32 `[b_local, grid, grid]` (1 = visible), "corrupt" int32 `[b_local]`
-      (1 where a corrupt record was replaced by the next decodable record of the same identity under
-      on_corrupt="skip"; under "raise" a CorruptImageError naming the record stops the iteration). An
-      image that decodes to a size other than 112x112 raises ValueError under either policy. `iter(ds)`
-      supports get_state/set_state (and grain.checkpoint.CheckpointSave).
+      (1 where a bad record was replaced by the next usable record of the same identity under
+      on_corrupt="skip", each replacement logged; under "raise" the CorruptRecordError naming the record
+      stops the iteration). A bad record is any per-record fault (`images.CorruptRecordError`): an image
+      that cannot be decoded correctly or is not 112x112, a malformed record, a label that is not an
+      integer class. `iter(ds)` supports get_state/set_state (and grain.checkpoint.CheckpointSave).
     """
     _check_train_args(data_cfg, global_batch, process_index, process_count)
     indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours)

@@ -25,8 +25,13 @@ SOURCES = {"recordio": RecordIOSource, "folder": ImageFolderSource}
 LABELS_FILE = "labels.npy"
 
 
-def open_face_source(folder: str, source: str):
-    """Opens `folder` as a "recordio" or "folder" source."""
+def _absolute(path: epath.PathLike) -> str:
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
+def open_face_source(folder: epath.PathLike, source: str):
+    """Opens `folder` (any `etils.epath` path) as a "recordio" or "folder" source."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r} for {folder}; expected one of {sorted(SOURCES)}")
     return SOURCES[source](folder)
@@ -49,7 +54,7 @@ class FaceRecords(tfds.core.GeneratorBasedBuilder):
         # not among our dependencies; the answer is simply this file.
         return epath.Path(__file__)
 
-    def __init__(self, *, source_folder: Optional[str] = None, source: str = "recordio", **kwargs):
+    def __init__(self, *, source_folder: Optional[epath.PathLike] = None, source: str = "recordio", **kwargs):
         self._source_folder = source_folder
         self._source_kind = source
         super().__init__(**kwargs)
@@ -76,7 +81,7 @@ class FaceRecords(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update({
             "num_classes": int(src.num_classes),
             "image_size": list(getattr(src, "image_size", (112, 112))),
-            "source_folder": os.path.abspath(self._source_folder),
+            "source_folder": _absolute(self._source_folder),
         })
         return {"train": self._generate_examples(src)}
 
@@ -86,15 +91,18 @@ class FaceRecords(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": item["image"], "label": item["label"]}
 
 
-def build_tfds(source_folder: str, data_dir: str, source: str = "recordio") -> FaceRecords:
+def build_tfds(source_folder: epath.PathLike, data_dir: epath.PathLike,
+               source: str = "recordio") -> FaceRecords:
     """Converts a RecordIO folder or image folder into an ArrayRecord TFDS dataset under `data_dir`.
 
     Nothing is downloaded. The labels are also saved as `labels.npy` in the dataset folder so that
     `TFDSSource.labels()` needs no scan.
 
     Args:
-        source_folder: the RecordIO folder (train.rec/train.idx/property) or image folder root.
-        data_dir: the TFDS data directory; the dataset lands in `data_dir/face_records/1.0.0`.
+        source_folder: the RecordIO folder (train.rec/train.idx/property) or image folder root; any
+            `etils.epath` path.
+        data_dir: the TFDS data directory (any `etils.epath` path); the dataset lands in
+            `data_dir/face_records/1.0.0`.
         source: "recordio" or "folder".
 
     Returns:
@@ -105,7 +113,8 @@ def build_tfds(source_folder: str, data_dir: str, source: str = "recordio") -> F
                           file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    np.save(os.path.join(builder.data_dir, LABELS_FILE), src.labels())
+    with (epath.Path(builder.data_dir) / LABELS_FILE).open("wb") as fh:
+        np.save(fh, src.labels())
     return builder
 
 
@@ -114,26 +123,28 @@ class TFDSSource:
 
     Args:
         name_or_dir: a dataset folder (holding dataset_info.json), a TFDS data_dir holding
-            "face_records", or a dataset name such as "face_records" found under `data_dir`.
+            "face_records", or a dataset name such as "face_records" found under `data_dir`. Folders
+            are `etils.epath` paths (local, gs://, ...).
         split: the split to read.
         data_dir: the TFDS data directory when `name_or_dir` is a name.
 
     Items are `{"image": bytes, "label": int}`; the reader is reopened lazily after pickling.
     """
 
-    def __init__(self, name_or_dir: str, split: str = "train", data_dir: Optional[str] = None):
-        name_or_dir = os.fspath(name_or_dir)
-        if os.path.isfile(os.path.join(name_or_dir, "dataset_info.json")):
-            builder = tfds.builder_from_directory(name_or_dir)
-        elif data_dir is None and os.path.isdir(os.path.join(name_or_dir, FaceRecords.name)):
+    def __init__(self, name_or_dir: epath.PathLike, split: str = "train",
+                 data_dir: Optional[epath.PathLike] = None):
+        path = epath.Path(name_or_dir)
+        if (path / "dataset_info.json").is_file():
+            builder = tfds.builder_from_directory(path)
+        elif data_dir is None and (path / FaceRecords.name).is_dir():
             # A TFDS data_dir given on its own (e.g. as `data.path`): read the face_records in it.
-            builder = tfds.builder(FaceRecords.name, data_dir=name_or_dir)
+            builder = tfds.builder(FaceRecords.name, data_dir=path)
         else:
-            if data_dir is None or not os.path.isdir(data_dir):
+            if data_dir is None or not epath.Path(data_dir).is_dir():
                 raise FileNotFoundError(
                     f"{name_or_dir}: not a prepared TFDS dataset folder (no dataset_info.json), and "
                     f"data_dir {data_dir!r} is not a folder to look the name up in")
-            builder = tfds.builder(name_or_dir, data_dir=data_dir)
+            builder = tfds.builder(os.fspath(name_or_dir), data_dir=epath.Path(data_dir))
         if not builder.is_prepared():
             raise FileNotFoundError(f"{name_or_dir}: no prepared dataset under {data_dir or name_or_dir} "
                                     "(run build_tfds first)")
@@ -182,8 +193,11 @@ class TFDSSource:
     def labels(self) -> np.ndarray:
         """Labels of every record, int64 `[len]` (from labels.npy when present, else a scan)."""
         if self._labels is None:
-            path = os.path.join(self.builder_dir, LABELS_FILE)
-            labels = np.load(path) if os.path.exists(path) else None
+            path = epath.Path(self.builder_dir) / LABELS_FILE
+            labels = None
+            if path.exists():
+                with path.open("rb") as fh:
+                    labels = np.load(fh)
             if labels is None or labels.shape != (len(self),):
                 logging.info("%s: scanning %d records for labels.", self.builder_dir, len(self))
                 ds = self._source()

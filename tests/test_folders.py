@@ -1,11 +1,14 @@
 """Tests for data_pipelines.folders."""
 
+import os
 import pickle
 
 import numpy as np
 import pytest
+from etils import epath
 
 from data_pipelines import folders
+from mock_gcs import redirect_gcs
 
 
 def _tree(root, layout):
@@ -33,6 +36,7 @@ def test_labels_from_sorted_names_and_non_images_ignored(tmp_path):
         {"image": b"a", "label": 0}, {"image": b"m", "label": 1},
         {"image": b"z0", "label": 2}, {"image": b"z1", "label": 2}]
     assert src.where(1) == str(tmp_path / "mia" / "m.BMP")
+    assert src.root == epath.Path(tmp_path)
     copy = pickle.loads(pickle.dumps(src))
     assert copy[3] == {"image": b"z1", "label": 2}
 
@@ -48,3 +52,42 @@ def test_errors(tmp_path):
     _tree(tmp_path, {"a/x.jpg": b"1"})
     with pytest.raises(IndexError, match=r"image index 1 out of range \[0, 1\)"):
         folders.ImageFolderSource(str(tmp_path))[1]
+
+
+_LITTER = {"a/2.jpg": b"2", "a/10.JPEG": b"10", "a/1.png": b"1", "a/._1.png": b"apple double",
+           "a/.DS_Store": b"finder", "a/.hidden.jpg": b"h", "a/notes.txt": b"t", "a/x.gif": b"g",
+           "a/sub.jpg/inner.jpg": b"nested", "b/c.bmp": b"c"}
+
+
+def test_list_images_skips_hidden_appledouble_and_other_files(tmp_path):
+    _tree(tmp_path, _LITTER)
+    listed = folders.list_images(tmp_path / "a")
+    assert all(isinstance(p, epath.Path) for p in listed)
+    assert [p.name for p in listed] == ["1.png", "10.JPEG", "2.jpg"]  # sorted by name; sub.jpg is a folder
+    assert listed[0] == epath.Path(tmp_path / "a" / "1.png")
+    assert [folders.is_image_name(n) for n in ("x.Jpg", "._x.jpg", ".DS_Store", "x.webp")] == [
+        True, False, False, False]
+    with pytest.raises(FileNotFoundError, match=r"nope: image folder not found"):
+        folders.list_images(tmp_path / "nope")
+
+
+def test_gcs_image_folder(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    layout = {k: v for k, v in _LITTER.items() if "sub.jpg" not in k}
+    _tree(tmp_path / "gcs" / "bucket" / "faces", layout)
+    _tree(tmp_path / "gcs" / "bucket" / "faces", {".trash/x.jpg": b"x", "stray.jpg": b"s"})
+    with redirect_gcs(str(tmp_path / "gcs")) as calls:
+        listed = folders.list_images("gs://bucket/faces/a")
+        names = ("1.png", "10.JPEG", "2.jpg")
+        assert [os.fspath(p) for p in listed] == [f"gs://bucket/faces/a/{n}" for n in names]
+        src = folders.ImageFolderSource("gs://bucket/faces")
+        assert src.class_names == ["a", "b"]
+        assert [src[i] for i in range(len(src))] == [
+            {"image": b"1", "label": 0}, {"image": b"10", "label": 0}, {"image": b"2", "label": 0},
+            {"image": b"c", "label": 1}]
+        assert src.where(3) == "gs://bucket/faces/b/c.bmp"
+        assert pickle.loads(pickle.dumps(src))[1] == {"image": b"10", "label": 0}
+    assert calls["listdir"] >= 3 and calls["open"] >= 4
+    assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory

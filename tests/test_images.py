@@ -60,15 +60,78 @@ def test_corrupt_jpeg_names_where():
     assert issubclass(images.CorruptImageError, ValueError)
 
 
-def test_corrupt_image_error_pickles():
+def damage_scan(data: bytes, size: int = 64) -> bytes:
+    """Overwrites `size` bytes in the middle of the entropy-coded scan data.
+
+    The damaged run starts with a stray marker (0xFF 0xD3), as random damage often does, so libjpeg
+    always hits it before the scan ends. (Damage after which the Huffman codes resynchronize decodes
+    without any warning: no decoder can see it, JPEG having no checksum.)
+    """
+    sos = data.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    at = scan + (len(data) - 2 - scan - size) // 2
+    assert at > scan, "the damage must stay inside the scan data"
+    return data[:at] + b"\xff\xd3" + b"\x55" * (size - 2) + data[at + size:]
+
+
+def test_damaged_scan_data_is_refused_not_concealed():
+    import cv2
+    img = _face()
+    damaged = damage_scan(images.encode_jpeg(img))
+    # OpenCV's libjpeg conceals the damage and returns an image far from the original: the fault
+    # this guards against.
+    concealed = cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR)
+    assert concealed is not None and np.abs(concealed[..., ::-1].astype(int) - img).mean() > 20
+    with pytest.raises(images.CorruptImageError,
+                       match=r"x\.rec record 5: corrupt JPEG \(\d+ bytes\): Corrupt JPEG data"):
+        images.decode_image(damaged, where="x.rec record 5")
+
+
+def test_unsupported_jpeg_variant_is_refused_with_libjpegs_reason():
+    data = images.encode_jpeg(_face())
+    sof = data.index(b"\xff\xc0")
+    assert data[sof + 4] == 8  # sample precision
+    twelve_bit = data[:sof + 4] + bytes([12]) + data[sof + 5:]
+    with pytest.raises(images.CorruptImageError,
+                       match=r"r 2: corrupt JPEG .*Unsupported JPEG data precision 12"):
+        images.decode_image(twelve_bit, where="r 2")
+
+
+def test_cmyk_and_progressive_jpegs_decode():
+    import io
+
+    from PIL import Image
+    img = _face()
+    for mode, kwargs in (("CMYK", {}), ("RGB", {"progressive": True})):
+        buf = io.BytesIO()
+        Image.fromarray(img).convert(mode).save(buf, "JPEG", quality=95, **kwargs)
+        out = images.decode_image(buf.getvalue())
+        assert out.shape == (112, 112, 3) and np.abs(out.astype(int) - img).mean() < 3, mode
+
+
+def test_damaged_png_is_refused():
+    data = images.encode_png(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    idat = data.index(b"IDAT")
+    damaged = data[:idat + 100] + bytes(32) + data[idat + 132:]
+    with pytest.raises(images.CorruptImageError, match=r"p\.png: undecodable image data"):
+        images.decode_image(damaged, where="p.png")
+
+
+def test_one_error_kind_for_a_bad_record_and_it_pickles():
     import pickle
-    err = pickle.loads(pickle.dumps(images.CorruptImageError("f.rec record 2", "bad")))
-    assert err.where == "f.rec record 2" and str(err) == "f.rec record 2: bad"
+    assert issubclass(images.CorruptImageError, images.CorruptRecordError)
+    assert issubclass(images.CorruptRecordError, ValueError)
+    for cls in (images.CorruptRecordError, images.CorruptImageError):
+        err = pickle.loads(pickle.dumps(cls("f.rec record 2", "bad")))
+        assert type(err) is cls and err.where == "f.rec record 2" and err.reason == "bad"
+        assert str(err) == "f.rec record 2: bad"
+    assert str(images.CorruptImageError("", "bad")) == "<image>: bad"
 
 
 def test_check_size():
     img = _face(100, 112)
-    with pytest.raises(ValueError, match=r"lfw\.bin image 3: image is 100x112x3, expected 112x112x3"):
+    with pytest.raises(images.CorruptImageError,
+                       match=r"lfw\.bin image 3: image is 100x112x3, expected 112x112x3"):
         images.check_size(img, (112, 112), "lfw.bin image 3")
     assert images.check_size(_face(), (112, 112)) is not None
 

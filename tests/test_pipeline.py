@@ -1,6 +1,8 @@
 """Tests for data_pipelines.pipeline on a tiny RecordIO written with write_recordio."""
 
 import os
+import re
+import struct
 
 import grain
 import ml_collections
@@ -10,12 +12,15 @@ import pytest
 from absl import flags
 
 from data_pipelines import pipeline
-from data_pipelines.images import CorruptImageError, decode_image, encode_jpeg
+from data_pipelines.folders import ImageFolderSource
+from data_pipelines.images import CorruptImageError, CorruptRecordError, decode_image, encode_jpeg
 from data_pipelines.recordio import RecordIOSource, write_recordio
+from mock_gcs import redirect_gcs
+from test_images import damage_scan
 
 NUM_IDS, PER_ID = 8, 6
 GLOBAL_BATCH = 8  # P = 4 identities x K = 2 images
-CORRUPT = 14  # record index of the corrupt JPEG (identity 2)
+CORRUPT = 14  # record index of the JPEG with damaged scan data (identity 2)
 GRID = 7  # visibility-map side of a stage-4 model
 
 
@@ -30,7 +35,7 @@ def _write(folder, corrupt=None):
     items = []
     for i in range(NUM_IDS * PER_ID):
         jpeg = encode_jpeg(_face(i // PER_ID, i % PER_ID), quality=90)
-        items.append((jpeg[:len(jpeg) // 3] if i == corrupt else jpeg, i // PER_ID))
+        items.append((damage_scan(jpeg) if i == corrupt else jpeg, i // PER_ID))
     write_recordio(str(folder), items, num_classes=NUM_IDS)
     return RecordIOSource(str(folder))
 
@@ -205,31 +210,79 @@ def test_corrupt_record_raises_naming_it(corrupt_source):
         _batches(corrupt_source, _cfg())
 
 
-def test_corrupt_record_skipped_and_counted(corrupt_source):
-    plain = dict(flip_prob=0.0, crop_prob=0.0, crop_scale=(0.6, 1.0), lowres_prob=0.0, photometric_prob=0.0)
-    none = dict(prob_blocks=0.0, prob_mask=0.0, prob_sunglasses=0.0, prob_rgba=0.0, rgba_path="",
-                blocks_count=(1, 3), blocks_size=(0.1, 0.4))
-    batches = _batches(corrupt_source, _cfg(on_corrupt="skip", augment=plain, occlusion=none))
+_PLAIN = dict(flip_prob=0.0, crop_prob=0.0, crop_scale=(0.6, 1.0), lowres_prob=0.0, photometric_prob=0.0)
+_NO_OCCLUSION = dict(prob_blocks=0.0, prob_mask=0.0, prob_sunglasses=0.0, prob_rgba=0.0, rgba_path="",
+                     blocks_count=(1, 3), blocks_size=(0.1, 0.4))
+
+
+def _assert_replaced_once(source, bad_record, caplog):
+    """Under on_corrupt="skip": `bad_record` was drawn once, replaced by the next record of its identity,
+    counted in "corrupt" and logged naming it."""
+    with caplog.at_level("WARNING"):
+        batches = _batches(source, _cfg(on_corrupt="skip", augment=_PLAIN, occlusion=_NO_OCCLUSION))
     corrupt = np.concatenate([b["corrupt"] for b in batches])
     assert corrupt.sum() == 1
     flat = np.concatenate([b["image"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
     j = int(np.flatnonzero(corrupt)[0])
-    assert labels[j] == CORRUPT // PER_ID
-    # Replaced by the next record of the same identity.
-    replacement = decode_image(corrupt_source[CORRUPT + 1]["image"])
-    np.testing.assert_array_equal(flat[j], replacement)
+    assert labels[j] == bad_record // PER_ID
+    np.testing.assert_array_equal(flat[j], decode_image(source[bad_record + 1]["image"]))
+    replaced = [r.getMessage() for r in caplog.records if "Replacing a corrupt record" in r.getMessage()]
+    assert len(replaced) == 1 and f"record {bad_record + 1}:" in replaced[0]
+    return replaced[0]
 
 
-def test_wrong_image_size_raises_naming_the_record_under_either_policy(tmp_path):
+def test_corrupt_record_skipped_and_counted(corrupt_source, caplog):
+    message = _assert_replaced_once(corrupt_source, CORRUPT, caplog)
+    assert "corrupt JPEG" in message
+
+
+def test_wrong_image_size_raises_or_is_skipped_naming_the_record(tmp_path, caplog):
     items = [(encode_jpeg(_face(i // PER_ID, i % PER_ID), quality=90), i // PER_ID)
              for i in range(NUM_IDS * PER_ID)]
     items[9] = (encode_jpeg(np.zeros((96, 96, 3), np.uint8)), items[9][1])
     write_recordio(str(tmp_path), items, num_classes=NUM_IDS)
     small = RecordIOSource(str(tmp_path))
-    for policy in pipeline.ON_CORRUPT:
-        with pytest.raises(ValueError, match=r"train\.rec record 10: image is 96x96x3, expected 112x112x3"):
-            _batches(small, _cfg(on_corrupt=policy))
+    with pytest.raises(CorruptImageError,
+                       match=r"train\.rec record 10: image is 96x96x3, expected 112x112x3"):
+        _batches(small, _cfg(on_corrupt="raise"))
+    message = _assert_replaced_once(small, 9, caplog)
+    assert "image is 96x96x3" in message
+
+
+def _patch_record(folder, key, at, data):
+    """Overwrites bytes of record `key` (`at` bytes from its start) in a written RecordIO."""
+    offsets = dict(tuple(int(v) for v in line.split("\t"))
+                   for line in (folder / "train.idx").read_text().splitlines())
+    with open(folder / "train.rec", "r+b") as fh:
+        fh.seek(offsets[key] + at)
+        fh.write(data)
+
+
+@pytest.mark.parametrize("fault, record, at, data, reason", [
+    ("bad magic", 14, 0, b"\0\0\0\0", r"bad magic 0x00000000"),
+    ("fractional label", 20, 12, struct.pack("<f", 3.5), r"label 3\.5 is not a class in \[0, 8\)"),
+])
+def test_record_faults_raise_or_are_skipped(tmp_path, caplog, fault, record, at, data, reason):
+    _write(tmp_path)
+    _patch_record(tmp_path, record + 1, at, data)  # image record i is key i + 1
+    strict = pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="raise"))
+    with pytest.raises(CorruptRecordError, match=rf"train\.rec record {record + 1}: {reason}"):
+        _batches(strict, _cfg(on_corrupt="raise"))
+    skipping = pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
+    assert skipping.labels()[record] == record // PER_ID  # lent by the record before it
+    message = _assert_replaced_once(skipping, record, caplog)
+    assert re.search(reason, message), fault
+
+
+def test_faults_that_are_not_per_record_stop_under_skip(tmp_path):
+    _write(tmp_path)
+    (tmp_path / "train.idx").write_text("0\t0\n1\tforty\n")
+    with pytest.raises(ValueError, match=r"train\.idx line 2: malformed index line"):
+        pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
+    os.remove(tmp_path / "train.idx")
+    with pytest.raises(FileNotFoundError, match=r"train\.idx: missing RecordIO index"):
+        pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
 
 
 def test_validation_errors(source):
@@ -247,10 +300,42 @@ def test_validation_errors(source):
 
 
 def test_open_source(source, tmp_path):
-    opened = pipeline.open_source(_cfg(path=source.folder))
+    opened = pipeline.open_source(_cfg(path=os.fspath(source.folder)))
     assert isinstance(opened, RecordIOSource) and len(opened) == NUM_IDS * PER_ID
+    assert opened.on_corrupt == "raise"
+    assert pipeline.open_source(_cfg(path=os.fspath(source.folder), on_corrupt="skip")).on_corrupt == "skip"
     missing = os.path.join(str(tmp_path), "nope")
     with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder .*nope"):
         pipeline.open_source(_cfg(path=missing))
     with pytest.raises(ValueError, match=r"data\.source: unknown source 'lmdb'"):
-        pipeline.open_source(_cfg(source="lmdb", path=source.folder))
+        pipeline.open_source(_cfg(source="lmdb", path=os.fspath(source.folder)))
+    with pytest.raises(ValueError, match=r"data\.on_corrupt: unknown policy 'ignore'"):
+        pipeline.open_source(_cfg(path=os.fspath(source.folder), on_corrupt="ignore"))
+    with pytest.raises(ValueError, match=r"data\.path is empty"):
+        pipeline.open_source(_cfg(path=""))
+
+
+def test_open_source_on_gcs(source, tmp_path, monkeypatch):
+    from data_pipelines import tfds_faces
+    gcs = tmp_path / "gcs" / "bucket"
+    items = [(source[i]["image"], source[i]["label"]) for i in range(len(source))]
+    write_recordio(str(gcs / "rec"), items, num_classes=NUM_IDS)
+    for i, (image, label) in enumerate(items[:8]):
+        (gcs / "faces" / f"id{label}").mkdir(parents=True, exist_ok=True)
+        (gcs / "faces" / f"id{label}" / f"{i}.jpg").write_bytes(image)
+    tfds_faces.build_tfds(str(gcs / "rec"), str(gcs / "tfds"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with redirect_gcs(str(tmp_path / "gcs")) as calls:
+        rec = pipeline.open_source(_cfg(path="gs://bucket/rec"))
+        assert isinstance(rec, RecordIOSource) and rec._mm is None
+        _assert_batches_equal(_batches(rec, _cfg()), _batches(source, _cfg()))
+        folder = pipeline.open_source(_cfg(source="folder", path="gs://bucket/faces"))
+        assert isinstance(folder, ImageFolderSource) and folder.class_names == ["id0", "id1"]
+        tfds = pipeline.open_source(_cfg(source="tfds", path="gs://bucket/tfds"))
+        assert tfds.builder_dir == "gs://bucket/tfds/face_records/1.0.0" and len(tfds) == len(source)
+        with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder 'gs://bucket/nope'"):
+            pipeline.open_source(_cfg(path="gs://bucket/nope"))
+    assert calls["open"] > 0 and calls["isdir"] > 0
+    assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory

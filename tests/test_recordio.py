@@ -2,12 +2,16 @@
 
 import os
 import pickle
+import re
 import struct
+from concurrent import futures
 
 import numpy as np
 import pytest
+from absl import logging
 
 from data_pipelines import images, recordio
+from mock_gcs import redirect_gcs
 
 
 def _jpeg(seed):
@@ -54,7 +58,7 @@ def test_round_trip_with_header_and_identity_records(rec_folder):
 def test_labels_cached_next_to_files(rec_folder):
     folder, _ = rec_folder
     recordio.RecordIOSource(str(folder)).labels()
-    cache = folder / "train.labels.npy"
+    cache = folder / "train.labels.v2.npy"
     assert cache.exists()
     np.testing.assert_array_equal(np.load(cache), LABELS)
     # A stale cache (wrong length) is ignored and rewritten.
@@ -128,9 +132,105 @@ def test_corrupt_magic_names_file_and_record(rec_folder):
     rec = str(folder / "train.rec")
     with pytest.raises(recordio.CorruptRecordError, match=rf"{rec} record 3: bad magic 0x00000000"):
         src[2]
-    with pytest.raises(images.CorruptImageError, match=r"record 3: bad magic"):
+    with pytest.raises(images.CorruptRecordError,
+                       match=r"record 3: bad magic .* \(1 of 6 records have no usable label; "
+                             r"data\.on_corrupt='skip' replaces them\)"):
         src.labels()
     assert src[1]["label"] == 0
+    assert recordio.CorruptRecordError is images.CorruptRecordError
+
+
+def test_unlabelled_records_lend_a_neighbours_label_under_skip(rec_folder):
+    folder, _ = rec_folder
+    _corrupt(folder, 3, 0, b"\x00\x00\x00\x00")  # image 2 (label 1)
+    _corrupt(folder, 1, 0, b"\x00\x00\x00\x00")  # image 0 (label 0): nothing before it
+    src = recordio.RecordIOSource(str(folder), on_corrupt="skip")
+    np.testing.assert_array_equal(src.labels(), [0, 0, 0, 2, 2, 2])
+    assert src.num_unlabelled == 2
+    for i in (0, 2):
+        with pytest.raises(recordio.CorruptRecordError, match="bad magic"):
+            src[i]
+    # The cache keeps the records unlabelled, so a later strict run still refuses them.
+    assert np.load(folder / recordio.LABELS_CACHE_NAME).tolist() == [-1, 0, -1, 2, 2, 2]
+    with pytest.raises(recordio.CorruptRecordError, match=r"record 1: bad magic .* \(2 of 6 records"):
+        recordio.RecordIOSource(str(folder)).labels()
+    with pytest.raises(ValueError, match=r"on_corrupt must be 'raise' or 'skip', got 'ignore'"):
+        recordio.RecordIOSource(str(folder), on_corrupt="ignore")
+
+
+def _write_labels(folder, labels, split_at=None):
+    """A header-less RecordIO whose records carry the given float labels (record `split_at` is split in
+    two parts, so the label scan reads it on its slow path)."""
+    magic = struct.pack("<I", recordio.MAGIC)
+    with open(folder / "train.rec", "wb") as fh:
+        offsets = []
+        for i, label in enumerate(labels):
+            offsets.append(fh.tell())
+            image = (magic + b"abcd" if i == split_at else b"") + _jpeg(i)
+            recordio.write_record(fh, recordio.pack_image_record(label, image, record_id=i))
+    (folder / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(offsets)))
+    (folder / "property").write_text("30,112,112")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_fractional_or_out_of_range_labels_are_refused(tmp_path, split):
+    _write_labels(tmp_path, [3.0, 19.7, 4.0, 30.0, -1.0], split_at=1 if split else None)
+    src = recordio.RecordIOSource(str(tmp_path))
+    assert src[0]["label"] == 3 and src[2]["label"] == 4
+    for i, shown in ((1, "19.7"), (3, "30"), (4, "-1")):
+        with pytest.raises(recordio.CorruptRecordError,
+                           match=rf"train\.rec record {i}: label {shown} is not a class in \[0, 30\)"):
+            src[i]
+    with pytest.raises(recordio.CorruptRecordError, match=r"record 1: label 19\.7 .*\(3 of 5 records"):
+        src.labels()
+    skip = recordio.RecordIOSource(str(tmp_path), on_corrupt="skip")
+    np.testing.assert_array_equal(skip.labels(), [3, 3, 4, 4, 4])
+    assert skip.num_unlabelled == 3
+
+
+def test_identity_boundary_exact_past_float32_range():
+    num_classes = 5
+
+    def probe(first_identity):
+        def holds_image(key):
+            if 1 <= key < first_identity:
+                return True
+            return False if key < first_identity + num_classes else None
+        return holds_image
+
+    # 2**24 + 3 is stored as 2**24 + 4 (a float32 rounds to even): read naively, the first identity
+    # record would be taken for an image, with label 1. Past 2**25 the error grows to 2 keys.
+    for first in (2**24 + 3, 2**24 + 1, 2**24 + 2, 2**25 + 5, 2**25 + 6, 2**26 + 3, 17_091_658, 123, 1):
+        stored = float(np.float32(first))
+        assert recordio.identity_boundary(stored, probe(first), "h") == first
+        if first in (2**24 + 3, 2**25 + 5, 2**26 + 3):
+            assert int(stored) != first
+    # No identity records at all: the end of the image keys is the end of the index.
+    no_identities = lambda key: True if 1 <= key < 2**24 + 3 else None  # noqa: E731
+    assert recordio.identity_boundary(float(np.float32(2**24 + 3)), no_identities, "h") == 2**24 + 3
+
+
+def test_identity_boundary_refuses_what_it_cannot_pin():
+    all_images = lambda key: True  # noqa: E731
+    expected = (r"rec record 0: header gives the end of the image keys as 16777220 \(float32, so any key "
+                r"in \[16777219, 16777221\]\), but the records there show 0 image/identity boundaries, "
+                r"expected 1 \(key 16777218: image, .*key 16777221: image\)")
+    with pytest.raises(ValueError, match=expected):
+        recordio.identity_boundary(float(np.float32(2**24 + 3)), all_images, "rec record 0")
+    for value in (7.5, 0.0, float("nan"), 3e38):
+        with pytest.raises(ValueError, match=rf"h: header gives {re.escape(f'{value:g}')} as the end of the "
+                                             r"image keys, expected an integer key in \[1, 2147483648\]"):
+            recordio.identity_boundary(value, all_images, "h")
+
+
+def test_header_disagreeing_with_the_records_is_refused(rec_folder):
+    folder, _ = rec_folder
+    # The header claims images are keys [1, 8), but key 7 is the first identity record.
+    _corrupt(folder, 0, 8, recordio.pack_image_record(0, b"", label_vector=(8, 10)))
+    expected = (r"train\.rec record 0: header gives the end of the image keys as 8 .*show 0 image/identity "
+                r"boundaries, expected 1 \(key 7: no image, key 8: no image\)")
+    with pytest.raises(ValueError, match=expected):
+        recordio.RecordIOSource(str(folder))
 
 
 def test_truncated_record(rec_folder):
@@ -199,3 +299,58 @@ def test_missing_image_keys_in_index(rec_folder):
 def test_write_rejects_bad_labels(tmp_path):
     with pytest.raises(ValueError, match=r"item 1 has label 5, expected \[0, 3\)"):
         recordio.write_recordio(str(tmp_path), [(b"x", 0), (b"y", 5)], num_classes=3)
+
+
+def test_gcs_folder_reads_through_epath(rec_folder, tmp_path, monkeypatch):
+    folder, items = rec_folder
+    local = recordio.RecordIOSource(str(folder))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with redirect_gcs(str(tmp_path / "gcs")) as calls:
+        assert recordio.write_recordio("gs://bucket/rec", items, num_classes=3) == len(items)
+        written = calls["copy"]
+        src = recordio.RecordIOSource("gs://bucket/rec")
+        assert [src[i] for i in range(len(items))] == [local[i] for i in range(len(items))]
+        np.testing.assert_array_equal(src.labels(), LABELS)
+        assert src.where(0) == "gs://bucket/rec/train.rec record 1"
+        copy = pickle.loads(pickle.dumps(src))
+        with futures.ThreadPoolExecutor(4) as pool:  # one file handle per thread
+            got = list(pool.map(lambda i: copy[i % len(items)], range(60)))
+        assert got == [local[i % len(items)] for i in range(60)]
+        reopened = recordio.RecordIOSource("gs://bucket/rec")
+        reopened._scan_labels = lambda: pytest.fail("the labels cache written above was not used")
+        np.testing.assert_array_equal(reopened.labels(), LABELS)
+    assert written == 3 and calls["open"] > 0
+    assert src._mm is None and copy._mm is None  # never memory mapped
+    assert (tmp_path / "gcs" / "bucket" / "rec" / recordio.LABELS_CACHE_NAME).is_file()
+    assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory
+
+
+def test_gcs_scan_streams_windows(rec_folder, tmp_path, monkeypatch):
+    folder, items = rec_folder
+    recordio.write_recordio(str(tmp_path / "gcs" / "bucket" / "rec"), items, num_classes=3)
+    monkeypatch.setattr(recordio, "_SCAN_WINDOW", 1000)  # several records per window, several windows
+    with redirect_gcs(str(tmp_path / "gcs")):
+        src = recordio.RecordIOSource("gs://bucket/rec")
+        columns = np.array([0, 1, 2, 3, 12, 13, 14, 15, 32, 35])
+        rows = src._gather(src._offsets[::-1].copy(), columns)
+    raw = (tmp_path / "gcs" / "bucket" / "rec" / "train.rec").read_bytes()
+    expected = [[raw[o + c] for c in columns] for o in src._offsets[::-1]]
+    assert rows.tolist() == expected
+
+
+class _NoWrites(Exception):
+    """An exception type from no known file system, as an exotic backend might raise."""
+
+
+def test_unwritable_gcs_cache_never_stops_the_run(rec_folder, tmp_path, monkeypatch):
+    folder, items = rec_folder
+    recordio.write_recordio(str(tmp_path / "gcs" / "bucket" / "rec"), items, num_classes=3)
+    messages = []
+    monkeypatch.setattr(logging, "info", lambda msg, *args: messages.append(msg % args))
+    with redirect_gcs(str(tmp_path / "gcs"), fail_writes=_NoWrites("bucket is read-only")):
+        src = recordio.RecordIOSource("gs://bucket/rec")
+        np.testing.assert_array_equal(src.labels(), LABELS)
+    assert any("Not caching labels" in m and "_NoWrites: bucket is read-only" in m for m in messages)
+    assert not (tmp_path / "gcs" / "bucket" / "rec" / recordio.LABELS_CACHE_NAME).exists()

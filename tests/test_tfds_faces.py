@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import images, recordio, tfds_faces
+from mock_gcs import redirect_gcs
 
 LABELS = [1, 0, 2, 1, 0, 2, 2]
 
@@ -60,3 +61,21 @@ def test_errors(tmp_path):
         tfds_faces.TFDSSource("face_records", data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"nowhere: not a prepared TFDS dataset folder"):
         tfds_faces.TFDSSource(str(tmp_path / "nowhere"))
+
+
+def test_gcs_dataset_folder_is_accepted(tmp_path, monkeypatch):
+    rec = str(tmp_path / "rec")
+    recordio.write_recordio(rec, [(_jpeg(i), lab) for i, lab in enumerate(LABELS)], num_classes=3)
+    tfds_faces.build_tfds(rec, str(tmp_path / "gcs" / "bucket" / "tfds"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with redirect_gcs(str(tmp_path / "gcs")) as calls:
+        for src in (tfds_faces.TFDSSource("gs://bucket/tfds"),
+                    tfds_faces.TFDSSource("gs://bucket/tfds/face_records/1.0.0"),
+                    tfds_faces.TFDSSource("face_records", data_dir="gs://bucket/tfds")):
+            assert src.builder_dir == "gs://bucket/tfds/face_records/1.0.0"
+            assert len(src) == len(LABELS) and src.num_classes == 3
+            np.testing.assert_array_equal(src.labels(), LABELS)  # labels.npy read through epath
+    assert calls["open"] > 0
+    assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory
