@@ -164,8 +164,10 @@ def export_saved_model(forward: Forward, variables: Any, directory: epath.PathLi
         polymorphic_shapes=[None, f"({_BATCH}, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"],
         with_gradient=False, native_serialization_platforms=tuple(platforms))
     module = tf.Module()
-    module.params = tf.nest.map_structure(lambda x: tf.Variable(x, trainable=False),
-                                          jax.tree.map(np.asarray, variables))
+    # The dtypes JAX computes in (float64 numpy leaves become float32 unless jax_enable_x64 is set).
+    host = jax.tree.map(lambda x: np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)),
+                        variables)
+    module.params = tf.nest.map_structure(lambda x: tf.Variable(x, trainable=False), host)
 
     @tf.function(autograph=False, input_signature=[
         tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8, name=INPUT_NAME)])

@@ -35,7 +35,7 @@ def variables(model):
         if name == "var":
             return 0.5 + np.abs(value)
         if name == "kernel":
-            return value / np.sqrt(np.prod(shape.shape[:-1]))
+            return (value / np.sqrt(np.prod(shape.shape[:-1]))).astype(np.float32)
         return value
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
@@ -146,6 +146,17 @@ def test_artefacts_load_with_their_own_runtimes(exported, references):
     assert deserialized.platforms == ("cpu", "cuda")
     assert not isinstance(deserialized.in_avals[0].shape[0], int)  # symbolic batch
     np.testing.assert_allclose(deserialized.call(images)[0], want["embedding"], atol=1e-4)
+
+
+def test_saved_model_stores_the_dtypes_jax_computes_in(tmp_path, forward, variables, references):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    as_float64 = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
+    export.export(forward, as_float64, fmt="saved_model", out_dir=tmp_path)
+    stored = tf.train.list_variables(str(tmp_path / "saved_model" / "variables" / "variables"))
+    reader = tf.train.load_checkpoint(str(tmp_path / "saved_model" / "variables" / "variables"))
+    dtypes = {reader.get_variable_to_dtype_map()[name] for name, _ in stored if "VARIABLE_VALUE" in name}
+    assert dtypes == {tf.float32}
+    _assert_matches(export.load(fmt="saved_model", out_dir=tmp_path)(_images(3, seed=3)), references[3, False])
 
 
 def test_check_forward_names_what_is_wrong(forward, variables):
