@@ -1,7 +1,13 @@
-"""Tests for oaml_jax.align: Umeyama similarity and 5-point alignment."""
+"""Tests for oaml_jax.align: Umeyama similarity, 5-point alignment, detection on real photographs."""
 
+import os
+import sys
+
+import cv2
+import matplotlib.cbook as cbook
 import numpy as np
 import pytest
+from PIL import Image
 
 from oaml_jax import align
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
@@ -89,3 +95,171 @@ def test_align_face_other_sizes_and_errors():
         align.align_face(image.astype(np.float32), landmarks)
     with pytest.raises(ValueError, match=r"landmarks: expected \[5, 2\]"):
         align.align_face(image, landmarks[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Detection on real photographs: Grace Hopper's portrait ships with matplotlib (a requirement); the
+# astronaut Eileen Collins (NASA, public domain) is a 256x256 crop of scikit-image's `astronaut` in
+# tests/data (see tests/data/README.md).
+
+_DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _rgb(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def hopper():
+    return _rgb(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return _rgb(os.path.join(_DATA, "astronaut_head.jpg"))
+
+
+def _residual_to_template(landmarks):
+    """Distance (px) of each landmark, mapped by its own alignment, from its template point."""
+    matrix = align.estimate_similarity(landmarks, ARCFACE_TEMPLATE_112)
+    return np.linalg.norm(_apply(matrix, landmarks) - ARCFACE_TEMPLATE_112, axis=1)
+
+
+@pytest.mark.parametrize("photo,tolerance", [("hopper", 3.0), ("astronaut", 7.5)])
+def test_one_face_on_a_portrait_lands_on_the_template(photo, tolerance, request):
+    image = request.getfixturevalue(photo)
+    faces = align.detect_and_align(image, mode="all")
+    assert len(faces) == 1
+    face = faces[0]
+    assert face.face.shape == (112, 112, 3) and face.face.dtype == np.uint8
+    assert face.box.shape == (4,) and face.landmarks.shape == (5, 2) and 0.9 <= face.score <= 1.0
+    x1, y1, x2, y2 = face.box
+    assert np.all((face.landmarks >= [x1, y1]) & (face.landmarks <= [x2, y2]))
+    # Template order: image-left eye, image-right eye, nose tip, image-left and image-right mouth corners.
+    (lex, ley), (rex, rey), (nx, ny), (lmx, lmy), (rmx, rmy) = face.landmarks
+    assert lex < nx < rex and lmx < nx < rmx and max(ley, rey) < ny < min(lmy, rmy)
+    # The 5 points of a real face are not a similarity of the template: the smiling astronaut's wide mouth
+    # leaves up to 7 px, Hopper's neutral face under 3 px.
+    assert _residual_to_template(face.landmarks).max() < tolerance
+    np.testing.assert_array_equal(face.face, align.align_face(image, face.landmarks))
+
+
+def test_a_face_detected_again_in_its_aligned_crop_sits_on_the_template(hopper):
+    face = align.detect_and_align(hopper)[0]
+    canvas = np.zeros((224, 224, 3), np.uint8)
+    canvas[56:168, 56:168] = face.face
+    _, landmarks, _ = align.detect_faces(canvas)
+    assert len(landmarks) == 1
+    assert np.linalg.norm(landmarks[0] - 56 - ARCFACE_TEMPLATE_112, axis=1).max() < 4.0
+
+
+def test_mirrored_photo_gives_mirrored_landmarks_in_template_order(hopper):
+    _, landmarks, _ = align.detect_faces(hopper)
+    _, mirrored, _ = align.detect_faces(np.ascontiguousarray(hopper[:, ::-1]))
+    width = hopper.shape[1]
+    # Mirroring swaps which eye (and mouth corner) is on the image's left.
+    back = np.stack([width - 1 - mirrored[0, :, 0], mirrored[0, :, 1]], axis=-1)[[1, 0, 2, 4, 3]]
+    assert np.linalg.norm(back - landmarks[0], axis=1).max() < 3.0
+
+
+@pytest.mark.parametrize("min_face_size", [40.0, 80.0])
+def test_min_face_size_other_than_twenty_still_finds_the_face(hopper, min_face_size):
+    # mtcnn 1.0.0 run directly with min_face_size=40 finds no face on this photo (its pyramid goes below
+    # PNet's input size); detect_faces resizes the photo instead and must find the same face.
+    _, reference, _ = align.detect_faces(hopper)
+    boxes, landmarks, _ = align.detect_faces(hopper, min_face_size=min_face_size)
+    assert len(boxes) == 1
+    assert np.linalg.norm(landmarks[0] - reference[0], axis=1).max() < 3.0
+
+
+@pytest.fixture(scope="module")
+def group(hopper, astronaut):
+    """A 480x900 photo: Hopper (face box about 140 px) left, the astronaut (about 50 px) right."""
+    canvas = np.full((480, 900, 3), 96, np.uint8)
+    big = cv2.resize(hopper, (410, 480), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(astronaut, (154, 154), interpolation=cv2.INTER_AREA)
+    canvas[:, 20:430] = big
+    canvas[200:354, 600:754] = small
+    return canvas
+
+
+def test_all_faces_largest_first_and_largest_mode(group):
+    faces = align.detect_and_align(group, mode="all")
+    assert len(faces) == 2
+    hopper_face, astronaut_face = faces
+    assert 20 <= hopper_face.box[0] and hopper_face.box[2] <= 430
+    assert 600 <= astronaut_face.box[0] and astronaut_face.box[2] <= 754
+    assert 200 <= astronaut_face.box[1] and astronaut_face.box[3] <= 354
+    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces]
+    assert areas[0] > areas[1]
+    largest = align.detect_and_align(group, mode="largest")
+    assert len(largest) == 1
+    np.testing.assert_array_equal(largest[0].face, hopper_face.face)
+    np.testing.assert_array_equal(largest[0].landmarks, hopper_face.landmarks)
+
+
+def test_min_face_size_and_min_score_filter(group):
+    boxes, _, _ = align.detect_faces(group)
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    between = float((sides[0] + sides[1]) / 2)
+    kept = align.detect_and_align(group, mode="all", min_face_size=between)
+    assert len(kept) == 1 and np.min(kept[0].box[2:] - kept[0].box[:2]) >= between
+    # With no score threshold MTCNN also reports a weak candidate on the uniform (score about 0.13).
+    _, _, scores = align.detect_faces(group, min_score=0.0)
+    assert len(scores) > 2 and scores.min() < 0.5
+    threshold = float(np.sort(scores)[:2].mean())  # between the weakest score and the next
+    faces = align.detect_and_align(group, mode="all", min_score=threshold)
+    assert len(faces) == len(scores) - 1 and min(f.score for f in faces) >= threshold
+
+
+def test_photos_without_a_face_give_an_empty_list(hopper):
+    uniform_and_medals = np.ascontiguousarray(hopper[400:])  # below the chin: uniform, ribbons, flag
+    assert align.detect_and_align(uniform_and_medals, mode="all") == []
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), (0, 0), 3)
+    assert align.detect_and_align(texture, mode="all") == []
+    assert align.detect_and_align(np.zeros((8, 8, 3), np.uint8)) == []
+
+
+def test_detector_is_built_once(monkeypatch, hopper):
+    import mtcnn  # pylint: disable=g-import-not-at-top
+
+    built = []
+
+    class CountingMTCNN(mtcnn.MTCNN):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(mtcnn, "MTCNN", CountingMTCNN)
+    align._detector.cache_clear()
+    try:
+        small = np.ascontiguousarray(hopper[::2, ::2])
+        align.detect_faces(small)
+        align.detect_and_align(small, mode="all")
+        assert len(built) == 1
+    finally:
+        align._detector.cache_clear()
+
+
+def test_detection_errors(monkeypatch, hopper):
+    with pytest.raises(ValueError, match=r"mode: expected one of \('largest', 'all'\), got 'first'"):
+        align.detect_and_align(hopper, mode="first")
+    with pytest.raises(ValueError, match=r"image: expected uint8 \[H, W, 3\] RGB, got float32"):
+        align.detect_faces(hopper.astype(np.float32))
+    with pytest.raises(ValueError, match=r"image: expected uint8 \[H, W, 3\] RGB, got uint8 \(600, 512, 4\)"):
+        align.detect_faces(np.concatenate([hopper, hopper[..., :1]], axis=-1))
+    with pytest.raises(ValueError, match="min_face_size: expected a positive number of pixels, got 0"):
+        align.detect_faces(hopper, min_face_size=0)
+    with pytest.raises(ValueError, match=r"min_score: expected a probability in \[0, 1\], got 1.5"):
+        align.detect_and_align(hopper, min_score=1.5)
+    with pytest.raises(ValueError, match="size: expected a multiple of 112 or 128, got 100"):
+        align.detect_and_align(hopper, size=100)
+    monkeypatch.setitem(sys.modules, "mtcnn", None)
+    align._detector.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"needs the mtcnn package .* pip install -r requirements\.txt"):
+            align.detect_faces(hopper)
+    finally:
+        align._detector.cache_clear()
