@@ -8,6 +8,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from oaml_jax.paths import is_remote
+
 # The file extensions read as images (any case), here and wherever a folder of faces is listed.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -37,7 +39,7 @@ def list_images(directory: epath.PathLike) -> list[epath.Path]:
     directory = epath.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: image folder not found")
-    if "://" in os.fspath(directory):
+    if is_remote(directory):
         names = [p.name for p in directory.iterdir()]
     else:
         with os.scandir(os.fspath(directory)) as entries:

@@ -27,16 +27,16 @@ import grain
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 
-from data_pipelines import samplers
+from data_pipelines import augment, occlusion, samplers
 from data_pipelines.augment import Augmentation
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptRecordError, check_size, decode_image
 from data_pipelines.occlusion import Occlusion
 from data_pipelines.recordio import RecordIOSource
+from oaml_jax.models.face_input import FACE_SHAPE, FACE_SIZE
+from oaml_jax.paths import user_path
 
-IMAGE_SIZE = (112, 112)
 SOURCES = ("recordio", "folder", "tfds")
 SAMPLERS = ("pk", "graph")
 ON_CORRUPT = ("raise", "skip")
@@ -46,10 +46,27 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _WORKER_BUFFER = 2
 
 
-def _check_on_corrupt(data_cfg: ml_collections.ConfigDict) -> None:
+def check_config(data_cfg: ml_collections.ConfigDict) -> None:
+    """Checks `config.data` before anything is read or compiled; raises ValueError naming the field.
+
+    The batch-level facts (train.batch_size divisible by data.k and by the processes) are checked with
+    `config.train`; whether `data.path` exists is checked when the source is opened.
+    """
+    if data_cfg.source not in SOURCES:
+        raise ValueError(f"data.source: unknown source {data_cfg.source!r}; expected one of {SOURCES}")
+    if data_cfg.sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler: unknown sampler {data_cfg.sampler!r}; expected one of {SAMPLERS}")
     if data_cfg.on_corrupt not in ON_CORRUPT:
         raise ValueError(f"data.on_corrupt: unknown policy {data_cfg.on_corrupt!r}; expected one of "
                          f"{ON_CORRUPT}")
+    for field, minimum in (("k", 1), ("num_workers", 0), ("graph_chunk", 1)):
+        if data_cfg[field] < minimum:
+            raise ValueError(f"data.{field}={data_cfg[field]} must be >= {minimum}")
+    if not os.fspath(data_cfg.path):
+        raise ValueError(f"data.path is empty; expected the training data folder (data.source={data_cfg.source!r})")
+    user_path(data_cfg.path, "data.path")
+    augment.check_config(data_cfg.augment)
+    occlusion.check_config(data_cfg.occlusion)
 
 
 def open_source(data_cfg: ml_collections.ConfigDict) -> Any:
@@ -65,16 +82,10 @@ def open_source(data_cfg: ml_collections.ConfigDict) -> Any:
       `src.labels() -> int64 [len]`.
 
     Raises:
-      ValueError: unknown `data.source` or `data.on_corrupt`, or an empty `data.path`.
       FileNotFoundError: `data.path` is not a folder.
     """
     kind = data_cfg.source
-    if kind not in SOURCES:
-        raise ValueError(f"data.source: unknown source {kind!r}; expected one of {SOURCES}")
-    _check_on_corrupt(data_cfg)
-    if not os.fspath(data_cfg.path):
-        raise ValueError(f"data.path is empty; expected the training data folder (data.source={kind!r})")
-    path = epath.Path(data_cfg.path)
+    path = user_path(data_cfg.path, "data.path")
     if not path.is_dir():
         raise FileNotFoundError(f"data.path: training data folder {os.fspath(path)!r} does not exist "
                                 f"(data.source={kind!r})")
@@ -96,26 +107,6 @@ def steps_per_epoch(num_records: int, global_batch: int) -> int:
         raise ValueError(f"train.batch_size {global_batch} exceeds the {num_records} training records: "
                          "an epoch would have no steps")
     return steps
-
-
-def _check_train_args(data_cfg: ml_collections.ConfigDict, global_batch: int, process_index: int,
-                      process_count: int) -> None:
-    k = data_cfg.k
-    if k <= 0:
-        raise ValueError(f"data.k must be positive, got {k}")
-    if global_batch <= 0 or global_batch % k:
-        raise ValueError(f"train.batch_size {global_batch} must be a positive multiple of data.k {k} "
-                         "(P identities x K images per batch)")
-    if process_count <= 0 or global_batch % process_count:
-        raise ValueError(f"train.batch_size {global_batch} must be divisible by the process count "
-                         f"{process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-    if data_cfg.sampler not in SAMPLERS:
-        raise ValueError(f"data.sampler: unknown sampler {data_cfg.sampler!r}; expected one of {SAMPLERS}")
-    _check_on_corrupt(data_cfg)
-    if data_cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
 
 
 def _where(source: Any, index: int) -> str:
@@ -181,7 +172,7 @@ class BatchLoader(grain.transforms.Map):
     def _decode(self, index: int) -> tuple[np.ndarray, int]:
         where = _where(self.source, index)
         item = self.source[index]
-        image = check_size(decode_image(item["image"], where), IMAGE_SIZE, where)
+        image = check_size(decode_image(item["image"], where), (FACE_SIZE, FACE_SIZE), where)
         return image, int(item["label"])
 
     def _replacement(self, index: int, error: CorruptRecordError) -> tuple[np.ndarray, int]:
@@ -212,7 +203,7 @@ class BatchLoader(grain.transforms.Map):
     def decode(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Stage 1: reads and decodes the rows' records; "mask" is left unset (see `occlude`)."""
         n = rows.shape[0]
-        batch = {"image": np.empty((n,) + IMAGE_SIZE + (3,), np.uint8), "label": np.empty(n, np.int32),
+        batch = {"image": np.empty((n,) + FACE_SHAPE, np.uint8), "label": np.empty(n, np.int32),
                  "mask": np.empty((n, self.grid, self.grid), np.float32), "corrupt": np.zeros(n, np.int32)}
         images, labels = batch["image"], batch["label"]
         for i, index in enumerate(rows[:, 0].tolist()):
@@ -267,7 +258,7 @@ def epoch_indices(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, 
 
 def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, *,
                         global_batch: int, process_index: int, process_count: int, grid: int,
-                        neighbours: Optional[np.ndarray] = None) -> grain.IterDataset:
+                        neighbours: Optional[np.ndarray] = None, group_size: int = 0) -> grain.IterDataset:
     """This process's part of every global batch of one epoch.
 
     Args:
@@ -279,7 +270,9 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       process_count: number of processes; each gets `b_local = global_batch // process_count` images,
         the contiguous slice `[process_index * b_local, (process_index + 1) * b_local)` of every batch.
       grid: side of the visibility maps (the model's feature map, `InputContract.grid`).
-      neighbours: int32 `[C, >= P-1]` nearest classes, required by the "graph" sampler.
+      neighbours: int32 `[C, >= classes per group - 1]` nearest classes, required by the "graph" sampler.
+      group_size: QAConv's matching group (`model.qaconv_group_size`; 0 = the whole batch): the samplers
+        lay batches out so each group of that many consecutive images is meaningful (see `epoch_indices`).
 
     Returns:
       An IterDataset of dicts "image" uint8 `[b_local, 112, 112, 3]` RGB (augmented and occluded;
@@ -291,8 +284,7 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       that cannot be decoded correctly or is not 112x112, a malformed record, a label that is not an
       integer class. `iter(ds)` supports get_state/set_state (and grain.checkpoint.CheckpointSave).
     """
-    _check_train_args(data_cfg, global_batch, process_index, process_count)
-    indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours)
+    indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours, group_size)
     b_local = global_batch // process_count
     positions = np.arange(indices.size, dtype=np.int64).reshape(indices.shape)
     part = slice(process_index * b_local, (process_index + 1) * b_local)

@@ -168,7 +168,7 @@ def detect_faces(image: np.ndarray, *, min_face_size: float = DEFAULT_MIN_FACE_S
 
     Returns:
         (boxes float32 `[F, 4]` (x1, y1, x2, y2) clipped to the image, landmarks float32 `[F, 5, 2]` in the
-        order of `ARCFACE_TEMPLATE_112`, scores float32 `[F]`), sorted by decreasing box area; F may be 0.
+        order of `ARCFACE_TEMPLATE`, scores float32 `[F]`), sorted by decreasing box area; F may be 0.
 
     Raises:
         ValueError: `image` is not uint8 `[H, W, 3]`, or a threshold is out of range.

@@ -34,6 +34,7 @@ from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation.pairs import PairSetEvaluator
 from oaml_jax.inference import FaceModel
 from oaml_jax.models import factory
+from oaml_jax.models.oaml import check_group_size
 from oaml_jax.paths import user_path
 from oaml_jax.train_state import TrainState
 
@@ -67,26 +68,18 @@ def check_train_config(train_cfg: Mapping[str, Any], *, num_devices: int, proces
         raise ValueError(f"train.nonfinite={train_cfg['nonfinite']!r}; expected one of {NONFINITE}")
 
 
-def _check_data_config(data_cfg: Mapping[str, Any]) -> None:
-    if data_cfg["sampler"] not in pipeline.SAMPLERS:
-        raise ValueError(f"data.sampler={data_cfg['sampler']!r} is unknown; expected one of {pipeline.SAMPLERS}")
-    if data_cfg["source"] not in pipeline.SOURCES:
-        raise ValueError(f"data.source={data_cfg['source']!r} is unknown; expected one of {pipeline.SOURCES}")
-    if not user_path(data_cfg["path"], "data.path").is_dir():
-        raise FileNotFoundError(f"data.path={data_cfg['path']!r}: training data folder does not exist")
-
-
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
     """Checks the whole config before anything is compiled: each section by the code that consumes it.
 
     Raises:
         ValueError: an inconsistent or unknown value, naming the field.
-        FileNotFoundError: `data.path` does not exist.
     """
     check_train_config(config.train, num_devices=num_devices, process_count=process_count, k=config.data.k)
     factory.check_config(config.model)
+    check_group_size(config.model.qaconv_group_size, global_batch=config.train.batch_size,
+                     num_devices=num_devices, k=config.data.k)
     optim.check_config(config.optim)
-    _check_data_config(config.data)
+    pipeline.check_config(config.data)
     evaluators_lib.check_config(config.eval, num_devices=num_devices, process_count=process_count)
 
 
@@ -184,7 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     spe = pipeline.steps_per_epoch(len(source), global_batch)
     total_steps = config.train.epochs * spe
     stop_step = min(config.train.max_steps or total_steps, total_steps)
-    p_ids = global_batch // config.data.k
+    group_size = config.model.qaconv_group_size
+    # The graph sampler's neighbourhoods fill one matching group each: a seed class and its nearest ones.
+    graph_k = (group_size or global_batch) // config.data.k - 1
     evaluators = evaluators_lib.from_config(config, training=True) if config.train.eval_every >= 0 else {}
     evaluator = evaluators.get("pairs")
 
@@ -234,12 +229,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         while step < stop_step:
             epoch, offset = divmod(step, spe)
             if config.data.sampler == "graph" and (offset == 0 or neighbours is None):
-                neighbours = _class_graph(state, num_classes, p_ids - 1, config.data.graph_chunk, mesh)
+                neighbours = _class_graph(state, num_classes, graph_k, config.data.graph_chunk, mesh)
             elif config.data.sampler != "graph":
                 neighbours = None
             data_iter = iter(pipeline.train_epoch_dataset(
                 source, config.data, epoch, global_batch=global_batch, process_index=jax.process_index(),
-                process_count=jax.process_count(), grid=contract.grid, neighbours=neighbours))
+                process_count=jax.process_count(), grid=contract.grid, neighbours=neighbours,
+                group_size=group_size))
             if latest is not None and offset:
                 ckpt.restore_data_iter(latest, data_iter)
             latest = None

@@ -122,8 +122,8 @@ def astronaut():
 
 def _residual_to_template(landmarks):
     """Distance (px) of each landmark, mapped by its own alignment, from its template point."""
-    matrix = align.estimate_similarity(landmarks, ARCFACE_TEMPLATE_112)
-    return np.linalg.norm(_apply(matrix, landmarks) - ARCFACE_TEMPLATE_112, axis=1)
+    matrix = align.estimate_similarity(landmarks, ARCFACE_TEMPLATE)
+    return np.linalg.norm(_apply(matrix, landmarks) - ARCFACE_TEMPLATE, axis=1)
 
 
 @pytest.mark.parametrize("photo,tolerance", [("hopper", 3.0), ("astronaut", 7.5)])
@@ -151,7 +151,7 @@ def test_a_face_detected_again_in_its_aligned_crop_sits_on_the_template(hopper):
     canvas[56:168, 56:168] = face.face
     _, landmarks, _ = align.detect_faces(canvas)
     assert len(landmarks) == 1
-    assert np.linalg.norm(landmarks[0] - 56 - ARCFACE_TEMPLATE_112, axis=1).max() < 4.0
+    assert np.linalg.norm(landmarks[0] - 56 - ARCFACE_TEMPLATE, axis=1).max() < 4.0
 
 
 def test_mirrored_photo_gives_mirrored_landmarks_in_template_order(hopper):

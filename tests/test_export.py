@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oaml_jax import export, verification
+from oaml_jax import export
+from oaml_jax.evaluation import verification
 from oaml_jax.models.backbone import build_backbone
 from oaml_jax.models.oaml import OAML
-from oaml_jax.train import preprocess
+from oaml_jax.models.face_input import InputContract
 
 # configs/default.py:test's narrow IR-18.
 TINY = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=32)
@@ -43,10 +44,10 @@ def variables(model):
 
 @pytest.fixture(scope="module")
 def forward(model):
-    """The current input contract (oaml_jax.train.preprocess: BGR, (x - 127.5) / 127.5) inside the graph."""
+    """The input contract (BGR, (x - 127.5) / 127.5) inside the graph."""
 
     def fn(variables, images):
-        out = model.apply(variables, preprocess(images, bgr=True), method=model.embed)
+        out = model.apply(variables, InputContract(channel_order="BGR").preprocess(images), method=model.embed)
         return dict(embedding=out["embeddings"], norm=out["norms"][:, 0], occlusion=out["occlusion"])
 
     return fn

@@ -285,16 +285,29 @@ def test_faults_that_are_not_per_record_stop_under_skip(tmp_path):
         pipeline.open_source(_cfg(path=str(tmp_path), on_corrupt="skip"))
 
 
-def test_validation_errors(source):
-    with pytest.raises(ValueError, match=r"train\.batch_size 10 must be a positive multiple of data\.k 4"):
-        pipeline.train_epoch_dataset(source, _cfg(k=4), 0, global_batch=10, process_index=0, process_count=1,
-                                     grid=GRID)
-    with pytest.raises(ValueError, match=r"train\.batch_size 8 must be divisible by the process count 3"):
-        pipeline.train_epoch_dataset(source, _cfg(), 0, global_batch=8, process_index=0, process_count=3,
-                                     grid=GRID)
-    with pytest.raises(ValueError, match=r"data\.on_corrupt: unknown policy 'ignore'"):
-        pipeline.train_epoch_dataset(source, _cfg(on_corrupt="ignore"), 0, global_batch=8, process_index=0,
-                                     process_count=1, grid=GRID)
+@pytest.mark.parametrize("field,value,match", [
+    ("source", "lmdb", r"data\.source: unknown source 'lmdb'"),
+    ("sampler", "random", r"data\.sampler: unknown sampler 'random'"),
+    ("on_corrupt", "ignore", r"data\.on_corrupt: unknown policy 'ignore'"),
+    ("k", 0, r"data\.k=0 must be >= 1"),
+    ("num_workers", -1, r"data\.num_workers=-1 must be >= 0"),
+    ("path", "", r"data\.path is empty"),
+    ("path", "gs:/bucket/faces", r"data\.path='gs:/bucket/faces': looks like a URI with a missing slash"),
+])
+def test_check_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        pipeline.check_config(_cfg(**{field: value}, path="/data") if field != "path" else _cfg(path=value))
+
+
+def test_check_config_checks_augment_and_occlusion():
+    pipeline.check_config(_cfg(path="/data"))
+    cfg = _cfg(path="/data")
+    cfg.augment.flip_prob = 1.5
+    with pytest.raises(ValueError, match=r"data\.augment\.flip_prob"):
+        pipeline.check_config(cfg)
+
+
+def test_epoch_longer_than_the_data_is_refused():
     with pytest.raises(ValueError, match="exceeds the 48 training records"):
         pipeline.steps_per_epoch(48, 64)
 
@@ -307,12 +320,6 @@ def test_open_source(source, tmp_path):
     missing = os.path.join(str(tmp_path), "nope")
     with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder .*nope"):
         pipeline.open_source(_cfg(path=missing))
-    with pytest.raises(ValueError, match=r"data\.source: unknown source 'lmdb'"):
-        pipeline.open_source(_cfg(source="lmdb", path=os.fspath(source.folder)))
-    with pytest.raises(ValueError, match=r"data\.on_corrupt: unknown policy 'ignore'"):
-        pipeline.open_source(_cfg(path=os.fspath(source.folder), on_corrupt="ignore"))
-    with pytest.raises(ValueError, match=r"data\.path is empty"):
-        pipeline.open_source(_cfg(path=""))
 
 
 def test_open_source_on_gcs(source, tmp_path, monkeypatch):

@@ -107,12 +107,12 @@ def test_nan_skip_keeps_previous_state(data, tmp_path, monkeypatch):
     ("batch_size", 30, 8, ValueError, r"train\.batch_size=30 is not divisible by the 8 devices"),
     ("batch_size", 18, 1, ValueError, r"train\.batch_size=18 is not divisible by data\.k=4"),
     ("arch", "ir_7", 1, ValueError, r"model\.arch='ir_7' is unknown"),
-    ("path", "/nonexistent/faces", 1, FileNotFoundError, r"data\.path='/nonexistent/faces'"),
+    ("sampler", "random", 1, ValueError, r"data\.sampler: unknown sampler 'random'"),
     ("lam_qa", -1.0, 1, ValueError, r"model\.lam_qa=-1\.0 must be >= 0"),
 ])
 def test_config_validation_errors(data, field, value, devices, error, match):
     config = train_worker.tiny_config(data)
-    section = {"batch_size": config.train, "arch": config.model, "path": config.data,
+    section = {"batch_size": config.train, "arch": config.model, "sampler": config.data,
                "lam_qa": config.model}[field]
     section[field] = value
     with pytest.raises(error, match=match):
@@ -121,6 +121,6 @@ def test_config_validation_errors(data, field, value, devices, error, match):
 
 def test_missing_data_folder_fails_before_compiling(tmp_path):
     config = train_worker.tiny_config(str(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match=r"data\.path="):
+    with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder"):
         train.train_and_evaluate(config, str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work")

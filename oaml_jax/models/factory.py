@@ -28,17 +28,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `model.backbone` overrides; the other backbone fields have model-level config fields of their own.
 BACKBONE_OVERRIDES = tuple(k for k in OVERRIDES if k not in ("feature_stage", "dtype"))
 LOSS_WEIGHTS = ("lam_ada", "lam_qa", "lam_occ")
-SWITCHES = ("qaconv_to_backbone", "detach_occ_input", "detach_qaconv_vis")
+SWITCHES = ("qaconv_to_backbone", "detach_occ_input", "detach_qaconv_vis", "qaconv_occlusion_weighting")
 # What `build_embedding_model` reads (all a converted backbone records) and what `build_model` reads.
 EMBEDDING_FIELDS = ("arch", "backbone", "feature_stage", "dtype", "input_channel_order")
-MODEL_FIELDS = EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss") + LOSS_WEIGHTS + SWITCHES
+MODEL_FIELDS = EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss", "qaconv_group_size") + LOSS_WEIGHTS + SWITCHES
 
 
 def check_config(model_cfg: Mapping[str, Any]) -> None:
     """Checks `config.model` before anything is built; raises ValueError naming the field.
 
     Checks arch, backbone overrides (by building the backbone), feature_stage, dtype, input_channel_order,
-    head and head_kwargs, loss weights (>= 0), occ_loss, num_classes (>= 0) and the switches (bool).
+    head, loss weights (>= 0), occ_loss and num_classes (>= 0); ml_collections types the switches. The matching group
+    size depends on the batch layout: `oaml.check_group_size` checks it with `config.train`.
     """
     if model_cfg["arch"] not in ARCHS:
         raise ValueError(f"model.arch={model_cfg['arch']!r} is unknown; expected one of {ARCHS}")
@@ -61,9 +62,6 @@ def check_config(model_cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"model.occ_loss={model_cfg['occ_loss']!r} is unknown; expected one of {OCC_LOSSES}")
     if model_cfg["num_classes"] < 0:
         raise ValueError(f"model.num_classes={model_cfg['num_classes']} must be >= 0 (0 = from the data)")
-    for switch in SWITCHES:
-        if not isinstance(model_cfg[switch], bool):
-            raise ValueError(f"model.{switch}={model_cfg[switch]!r} must be True or False")
 
 
 def compute_dtype(name: str) -> Any:
@@ -123,6 +121,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> OAML:
         qaconv_to_backbone=model_cfg["qaconv_to_backbone"],
         detach_occ_input=model_cfg["detach_occ_input"],
         detach_qaconv_vis=model_cfg["detach_qaconv_vis"],
+        qaconv_group_size=model_cfg["qaconv_group_size"],
+        qaconv_occlusion_weighting=model_cfg["qaconv_occlusion_weighting"],
         dtype=compute_dtype(model_cfg["dtype"]),
     )
 

@@ -118,16 +118,10 @@ class OAML(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        if self.head not in HEADS:
-            raise ValueError(f"oaml_jax/models/oaml.py: unknown head {self.head!r} (model.head); expected one of "
-                             f"{sorted(HEADS)}")
         head_kwargs = dict(self.head_kwargs or {})
         embedding_size = self.embedding_size or getattr(self.backbone, "embedding_size", 512)
         head_kwargs.setdefault("embedding_size", embedding_size)
         self.margin_head = HEADS[self.head](num_classes=self.num_classes, name="head", **head_kwargs)
-        if self.occ_loss not in OCC_LOSSES:
-            raise ValueError(f"oaml_jax/models/oaml.py: unknown occ_loss {self.occ_loss!r} (model.occ_loss); "
-                             f"expected one of {OCC_LOSSES}")
         self.occlusion = OcclusionHead(hidden=self.occ_hidden, dtype=self.dtype)
         self.qaconv = QAConv(dtype=self.dtype)
 
