@@ -1,23 +1,12 @@
-"""Trains OAML.
+"""Trains OAML (a thin entry point; the command line is `oaml_jax.cli.train`, also installed as `oaml-train`).
 
-    python train.py --config=configs/ir50_ms1mv2.py --workdir=/tmp/ir50 --config.data.path=/data/faces_emore
+    python train.py --config=configs/ir50_ms1mv2.py --workdir=gs://bucket/ir50 --config.data.path=gs://bucket/faces_emore
     python train.py --config=configs/demo.py --workdir=demo_workdir/run
+
+Exits 0 when the run is complete, 75 after saving a checkpoint on a preemption notice (restart it).
 """
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from oaml_jax import train
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and summaries go.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-    del argv
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
+from oaml_jax import cli
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.train()

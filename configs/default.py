@@ -121,6 +121,11 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # Non-finite loss or gradient: "stop" raises naming the step and the last good checkpoint; "skip"
     # keeps the previous state for that step and counts it in the metrics.
     config.train.nonfinite = "stop"
+    # "skip" still stops once more than this share of the steps so far (at least 10 counted) were skipped.
+    config.train.max_skipped_share = 0.1
+    # Resuming a checkpoint whose config differs in a field that changes the model or the data order
+    # (model.*, data sampling and augmentation, batch size, seed) is refused unless this is True.
+    config.train.allow_config_change = False
     # Steps to trace with the profiler (clu Profile, written to the workdir); 0 = no trace.
     config.train.profile_steps = 0
 

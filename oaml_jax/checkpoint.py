@@ -20,9 +20,11 @@ restores on any device count. Every path is an `etils.epath.Path` (gs:// works).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -67,9 +69,27 @@ class Checkpointer:
             preservation_policy=preservation,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: Optional[int] = None
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def last_complete(self) -> str:
+        """`<directory>/<step>` of the newest finished checkpoint, for messages."""
+        self.manager.reload()
+        step = self.manager.latest_step()
+        return f"{self.directory}/{step}" if step is not None else "none (no checkpoint saved yet)"
+
+    @contextlib.contextmanager
+    def _explained(self, step: Optional[int]) -> Iterator[None]:
+        """A full disk becomes one clear error naming the step, the folder and the last good checkpoint."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            raise OSError(errno.ENOSPC, f"no space left on device while saving step {step} in {self.directory}; "
+                          f"the last complete checkpoint is {self.last_complete()}") from e
 
     def save(self, step: int, state: Any, *, data_iter: Optional[grain.DatasetIterator], meta: dict,
              config: dict, neighbours: Optional[np.ndarray] = None, force: bool = False) -> bool:
@@ -94,7 +114,15 @@ class Checkpointer:
         if neighbours is not None:
             items["neighbours"] = ocp.args.StandardSave({"neighbours": np.asarray(neighbours)})
         metrics = {BEST_METRIC: meta[BEST_METRIC]} if BEST_METRIC in meta else None
-        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        if not (force or self.manager.should_save(step)):
+            return False
+        # The save in flight finishes first (Orbax would wait for it too), so an error is told with its step.
+        self.wait_until_finished()
+        with self._explained(step):
+            started = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        if started:
+            self._saving = step
+        return started
 
     def item_names(self, step: int) -> set[str]:
         return _item_names(self.directory / str(step))
@@ -126,10 +154,27 @@ class Checkpointer:
         self.manager.restore(step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
 
     def wait_until_finished(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the async save in flight is written (a full disk is reported here or at `save`)."""
+        with self._explained(self._saving):
+            self.manager.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, its causes or its group members are "no space left on device"."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
 
 
 def _item_names(step_dir: epath.Path) -> set[str]:

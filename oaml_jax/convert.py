@@ -365,6 +365,11 @@ def main(argv: list[str]) -> None:
     checkpoint.write_converted(variables, dict(ADAFACE_MODEL_FIELDS, arch=f.arch, backbone={}), f.out, f.ckpt)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m oaml_jax.convert` / `oaml-convert`."""
     _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

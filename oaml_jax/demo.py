@@ -61,5 +61,10 @@ def main(argv):
     print(results["table"])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m oaml_jax.demo` / `oaml-demo`."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

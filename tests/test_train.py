@@ -67,16 +67,18 @@ def test_kill_and_resume_reproduces_uninterrupted_run(full_run, data, tmp_path):
     assert second["validation"]["val_accuracy"] == pytest.approx(full["validation"]["val_accuracy"])
 
 
-def poison_train_batch(monkeypatch, step: int) -> None:
-    """Makes the train batch of `step` (its ground-truth masks) NaN, from outside the loop."""
+def poison_train_batch(monkeypatch, steps) -> None:
+    """Makes the train batches of `steps` (an int or several; their ground-truth masks) NaN, from outside
+    the loop."""
+    steps = {steps} if isinstance(steps, int) else set(steps)
     calls = []
     real = sharding.global_batch
 
     def poisoned(local, mesh):
         if "mask" in local:
-            if len(calls) == step:
+            if len(calls) in steps:
                 local = dict(local, mask=np.full_like(local["mask"], np.nan))
-            calls.append(step)
+            calls.append(len(calls))
         return real(local, mesh)
 
     monkeypatch.setattr(sharding, "global_batch", poisoned)

@@ -1,7 +1,6 @@
 """Multi-device and multi-process training, each run in its own subprocess (tests/train_worker.py)."""
 
 import json
-import socket
 
 import jax
 import numpy as np
@@ -12,12 +11,6 @@ from oaml_jax import checkpoint
 
 STEPS = 2
 TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finish(proc, out) -> dict:
@@ -32,7 +25,7 @@ def runs(tmp_path_factory):
     """The same two steps on 1 device, on 8 devices, and on 2 processes x 4 devices (run concurrently)."""
     root = tmp_path_factory.mktemp("multi")
     data = train_worker.make_tiny_data(str(root / "data"))
-    port = _free_port()
+    port = train_worker.free_port()
     specs = {
         "one": dict(devices=1),
         "eight": dict(devices=8),

@@ -9,6 +9,7 @@ must be set up before jax is first used, hence a separate process) and writes th
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,13 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", CACHE_ENV["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_worker(data: str, workdir: str, out: str, devices: int = 1, **flags) -> subprocess.Popen:
@@ -90,14 +98,15 @@ def main() -> None:
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=0)
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     sys.path.insert(0, ROOT)
     from absl import flags
     flags.FLAGS.mark_as_parsed()
-    from oaml_jax import train
+    from oaml_jax import cli, train
 
-    config = tiny_config(args.data, max_steps=args.max_steps)
+    config = tiny_config(args.data, max_steps=args.max_steps, **({"epochs": args.epochs} if args.epochs else {}))
     if args.num_processes > 1:
         config.distributed.initialize = True
         config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
@@ -106,7 +115,9 @@ def main() -> None:
     result = train.train_and_evaluate(config, args.workdir)
     with open(args.out, "w") as fh:
         json.dump({"step": result["step"], "losses": {str(k): v for k, v in result["losses"].items()},
-                   "metrics": result["metrics"]}, fh)
+                   "metrics": result["metrics"], "preempted": result["preempted"]}, fh)
+    if result["preempted"]:
+        sys.exit(cli.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The package as users install it: `pip install .` and `pip install -e .`, its console scripts, and
+`python -m oaml_jax...` from outside the repository.
+
+The venvs see this machine's site-packages (the pinned dependencies are already installed), so only the
+package itself is built and installed: what is checked is pyproject.toml (packages, scripts, metadata).
+"""
+
+import os
+import subprocess
+import venv
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("oaml-train", "oaml-eval", "oaml-demo", "oaml-inference", "oaml-convert", "oaml-export")
+
+
+def _venv(path):
+    venv.EnvBuilder(system_site_packages=True).create(path)  # pip comes from the system site-packages
+    return os.path.join(path, "bin")
+
+
+def _run(cmd, cwd):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editable", [False, True])
+def test_installed_package_runs_from_anywhere(tmp_path, editable):
+    bin_dir = _venv(str(tmp_path / "venv"))
+    target = ["-e", REPO] if editable else [REPO]
+    install = _run([os.path.join(bin_dir, "python"), "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", *target], cwd=str(tmp_path))
+    assert install.returncode == 0, install.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for script in SCRIPTS:
+        result = _run([os.path.join(bin_dir, script), "--help"], cwd=str(elsewhere))
+        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
+        assert f"USAGE: {os.path.join(bin_dir, script)} [flags]" in result.stdout + result.stderr, script
+    python = os.path.join(bin_dir, "python")
+    located = _run([python, "-c", "import oaml_jax, configs, data_pipelines; print(oaml_jax.__file__)"],
+                   cwd=str(elsewhere))
+    assert located.returncode == 0, located.stderr[-2000:]
+    assert located.stdout.startswith(REPO if editable else str(tmp_path / "venv")), located.stdout
+    module = _run([python, "-m", "oaml_jax.inference", "--help"], cwd=str(elsewhere))
+    assert module.returncode == 0, module.stderr[-2000:]

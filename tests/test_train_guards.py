@@ -1,0 +1,146 @@
+"""Inputs from the field that used to fail late or silently: each is refused (or survived) before it costs work.
+
+Class count below the labels, a validation set too small for its protocol, a run skipping every step, a
+validation that fails, two runs on one workdir, a resumed config that changes the model, a full disk.
+"""
+
+import errno
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+
+import train_worker
+from data_pipelines import bin_pairs
+from oaml_jax import checkpoint, train
+from oaml_jax.evaluation import pairs
+from oaml_jax.workdir_lock import LOCK_FILE, WorkdirBusyError
+from test_train import poison_train_batch
+
+flags.FLAGS.mark_as_parsed()
+train_worker.enable_compilation_cache()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return train_worker.make_tiny_data(str(tmp_path_factory.mktemp("data")))
+
+
+def _steps(workdir) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
+
+
+def test_class_count_below_the_labels_is_refused_by_name(data, tmp_path):
+    config = train_worker.tiny_config(data, max_steps=2)
+    config.model.num_classes = 5  # the tiny data has labels 0..7
+    with pytest.raises(ValueError, match=r"model\.num_classes=5 but data\.path=.* holds labels up to 7: it needs "
+                                         r"at least 8 classes"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")
+
+
+def test_negative_learning_rate_is_refused_by_name(data):
+    config = train_worker.tiny_config(data)
+    config.optim.lr = -0.1
+    with pytest.raises(ValueError, match=r"optim\.lr=-0\.1 must be a positive learning rate"):
+        train.validate_config(config, num_devices=1, process_count=1)
+
+
+def test_a_validation_set_too_small_for_ten_folds_is_refused_before_step_one(data, tmp_path):
+    images, issame = bin_pairs.load_bin(os.path.join(data, "val.bin"))
+    bin_pairs.write_bin(str(tmp_path / "three.bin"), images[:6], issame[:3])
+    config = train_worker.tiny_config(data, max_steps=2, eval_every=0)
+    config.eval.data_dir = str(tmp_path)
+    config.eval.bin_names = ("three",)
+    with pytest.raises(ValueError, match=r"three\.bin: 3 pairs cannot be split into the 10 folds"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert _steps(str(tmp_path / "work")) == []
+
+
+def test_a_skip_run_that_skips_every_step_stops(data, tmp_path, monkeypatch):
+    poison_train_batch(monkeypatch, range(100))
+    config = train_worker.tiny_config(data, max_steps=8, nonfinite="skip")
+    with pytest.raises(FloatingPointError, match=r"2 of the 2 steps so far had a non-finite loss or gradient "
+                                                 r"norm, more than train\.max_skipped_share=0\.1; last good "
+                                                 r"checkpoint: none"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_a_failing_validation_keeps_the_training_state(data, tmp_path, monkeypatch):
+    def broken(self, model):
+        raise OSError("val.bin vanished")
+        yield  # pragma: no cover - makes this a generator like the real run()
+
+    monkeypatch.setattr(pairs.PairSetEvaluator, "run", broken)
+    workdir = str(tmp_path / "work")
+    config = train_worker.tiny_config(data, max_steps=6, eval_every=3, checkpoint_every=100)
+    with pytest.raises(RuntimeError, match=r"validation at step 3 failed \(OSError: val\.bin vanished\); the "
+                                           r"training state of step 3 is saved in .*checkpoints/3"):
+        train.train_and_evaluate(config, workdir)
+    assert _steps(workdir) == [3]
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6, eval_every=3), workdir)
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+
+
+def _write_lock(workdir, host, pid, age_s=0.0):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LOCK_FILE), "w") as f:
+        json.dump({"owner": "other-run", "host": host, "pid": pid, "heartbeat": time.time() - age_s}, f)
+
+
+def test_a_second_run_on_a_busy_workdir_stops(data, tmp_path):
+    workdir = str(tmp_path / "work")
+    _write_lock(workdir, socket.gethostname(), os.getppid())  # a live process of this host
+    with pytest.raises(WorkdirBusyError, match=r"work is in use by another training run \(host .*, pid "
+                                               rf"{os.getppid()}, heartbeat 0 s ago"):
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
+    assert _steps(workdir) == []
+    _write_lock(workdir, "another-host", 1, age_s=10.0)  # a live run elsewhere, heartbeat fresh
+    with pytest.raises(WorkdirBusyError, match="host another-host"):
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
+
+
+def test_a_killed_runs_lock_does_not_block(data, tmp_path):
+    workdir = str(tmp_path / "work")
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    _write_lock(workdir, socket.gethostname(), dead)
+    assert train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)["step"] == 2
+    assert not os.path.exists(os.path.join(workdir, LOCK_FILE))  # released at the end
+    _write_lock(workdir, "another-host", 1, age_s=3600.0)  # heartbeat an hour old
+    assert train.train_and_evaluate(train_worker.tiny_config(data, max_steps=3), workdir)["step"] == 3
+
+
+def test_resuming_with_a_model_change_is_refused_unless_allowed(data, tmp_path):
+    workdir = str(tmp_path / "work")
+    train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
+    config = train_worker.tiny_config(data, max_steps=4)
+    config.model.lam_qa = 0.5
+    config.data.seed = 3
+    with pytest.raises(ValueError, match=r"data\.seed: saved 0, now 3; model\.lam_qa: saved 0\.9, now 0\.5\. Use "
+                                         r"another --workdir"):
+        train.train_and_evaluate(config, workdir)
+    config.train.allow_config_change = True
+    assert sorted(train.train_and_evaluate(config, workdir)["losses"]) == [2, 3]
+
+
+def test_a_full_disk_is_one_clear_error(data, tmp_path, monkeypatch):
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    workdir = str(tmp_path / "work")
+    with pytest.raises(OSError, match=r"no space left on device while saving step 4 in .*work/checkpoints; the "
+                                      r"last complete checkpoint is .*work/checkpoints/2"):
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6), workdir)
+    assert checkpoint.locate(workdir)[1] == 2
