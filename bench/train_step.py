@@ -1,12 +1,14 @@
 """Throughput of the OAML train step that train.py compiles (images/s, MFU) on device-resident batches.
 
-    python bench/train_step.py --arch=ir_50 --batch=512 --dtype=bfloat16 --mode=both --num_classes=85742
+    python bench/train_step.py --arch=ir_50 --batch=512 --dtype=bfloat16 --mode=both --num_classes=85742 \
+        --qaconv_group_size=0,128
     python bench/train_step.py --arch=ir_18 --widths=16,32,32,64 --batch=32 --steps=3 --mode=adaface_only
 
 The step is `oaml_jax.step.build_train_step`, the one train.py runs: uint8 batches mapped to the model's
 input on the device, the non-finite guard, the metrics, SGD with weight decay, explicit shardings over a
-mesh of every local device, the state donated. --mode=full times the whole OAML loss; --mode=adaface_only
-the same step with lam_qa = lam_occ = 0 (the AdaFace baseline's step). Only jax, flax, optax, numpy and
+mesh of every local device, the state donated. --mode=full times the whole OAML loss, once per QAConv
+matching group size of --qaconv_group_size (0 = all pairs of the batch); --mode=adaface_only the same step
+with lam_qa = lam_occ = 0 (the AdaFace baseline's step: QAConv and the occlusion head are not computed). Only jax, flax, optax, numpy and
 absl are needed besides oaml_jax (no data or config packages), so it runs unchanged on accelerator hosts.
 MFU uses the FLOPs `oaml_jax.metrics.jaxpr_flops` counts in the traced step (the same figure on every
 backend) and its peak table.
@@ -29,7 +31,7 @@ from oaml_jax import sharding as sharding_lib  # noqa: E402
 from oaml_jax import step as step_lib  # noqa: E402
 from oaml_jax.models.backbone import build_backbone  # noqa: E402
 from oaml_jax.models.face_input import FACE_SHAPE, InputContract, grid_size  # noqa: E402
-from oaml_jax.models.oaml import OAML  # noqa: E402
+from oaml_jax.models.oaml import OAML, check_group_size  # noqa: E402
 
 _ARCH = flags.DEFINE_string("arch", "ir_50", "Backbone preset.")
 _WIDTHS = flags.DEFINE_list("widths", None, "Optional stage widths override, e.g. 16,32,32,64.")
@@ -39,6 +41,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile+warmup step).")
 _MODE = flags.DEFINE_enum("mode", "full", ["full", "adaface_only", "both"], "Which loss to time.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 10_000, "Width of the class kernel.")
+_GROUPS = flags.DEFINE_list("qaconv_group_size", ["0"], "QAConv matching group sizes of the full step (images; "
+                            "0 = the whole batch); one run each.")
 
 
 def _batch(spec: dict, seed: int = 0) -> dict:
@@ -51,10 +55,11 @@ def _batch(spec: dict, seed: int = 0) -> dict:
     return {k: jax.device_put(v, spec[k].sharding) for k, v in host.items()}
 
 
-def _bench(mode: str, backbone, dtype) -> dict:
+def _bench(mode: str, backbone, dtype, group_size: int) -> dict:
     lam = {"lam_qa": 0.0, "lam_occ": 0.0} if mode == "adaface_only" else {}
     num_classes = sharding_lib.padded_num_classes(_NUM_CLASSES.value, jax.device_count())
-    model = OAML(backbone=backbone, num_classes=num_classes, dtype=dtype, **lam)
+    check_group_size(group_size, global_batch=_BATCH.value, num_devices=jax.device_count(), k=_K.value)
+    model = OAML(backbone=backbone, num_classes=num_classes, dtype=dtype, qaconv_group_size=group_size, **lam)
     contract = InputContract(grid=grid_size(backbone.feature_stage))
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     mesh = sharding_lib.make_mesh()
@@ -73,7 +78,8 @@ def _bench(mode: str, backbone, dtype) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t0) / _STEPS.value
-    return {"mode": mode, "images_per_s": _BATCH.value / seconds, "step_ms": 1e3 * seconds,
+    return {"mode": mode if mode == "adaface_only" else f"full G={group_size or _BATCH.value}",
+            "images_per_s": _BATCH.value / seconds, "step_ms": 1e3 * seconds,
             "gflop_per_image": flops / _BATCH.value / 1e9,
             "mfu": metrics_lib.mfu(flops, seconds, jax.device_count()), "compile_s": compile_s,
             "loss": float(metrics["loss"])}
@@ -86,14 +92,16 @@ def main(argv):
     backbone = build_backbone(_ARCH.value, dtype=dtype, **overrides)
     device = jax.devices()[0]
     logging.info("benchmarking on %d x %s", jax.device_count(), device)
-    modes = ["full", "adaface_only"] if _MODE.value == "both" else [_MODE.value]
+    groups = [int(g) for g in _GROUPS.value]
+    runs = [("full", g) for g in groups] if _MODE.value in ("full", "both") else []
+    runs += [("adaface_only", 0)] if _MODE.value in ("adaface_only", "both") else []
     print(f"devices={jax.device_count()} x {device.device_kind} ({device.platform}) arch={_ARCH.value} "
           f"widths={backbone.widths} batch={_BATCH.value} dtype={_DTYPE.value} classes={_NUM_CLASSES.value} "
           f"peak={metrics_lib.peak_flops(device):.3g} FLOP/s per device")
-    print(f"{'mode':<14}{'images/s':>10}{'step ms':>10}{'GFLOP/img':>11}{'MFU':>8}{'compile s':>11}{'loss':>9}")
-    for mode in modes:
-        r = _bench(mode, backbone, dtype)
-        print(f"{r['mode']:<14}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}{r['gflop_per_image']:>11.2f}"
+    print(f"{'mode':<16}{'images/s':>10}{'step ms':>10}{'GFLOP/img':>11}{'MFU':>8}{'compile s':>11}{'loss':>9}")
+    for mode, group_size in runs:
+        r = _bench(mode, backbone, dtype, group_size)
+        print(f"{r['mode']:<16}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}{r['gflop_per_image']:>11.2f}"
               f"{r['mfu']:>8.1%}{r['compile_s']:>11.1f}{r['loss']:>9.3f}")
 
 

@@ -141,8 +141,9 @@ class OAML(nn.Module):
                 `rngs={"dropout": key}, mutable=["batch_stats"]` to `apply`.
 
         Returns:
-            (scalar loss, metrics dict with "loss", "loss_ada", "loss_qa", "loss_pair", "loss_trip",
-            "loss_occ", "acc_ada", "acc_qa", "occ_mae", "norm_mean", "trip_valid").
+            (scalar loss, metrics dict with "loss", "loss_ada", "acc_ada", "norm_mean", and, for branches
+            with a non-zero loss weight, "loss_occ", "occ_mae" (the occlusion head, also computed when
+            QAConv needs its maps) and "loss_qa", "loss_pair", "loss_trip", "trip_valid", "acc_qa" (QAConv)).
 
         Raises:
             ValueError: when the masks do not match the feature map or `qaconv_group_size` does not divide B
@@ -156,16 +157,34 @@ class OAML(nn.Module):
 
         logits = self.margin_head(embeddings, norms, labels, train=train)
         loss_ada = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        acc_ada = jnp.mean((jnp.argmax(self.margin_head.cosine(embeddings), axis=1) == labels)
-                           .astype(jnp.float32))
+        loss = self.lam_ada * loss_ada
+        metrics = dict(loss_ada=loss_ada, norm_mean=jnp.mean(norms.astype(jnp.float32)),
+                       acc_ada=jnp.mean((jnp.argmax(self.margin_head.cosine(embeddings), axis=1) == labels)
+                                        .astype(jnp.float32)))
+        # A branch whose loss weight is 0 is not computed (its metrics are left out); `init` still creates
+        # every variable, so all variants of the model share one variable tree.
+        initializing = self.is_initializing()
+        run_qaconv = initializing or self.lam_qa > 0
+        occlusion = None
+        if initializing or self.lam_occ > 0 or (run_qaconv and self.qaconv_occlusion_weighting):
+            occ_logits = self._occlusion_logits(feature_map, train)
+            occlusion = jax.nn.sigmoid(occ_logits)
+            if self.occ_loss == "mse":
+                loss_occ = jnp.mean(jnp.square(occlusion - masks))
+            else:
+                loss_occ = jnp.mean(optax.sigmoid_binary_cross_entropy(occ_logits, masks))
+            loss = loss + self.lam_occ * loss_occ
+            metrics.update(loss_occ=loss_occ, occ_mae=jnp.mean(jnp.abs(occlusion - masks)))
+        if run_qaconv:
+            loss_qa, qa_metrics = self._qaconv_loss(feature_map, occlusion, labels, train)
+            loss = loss + self.lam_qa * loss_qa
+            metrics.update(loss_qa=loss_qa, **qa_metrics)
+        metrics["loss"] = loss
+        return loss, metrics
 
-        occ_logits = self._occlusion_logits(feature_map, train)
-        occlusion = jax.nn.sigmoid(occ_logits)
-        if self.occ_loss == "mse":
-            loss_occ = jnp.mean(jnp.square(occlusion - masks))
-        else:
-            loss_occ = jnp.mean(optax.sigmoid_binary_cross_entropy(occ_logits, masks))
-
+    def _qaconv_loss(self, feature_map: Array, occlusion: Array | None, labels: Array, train: bool
+                     ) -> tuple[Array, dict[str, Array]]:
+        """L_qa inside the matching groups, and its metrics (see `qaconv_loss`, `retrieval_accuracy`)."""
         batch = feature_map.shape[0]
         group = self.qaconv_group_size or batch
         if group > 0 and batch % group and self.is_initializing():
@@ -184,20 +203,7 @@ class OAML(nn.Module):
         group_labels = labels.reshape(batch // group, group)
         scores = self.qaconv(features, features, vis, vis, train=train)
         loss_qa, qa_metrics = qaconv_loss(scores, group_labels, self.triplet_weight, self.triplet_margin)
-
-        loss = self.lam_ada * loss_ada + self.lam_qa * loss_qa + self.lam_occ * loss_occ
-        metrics = dict(
-            loss=loss,
-            loss_ada=loss_ada,
-            loss_qa=loss_qa,
-            loss_occ=loss_occ,
-            acc_ada=acc_ada,
-            acc_qa=retrieval_accuracy(scores, group_labels),
-            occ_mae=jnp.mean(jnp.abs(occlusion - masks)),
-            norm_mean=jnp.mean(norms.astype(jnp.float32)),
-            **qa_metrics,
-        )
-        return loss, metrics
+        return loss_qa, dict(qa_metrics, acc_qa=retrieval_accuracy(scores, group_labels))
 
     def embed(self, images: Array, train: bool = False) -> dict[str, Array]:
         """Features for evaluation.
