@@ -1,167 +1,137 @@
 """Export a face model for serving: TensorFlow SavedModel, ONNX and StableHLO (`jax.export`).
 
-Every artefact takes raw uint8 RGB aligned faces `[N, 112, 112, 3]` (any N) and returns
+    python -m oaml_jax.export --workdir=W [--step=N] --format=savedmodel|onnx|stablehlo --out=D [--flip]
+
+Every artefact takes raw uint8 RGB aligned faces `[N, 112, 112, 3]` (any N: the batch dimension is
+symbolic) and returns
   embedding  float32 `[N, E]` L2-normalized,
   norm       float32 `[N]`,
-  occlusion  float32 `[N, h, w]` predicted visibility (1 = visible).
-The model's input contract (channel order, scaling) lives inside `forward`, so it is part of the exported
-graph and a server never has to know it:
+  occlusion  float32 `[N, h, w]` predicted visibility (1 = visible); only models with an occlusion head
+             have it: a converted AdaFace backbone is exported with the first two outputs only.
+The model's input contract (channel order, scaling) is inside the graph, so a server never has to know
+it. What is exported is `FaceModel.forward` (the forward `FaceModel.extract` runs) with the checkpoint's
+variables (`export_checkpoint`); `--flip` builds AdaFace's flip test in (`embedding = normalize(e n +
+e_flip n_flip)`, `norm = ||e n + e_flip n_flip|| / 2`, what `FaceModel.embed` returns), at twice the
+compute. `export` takes any such forward:
 
     def forward(variables, images):                       # pure JAX, images uint8 [N, 112, 112, 3] RGB
-        out = model.apply(variables, preprocess(images), method=model.embed)
+        ...
         return dict(embedding=..., norm=..., occlusion=...)
-
-    export(forward, variables, fmt="onnx", out_dir="/exports/ir50", flip=True)
+    export(forward, variables, fmt="onnx", out_dir="/exports/ir50")
     run = load(fmt="onnx", out_dir="/exports/ir50")      # numpy in, dict of numpy out, via onnxruntime
 
-Formats and the runtime each is loaded with:
-- "saved_model": `jax2tf` (native serialization: the graph is one XlaCallModule op holding StableHLO, the
-  weights are tf.Variables), served by TensorFlow / TF Serving, signature "serving_default" with input
-  "images". Needs `tensorflow` at export and serving time.
-- "onnx": `jax2onnx` from the same jaxpr, weights as initializers, checked with `onnx.checker`; input
-  "images", outputs "embedding", "norm", "occlusion". Needs jax2onnx, onnx (and onnxruntime to run).
-- "stablehlo": `jax.export` serialized to one file (weights embedded as constants); load with
-  `jax.export.deserialize(path.read_bytes())` and `.call(images)` with any JAX of the same or a newer
-  release, on one of the platforms it was lowered for.
-
-The batch dimension is symbolic in all three. `flip=True` builds AdaFace's flip test into the graph:
-`embedding = normalize(e n + e_flip n_flip)`, `norm = ||e n + e_flip n_flip|| / 2` (as `FaceModel`
-reports it), occlusion of the unflipped images.
+Formats, what each writes in `out_dir`, and the runtime it is loaded with:
+- "savedmodel" -> `saved_model/`: `jax2tf` (native serialization: the graph is one XlaCallModule op holding
+  StableHLO, the weights are tf.Variables), served by TensorFlow / TF Serving, signature
+  "serving_default" with input "images". Needs `tensorflow` at export and serving time.
+- "onnx" -> `model.onnx`: `jax2onnx` from the same jaxpr, weights as initializers, checked with
+  `onnx.checker`; input "images", outputs named as above. Needs jax2onnx, onnx (and onnxruntime to run).
+- "stablehlo" -> `model.jax_export`: `jax.export` serialized to one file (weights embedded as constants);
+  load with `jax.export.deserialize(path.read_bytes())` and `.call(images)` (a dict of outputs) with any
+  JAX of the same or a newer release, on one of the platforms it was lowered for.
+`export_checkpoint` also writes `export.json`: format, artefact, checkpoint, step, flip, outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import json
+import logging as std_logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 from etils import epath
 
-FORMATS = ("saved_model", "onnx", "stablehlo")
+from oaml_jax.models.face_input import FACE_SIZE, check_faces
+
+FORMATS = ("savedmodel", "onnx", "stablehlo")
 # File or directory each format writes inside `out_dir`.
-ARTEFACTS = {"saved_model": "saved_model", "onnx": "model.onnx", "stablehlo": "model.jax_export"}
+ARTEFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "stablehlo": "model.jax_export"}
+METADATA_FILE = "export.json"
 INPUT_NAME = "images"
+# Outputs in their order (ONNX output order); "occlusion" only for models with an occlusion head.
 OUTPUT_NAMES = ("embedding", "norm", "occlusion")
-IMAGE_SIZE = 112
+REQUIRED_OUTPUTS = ("embedding", "norm")
+_OUTPUT_RANKS = {"embedding": 2, "norm": 1, "occlusion": 3}
 # Platforms the SavedModel and StableHLO artefacts are lowered for (one module serves each of them).
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 # ONNX opset: the lowest jax2onnx 0.13 writes correctly here (at 17 it gives ReduceSumSquare the axes input
 # that came with opset 18); onnxruntime runs it from 1.14 on.
 DEFAULT_ONNX_OPSET = 18
 _BATCH = "N"
+# Warnings jax2onnx 0.13 logs on every conversion: tracebacks of its dm_pix plugins, which fail to import
+# against this JAX (unused here), and onnx_ir notes on the intermediate shapes that `_export_onnx` drops.
+_ONNX_CHATTER = ("jax2onnx.plugins.plugin_system", "onnx_ir.serde")
 
 Forward = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
 
 
-def flip_fused(forward: Forward) -> Forward:
-    """`forward` with AdaFace's flip test inside: one pass over the images and their mirror images.
-
-    Args:
-        forward: `forward(variables, images uint8 [N, 112, 112, 3]) -> dict(embedding [N, E] unit,
-            norm [N], occlusion [N, h, w])`.
-
-    Returns:
-        A forward with the same signature returning `embedding = normalize(e n + e_flip n_flip)`,
-        `norm = ||e n + e_flip n_flip|| / 2` and the occlusion maps of the unflipped images.
-    """
-
-    def fused(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-        count = images.shape[0]
-        out = forward(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))
-        # Views [2, N, ...] rather than slices at N: jax2onnx mis-sizes a slice that starts at a symbolic N.
-        views = {name: value.reshape(2, count, *value.shape[1:]) for name, value in out.items()}
-        embedding = views["embedding"].astype(jnp.float32)
-        feature = jnp.sum(embedding * views["norm"].astype(jnp.float32)[..., None], axis=0)
-        length = jnp.linalg.norm(feature, axis=-1)
-        return dict(embedding=feature / jnp.maximum(length, jnp.finfo(jnp.float32).tiny)[:, None],
-                    norm=length / 2.0, occlusion=views["occlusion"][0])
-
-    return fused
-
-
-def check_forward(forward: Forward, variables: Any) -> dict[str, jax.ShapeDtypeStruct]:
+def check_forward(forward: Forward, variables: Any) -> tuple[str, ...]:
     """Traces `forward` on 2 abstract images and checks its outputs against the export contract.
 
     Returns:
-        The output shapes and dtypes for a batch of 2.
+        The names of its outputs, in `OUTPUT_NAMES` order.
 
     Raises:
-        ValueError: an output is missing, extra, not floating point, or of the wrong rank or batch size.
+        ValueError: an output is missing or unknown, not floating point, or of the wrong rank or batch size.
     """
-    images = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8)
+    images = jax.ShapeDtypeStruct((2, FACE_SIZE, FACE_SIZE, 3), jnp.uint8)
     out = jax.eval_shape(forward, variables, images)
-    if not isinstance(out, Mapping) or set(out) != set(OUTPUT_NAMES):
+    if (not isinstance(out, Mapping) or not set(REQUIRED_OUTPUTS) <= set(out)
+            or not set(out) <= set(OUTPUT_NAMES)):
         keys = sorted(out) if isinstance(out, Mapping) else type(out).__name__
-        raise ValueError(f"forward: expected a dict with keys {OUTPUT_NAMES}, got {keys}")
-    for name, rank in zip(OUTPUT_NAMES, (2, 1, 3)):
-        spec = out[name]
+        raise ValueError(f"forward: expected a dict with keys {REQUIRED_OUTPUTS} and optionally 'occlusion', "
+                         f"got {keys}")
+    for name in out:
+        spec, rank = out[name], _OUTPUT_RANKS[name]
         if len(spec.shape) != rank or spec.shape[0] != 2 or not jnp.issubdtype(spec.dtype, jnp.floating):
             raise ValueError(f"forward: output {name!r} must be floating [N{', ...' * (rank - 1)}] with "
                              f"rank {rank}; for N=2 images got {spec.dtype} {tuple(spec.shape)}")
-    return dict(out)
+    return tuple(name for name in OUTPUT_NAMES if name in out)
 
 
-def _as_float32_tuple(forward: Forward, variables: Any) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
-    def serve(images: jax.Array) -> tuple[jax.Array, ...]:
+def _serving(forward: Forward, variables: Any, names: Sequence[str]) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    def serve(images: jax.Array) -> dict[str, jax.Array]:
         out = forward(variables, images)
-        return tuple(out[name].astype(jnp.float32) for name in OUTPUT_NAMES)
+        return {name: out[name].astype(jnp.float32) for name in names}
 
     return serve
 
 
 def _image_spec() -> jax.ShapeDtypeStruct:
     (batch,) = jax.export.symbolic_shape(_BATCH)
-    return jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8)
+    return jax.ShapeDtypeStruct((batch, FACE_SIZE, FACE_SIZE, 3), jnp.uint8)
 
 
-def export_stablehlo(forward: Forward, variables: Any, path: epath.PathLike, *,
-                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> epath.Path:
-    """Serializes `forward` with its variables embedded as a `jax.export.Exported` file.
+def _export_stablehlo(forward: Forward, variables: Any, names: Sequence[str], path: epath.Path, *,
+                      platforms: Sequence[str]) -> None:
+    """`forward` with its variables embedded as constants, as a serialized `jax.export.Exported` file.
 
-    Args:
-        forward: see the module docstring.
-        variables: the pytree `forward` takes first (becomes constants of the module).
-        path: file to write.
-        platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu"); the loaded module runs on any of them.
-
-    Returns:
-        `path`.
+    `platforms` ("cpu", "cuda", "rocm", "tpu"): the loaded module runs on any of them.
     """
-    path = epath.Path(path)
-    serve = _as_float32_tuple(forward, variables)
+    serve = _serving(forward, variables, names)
     exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(_image_spec())
     path.write_bytes(exported.serialize())
-    return path
 
 
-def export_saved_model(forward: Forward, variables: Any, directory: epath.PathLike, *,
-                       platforms: Sequence[str] = DEFAULT_PLATFORMS) -> epath.Path:
-    """Writes a TensorFlow SavedModel through `jax2tf` (weights as tf.Variables, batch polymorphic).
+def _export_saved_model(forward: Forward, variables: Any, names: Sequence[str], directory: epath.Path, *,
+                        platforms: Sequence[str]) -> None:
+    """A TensorFlow SavedModel through `jax2tf` (weights as tf.Variables, batch polymorphic).
 
-    The serving signature "serving_default" takes `images` uint8 `[None, 112, 112, 3]` and returns the
-    dict of `OUTPUT_NAMES`.
-
-    Args:
-        forward: see the module docstring.
-        variables: the pytree `forward` takes first.
-        directory: SavedModel directory to write.
-        platforms: lowering platforms of the embedded StableHLO ("cpu", "cuda", "tpu").
-
-    Returns:
-        `directory`.
+    The signature "serving_default" takes `images` uint8 `[None, 112, 112, 3]` and returns the dict of the
+    outputs `names`; `platforms`: lowering platforms of the embedded StableHLO ("cpu", "cuda", "tpu").
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
-    directory = epath.Path(directory)
     converted = jax2tf.convert(
-        lambda params, images: dict(zip(OUTPUT_NAMES, _as_float32_tuple(forward, params)(images))),
-        polymorphic_shapes=[None, f"({_BATCH}, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"],
+        lambda params, images: _serving(forward, params, names)(images),
+        polymorphic_shapes=[None, f"({_BATCH}, {FACE_SIZE}, {FACE_SIZE}, 3)"],
         with_gradient=False, native_serialization_platforms=tuple(platforms))
     module = tf.Module()
     # The dtypes JAX computes in (float64 numpy leaves become float32 unless jax_enable_x64 is set).
@@ -170,27 +140,32 @@ def export_saved_model(forward: Forward, variables: Any, directory: epath.PathLi
     module.params = tf.nest.map_structure(lambda x: tf.Variable(x, trainable=False), host)
 
     @tf.function(autograph=False, input_signature=[
-        tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8, name=INPUT_NAME)])
+        tf.TensorSpec([None, FACE_SIZE, FACE_SIZE, 3], tf.uint8, name=INPUT_NAME)])
     def serve(images):
         return converted(module.params, images)
 
     module.serve = serve
     tf.saved_model.save(module, str(directory), signatures={"serving_default": serve})
-    return directory
 
 
-def export_onnx(forward: Forward, variables: Any, path: epath.PathLike, *,
-                opset: int = DEFAULT_ONNX_OPSET) -> epath.Path:
-    """Converts `forward` to ONNX with `jax2onnx` (weights as initializers, batch dimension "N").
+@contextlib.contextmanager
+def _quiet(logger_names: Sequence[str]) -> Iterator[None]:
+    """Only errors from these Python loggers while the block runs."""
+    loggers = [std_logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
-    Args:
-        forward: see the module docstring.
-        variables: the pytree `forward` takes first.
-        path: `.onnx` file to write (under 2 GB: the whole model is one protobuf).
-        opset: ONNX opset version.
 
-    Returns:
-        `path`.
+def _export_onnx(forward: Forward, variables: Any, names: Sequence[str], path: epath.Path, *, opset: int) -> None:
+    """ONNX through `jax2onnx` (weights as initializers, batch dimension "N"), checked by `onnx.checker`.
+
+    The whole model is one protobuf: under 2 GB.
 
     Raises:
         ImportError: jax2onnx or onnx is not installed.
@@ -201,13 +176,13 @@ def export_onnx(forward: Forward, variables: Any, path: epath.PathLike, *,
     except ImportError as e:
         raise ImportError("ONNX export needs jax2onnx and onnx (pinned in requirements.txt): "
                           "pip install -r requirements.txt") from e
-    path = epath.Path(path)
+    serve = _serving(forward, variables, names)
     # jax2onnx 0.13 prints debugging lines while it traces flax.linen convolutions; keep them off stdout.
-    with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        model = jax2onnx.to_onnx(_as_float32_tuple(forward, variables),
-                                 [jax.ShapeDtypeStruct((_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8)],
+    with contextlib.redirect_stdout(io.StringIO()) as chatter, _quiet(_ONNX_CHATTER):
+        model = jax2onnx.to_onnx(lambda images: tuple(serve(images)[name] for name in names),
+                                 [jax.ShapeDtypeStruct((_BATCH, FACE_SIZE, FACE_SIZE, 3), jnp.uint8)],
                                  model_name="oaml", opset=opset, input_names=[INPUT_NAME],
-                                 output_names=list(OUTPUT_NAMES), return_mode="proto")
+                                 output_names=list(names), return_mode="proto")
     logging.debug("jax2onnx: %s", chatter.getvalue())
     # Intermediate shape annotations are optional in ONNX and jax2onnx 0.13 gets some wrong (the batch of
     # the flip test's concatenation is annotated N instead of 2N, which onnxruntime trusts and then fails
@@ -215,22 +190,21 @@ def export_onnx(forward: Forward, variables: Any, path: epath.PathLike, *,
     del model.graph.value_info[:]
     onnx.checker.check_model(model)
     path.write_bytes(model.SerializeToString())
-    return path
 
 
-def export(forward: Forward, variables: Any, *, fmt: str, out_dir: epath.PathLike, flip: bool = False,
+def export(forward: Forward, variables: Any, *, fmt: str, out_dir: epath.PathLike,
            platforms: Sequence[str] = DEFAULT_PLATFORMS, opset: int = DEFAULT_ONNX_OPSET) -> epath.Path:
     """Exports `forward` with `variables` to one format under `out_dir`.
 
     Args:
         forward: `forward(variables, images uint8 [N, 112, 112, 3] RGB) -> dict(embedding [N, E] unit,
-            norm [N], occlusion [N, h, w])`, a pure JAX function holding the model's input contract.
+            norm [N], and optionally occlusion [N, h, w])`, a pure JAX function holding the model's input
+            contract (e.g. `FaceModel.forward`).
         variables: the pytree `forward` takes first (e.g. {"params", "batch_stats"}), host-addressable
             arrays (gather sharded ones first).
         fmt: one of `FORMATS`.
         out_dir: directory (created if needed) that receives `ARTEFACTS[fmt]`, replacing an older one.
-        flip: build the flip test into the graph (see `flip_fused`).
-        platforms: lowering platforms of "saved_model" and "stablehlo".
+        platforms: lowering platforms of "savedmodel" and "stablehlo".
         opset: ONNX opset of "onnx".
 
     Returns:
@@ -242,33 +216,53 @@ def export(forward: Forward, variables: Any, *, fmt: str, out_dir: epath.PathLik
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
-    if flip:
-        forward = flip_fused(forward)
-    check_forward(forward, variables)
+    names = check_forward(forward, variables)
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ARTEFACTS[fmt]
-    if fmt == "saved_model":
-        written = export_saved_model(forward, variables, target, platforms=platforms)
+    if fmt == "savedmodel":
+        _export_saved_model(forward, variables, names, target, platforms=platforms)
     elif fmt == "onnx":
-        written = export_onnx(forward, variables, target, opset=opset)
+        _export_onnx(forward, variables, names, target, opset=opset)
     else:
-        written = export_stablehlo(forward, variables, target, platforms=platforms)
-    logging.info("exported %s (flip=%s) to %s", fmt, flip, written)
-    return written
+        _export_stablehlo(forward, variables, names, target, platforms=platforms)
+    logging.info("exported %s (outputs %s) to %s", fmt, ", ".join(names), target)
+    return target
 
 
-def check_images(images: np.ndarray) -> np.ndarray:
-    """Validates a batch for the exported models: uint8 RGB `[N, 112, 112, 3]`.
+def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: str, out_dir: epath.PathLike,
+                      flip: bool = False, **kwargs: Any) -> epath.Path:
+    """Exports the embedding model of a checkpoint (training or converted) with its input contract.
+
+    Args:
+        path: workdir, checkpoint directory or one step's directory (see `checkpoint.locate`; any epath).
+        step: the step; None = the latest (or the one `path` names).
+        fmt: one of `FORMATS`.
+        out_dir: where the artefact and `export.json` go (any epath).
+        flip: build AdaFace's flip test into the graph (what `FaceModel.embed` computes).
+        **kwargs: `platforms` / `opset`, see `export`.
+
+    Returns:
+        The written artefact.
 
     Raises:
-        ValueError: wrong dtype or shape.
+        FileNotFoundError / ValueError: see `checkpoint.restore`; ValueError: unknown `fmt`.
     """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or images.dtype != np.uint8:
-        raise ValueError(f"images: expected uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3] RGB aligned faces, got "
-                         f"{images.dtype} {images.shape}")
-    return images
+    from oaml_jax.inference import FaceModel  # pylint: disable=g-import-not-at-top  (restoring needs Orbax)
+    from oaml_jax.paths import user_path  # pylint: disable=g-import-not-at-top
+
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
+    model = FaceModel.from_checkpoint(path, step)
+    forward = model.forward(flip=flip)
+    out_dir = user_path(out_dir, "out")
+    written = export(forward, model.variables, fmt=fmt, out_dir=out_dir, **kwargs)
+    (out_dir / METADATA_FILE).write_text(json.dumps(
+        {"format": fmt, "artefact": ARTEFACTS[fmt], "checkpoint": str(model.directory), "step": model.step,
+         "flip": flip, "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [_BATCH, FACE_SIZE, FACE_SIZE, 3],
+                                 "channels": "RGB"},
+         "outputs": list(check_forward(forward, model.variables))}, indent=2))
+    return written
 
 
 def load(*, fmt: str, out_dir: epath.PathLike) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
@@ -279,7 +273,7 @@ def load(*, fmt: str, out_dir: epath.PathLike) -> Callable[[np.ndarray], dict[st
         out_dir: the `out_dir` given to `export`.
 
     Returns:
-        `run(images uint8 [N, 112, 112, 3] RGB) -> dict(embedding, norm, occlusion)` of numpy arrays.
+        `run(images uint8 [N, 112, 112, 3] RGB) -> dict(embedding, norm[, occlusion])` of numpy arrays.
 
     Raises:
         ValueError: unknown `fmt`.
@@ -290,14 +284,14 @@ def load(*, fmt: str, out_dir: epath.PathLike) -> Callable[[np.ndarray], dict[st
         raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
     path = epath.Path(out_dir) / ARTEFACTS[fmt]
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no {fmt} export there (write one with oaml_jax.export.export)")
-    if fmt == "saved_model":
+        raise FileNotFoundError(f"{path}: no {fmt} export there (write one with python -m oaml_jax.export)")
+    if fmt == "savedmodel":
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         signature = tf.saved_model.load(str(path)).signatures["serving_default"]
 
         def run_saved_model(images):
-            outputs = signature(**{INPUT_NAME: tf.constant(check_images(images))})
-            return {name: outputs[name].numpy() for name in OUTPUT_NAMES}
+            outputs = signature(**{INPUT_NAME: tf.constant(check_faces(images))})
+            return {name: value.numpy() for name, value in outputs.items()}
 
         return run_saved_model
     if fmt == "onnx":
@@ -307,15 +301,53 @@ def load(*, fmt: str, out_dir: epath.PathLike) -> Callable[[np.ndarray], dict[st
             raise ImportError("running ONNX exports needs onnxruntime (pinned in requirements.txt): "
                               "pip install -r requirements.txt") from e
         session = onnxruntime.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
 
         def run_onnx(images):
-            outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: check_images(images)})
-            return dict(zip(OUTPUT_NAMES, outputs))
+            return dict(zip(names, session.run(names, {INPUT_NAME: check_faces(images)})))
 
         return run_onnx
     exported = jax.export.deserialize(path.read_bytes())
 
     def run_stablehlo(images):
-        return {name: np.asarray(v) for name, v in zip(OUTPUT_NAMES, exported.call(check_images(images)))}
+        return {name: np.asarray(value) for name, value in exported.call(check_faces(images)).items()}
 
     return run_stablehlo
+
+
+# Command line.
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the command line's flags (in `flag_values`; `cli()` uses the global ones)."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", None, "Training workdir, checkpoint directory or one step's directory.", **fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.", **fv)
+    flags.DEFINE_enum("format", None, FORMATS, "Artefact format.", **fv)
+    flags.DEFINE_string("out", None, "Output directory (any epath).", **fv)
+    flags.DEFINE_bool("flip", False, "Build the flip test into the graph (what FaceModel.embed returns; twice "
+                      "the compute).", **fv)
+    flags.mark_flags_as_required(["workdir", "format", "out"], flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Exports `--workdir`'s checkpoint with the parsed `flag_values`.
+
+    Raises:
+        app.UsageError: positional arguments.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+    f = flag_values
+    written = export_checkpoint(f.workdir, f.step, fmt=f.format, out_dir=f.out, flip=f.flip)
+    print(written)
+
+
+def cli() -> None:
+    """The `oaml-export` console script: defines the flags and runs `main`."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

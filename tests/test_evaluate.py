@@ -8,7 +8,7 @@ import pytest
 
 from data_pipelines import bin_pairs, synthetic
 from data_pipelines.occlusion import occlude_deterministic
-from oaml_jax.evaluation import pairs, runner
+from oaml_jax.evaluation import calibration, fusion, pairs, runner, verification
 from oaml_jax.inference import FaceModel
 
 from test_inference import STEP, tiny_config, write_converted_checkpoint, write_training_checkpoint
@@ -82,11 +82,28 @@ def test_run_reports_every_set_and_variant(tmp_path, data_dir):
     for name in [f"roc_{s}_{v}" for s in ("val", "lfw") for v in VARIANTS] + ["occlusion_grid"]:
         assert os.path.getsize(os.path.join(out, name + ".png")) > 0
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out))
-    # The clean pairs' fusion statistics are what FaceModel.from_workdir uses for a single-pair match.
+    # The calibration: thresholds of each score at each FAR on all clean pairs of both sets, the fused
+    # score's statistics fitted on those same pairs; FaceModel.from_workdir reads it back for this step.
+    assert result["files"]["calibration"].name == calibration.CALIBRATION_FILE
     model = FaceModel.from_workdir(workdir, batch_size=16)
-    assert model.fusion_stats is not None and set(model.fusion_stats.mean) == {"adaface", "qaconv"}
-    images, _ = pair_set(1, seed=5)
-    assert model.match(images[:1], images[1:])["fused"].shape == (1, 1)
+    cal = model.calibration
+    assert cal.step == STEP and cal.fitted_on == ("val", "lfw") and cal.num_pairs == 30 and cal.num_impostors == 15
+    sets = [bin_pairs.load_bin(os.path.join(data_dir, f"{name}.bin")) for name in ("val", "lfw")]
+    scores = [pairs.pair_scores(model, images)[0] for images, _ in sets]
+    clean = {name: np.concatenate([s[name] for s in scores]) for name in ("adaface", "qaconv")}
+    impostor = ~np.concatenate([issame for _, issame in sets])
+    stats = fusion.FusionStats.fit(clean)
+    assert set(cal.fusion_stats.mean) == {"adaface", "qaconv"}
+    for name in ("adaface", "qaconv"):
+        assert cal.fusion_stats.mean[name] == pytest.approx(stats.mean[name], abs=1e-5)
+    clean["fused"] = fusion.fuse(clean, fusion.DEFAULT_WEIGHTS, stats)
+    for name, values in clean.items():
+        for far in calibration.FARS:
+            t = cal.threshold(name, far)
+            assert t == pytest.approx(verification.far_threshold(values[impostor], far), abs=1e-4)
+            assert np.mean(values[impostor] > t + 1e-4) <= far
+    assert model.fusion_stats == cal.fusion_stats and model.fusion_weights == cal.fusion_weights
+    assert model.match(sets[0][0][:1], sets[0][0][1:2])["fused"].shape == (1, 1)
 
 
 def test_converted_adaface_checkpoint_has_adaface_columns_only(tmp_path, data_dir):
@@ -100,4 +117,6 @@ def test_converted_adaface_checkpoint_has_adaface_columns_only(tmp_path, data_di
         assert set(row) == {c for c in pairs.COLUMNS if c.startswith("AdaFace")}
     for line in result["table"].splitlines()[2:]:
         assert line.split()[2 + 3:] == ["-"] * 6  # QAConv and fused cells
-    assert not os.path.exists(tmp_path / "out" / "eval" / "fusion_stats.json")
+    # AdaFace thresholds only: no fused score without QAConv.
+    cal = calibration.load(tmp_path / "out" / "eval" / calibration.CALIBRATION_FILE, 0)
+    assert set(cal.thresholds) == {"adaface"} and cal.fusion_stats is None and cal.num_pairs == 10

@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,9 @@ import optax
 import pytest
 
 from data_pipelines import synthetic
-from oaml_jax import checkpoint
-from oaml_jax.evaluation import fusion, plots, verification
-from oaml_jax.inference import FaceModel, verify_pair
+from oaml_jax import checkpoint, inference
+from oaml_jax.evaluation import calibration, fusion, plots, verification
+from oaml_jax.inference import FaceModel
 from oaml_jax.models import factory
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
@@ -190,23 +191,79 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
     np.testing.assert_allclose(model.embed(images)[0], np.load(out / "emb8.npy"), atol=ATOL)
 
 
-def test_verify_png_shows_both_faces_and_scores(tmp_path, face_model):
+def _calibration(step, scores, offsets, fused_weights=fusion.DEFAULT_WEIGHTS, stats=None):
+    """A calibration whose threshold of each score is `scores[name] - offsets[name]` at every FAR."""
+    thresholds = {name: {far: scores[name] - offsets[name] for far in calibration.FARS} for name in offsets}
+    return calibration.Calibration(step=step, checkpoint="c", fitted_on=("lfw", "agedb_30"), num_pairs=6000,
+                                   num_impostors=3000, thresholds=thresholds, fusion_stats=stats,
+                                   fusion_weights=fused_weights if stats else None)
+
+
+def test_verdict_is_the_fused_decision_else_adaface(workdir, face_model):
+    images = faces(4, seed=3)
+    stats = fusion.FusionStats(mean={"adaface": 0.1, "qaconv": 0.2}, std={"adaface": 0.3, "qaconv": 0.4})
+    raw = face_model.match(images[:1], images[2:3], stats=stats)
+    scores = {name: float(value[0, 0]) for name, value in raw.items()}
+    model = FaceModel.from_workdir(workdir, batch_size=4)
+    assert model.calibration is None
+    # No calibration: scores only, and one pair cannot have its own fusion statistics.
+    verdict = inference.verify_faces(model, images[0], images[2])
+    assert verdict.thresholds == {} and verdict.is_same is None and verdict.scores["fused"] is None
+    assert verdict.headline() == "no verdict: no calibration, scores only"
+    assert verdict.lines()[2].split() == ["fused", "-"]
+    # AdaFace above its threshold, QAConv and fused below theirs: the fused score decides.
+    model.fusion_stats = stats
+    model.calibration = _calibration(STEP, scores, {"adaface": 0.01, "qaconv": -0.01, "fused": -0.01}, stats=stats)
+    verdict = inference.verify_faces(model, images[0], images[2], far=1e-3)
+    assert verdict.scores == pytest.approx(scores, abs=1e-6)
+    assert verdict.same("adaface") and not verdict.same("qaconv") and not verdict.same("fused")
+    assert verdict.decided_by == "fused" and verdict.is_same is False
+    assert verdict.headline() == "different people (fused score at FAR 0.001)"
+    assert verdict.lines()[0].endswith(f"> {scores['adaface'] - 0.01:.4f}: same")
+    assert verdict.lines()[2].endswith(f"<= {scores['fused'] + 0.01:.4f}: different")
+    # Without fused thresholds (a converted backbone's calibration) AdaFace decides.
+    model.calibration = _calibration(STEP, scores, {"adaface": 0.01})
+    assert inference.verify_faces(model, images[0], images[2]).headline() == "same person (adaface score at FAR 0.001)"
+    with pytest.raises(ValueError, match="far=0.05: no threshold at that FAR"):
+        inference.verify_faces(model, images[0], images[2], far=0.05)
+
+
+def test_from_workdir_takes_the_calibration_of_its_step_only(tmp_path, workdir, caplog):
+    run = str(tmp_path / "run")
+    shutil.copytree(workdir, run)
+    stats = fusion.FusionStats(mean={"adaface": 0.1, "qaconv": 0.2}, std={"adaface": 0.3, "qaconv": 0.4})
+    weights = {"adaface": 0.25, "qaconv": 0.75}
+    offsets = {"adaface": 0.0, "qaconv": 0.0, "fused": 0.0}
+    path = inference.calibration_path(run)
+    calibration.save(_calibration(STEP, dict.fromkeys(offsets, 1.0), offsets, weights, stats), path)
+    model = FaceModel.from_workdir(run, batch_size=4)
+    assert model.calibration.thresholds["fused"][1e-3] == 1.0
+    assert model.fusion_stats == stats and model.fusion_weights == weights
+    # Other fusion weights than the calibration's: the fused thresholds do not apply to that score.
+    model = FaceModel.from_workdir(run, batch_size=4, fusion_weights={"adaface": 0.5, "qaconv": 0.5})
+    assert set(model.calibration.thresholds) == {"adaface", "qaconv"}
+    assert "no fused threshold" in caplog.text
+    calibration.save(_calibration(STEP + 1, dict.fromkeys(offsets, 1.0), offsets, weights, stats), path)
+    model = FaceModel.from_workdir(run, batch_size=4)
+    assert model.calibration is None and model.fusion_stats is None
+    assert f"was fitted for step {STEP + 1}, not {STEP}: ignored" in caplog.text
+
+
+def test_pair_png_shows_both_faces_and_the_verdict(tmp_path, face_model):
     images = faces(4, seed=3)[0::2]  # two identities
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(str(tmp_path / f"face{i}.png"))
-        cv2.imwrite(paths[-1], cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    out = str(tmp_path / "pair.png")
-    values = verify_pair(face_model, paths[0], paths[1], out)
-    assert set(values) == {"adaface", "qaconv", "fused"} and values["fused"] is None  # one pair: no stats
-    direct = face_model.match(images[:1], images[1:])
-    assert values["adaface"] == pytest.approx(direct["adaface"][0, 0])
-    png = cv2.cvtColor(cv2.imread(out, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    # Rebuild the same figure to learn where its top-row axes (plain faces A and B) were drawn.
+    scores = {"adaface": 0.5, "qaconv": 0.2, "fused": None}
+    verdict = inference.Verdict(scores=scores, far=1e-3, thresholds={"adaface": 0.4, "qaconv": 0.3},
+                                calibration=_calibration(STEP, {"adaface": 0.5}, {"adaface": 0.1}))
     maps = face_model.occlusion_maps(images)
-    fig = plots.pair_verification_figure(images[0], images[1], maps[0], maps[1],
-                                         {k: v for k, v in values.items() if v is not None})
+    out = inference.plot_verdict(verdict, images[0], images[1], maps, str(tmp_path / "pair.png"), title="a vs b")
+    png = cv2.cvtColor(cv2.imread(str(out), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    # Rebuild the same figure to learn where its top-row axes (plain faces A and B) were drawn.
+    fig = plots.pair_verification_figure(images[0], images[1], maps[0], maps[1], verdict.lines(), "a vs b",
+                                         verdict.headline())
     assert plots.figure_to_array(fig).shape == png.shape
+    texts = [t.get_text() for t in fig.texts]
+    assert texts[0] == "a vs b" and texts[1] == "same person (adaface score at FAR 0.001)"
+    assert texts[2:] == verdict.lines() and texts[3].endswith("<= 0.3000: different")
     height = png.shape[0]
     for ax, face, other in ((fig.axes[0], images[0], images[1]), (fig.axes[1], images[1], images[0])):
         x0, y0, x1, y1 = np.round(ax.get_window_extent().extents).astype(int)
@@ -214,3 +271,39 @@ def test_verify_png_shows_both_faces_and_scores(tmp_path, face_model):
         shown = cv2.resize(region, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
         error = np.abs(shown - face).mean()
         assert error < 12.0 and error < 0.5 * np.abs(shown - other).mean()
+
+
+def test_forward_flip_is_adaface_flip_test(face_model):
+    """`FaceModel.forward` (what `extract` runs and `export` exports) against the host-side flip test."""
+    images = faces(3, seed=4)
+    plain = jax.jit(face_model.forward(flip=False))
+    fused = jax.jit(face_model.forward(flip=True, feature_maps=True))
+    out = plain(face_model.variables, images)
+    mirrored = plain(face_model.variables, np.ascontiguousarray(images[:, :, ::-1]))
+    both = fused(face_model.variables, images)
+    expected = verification.flip_fused_embeddings(out["embedding"], out["norm"][:, None], mirrored["embedding"],
+                                                  mirrored["norm"][:, None])
+    np.testing.assert_allclose(both["embedding"], expected, atol=1e-5)
+    feature = (np.asarray(out["embedding"]) * np.asarray(out["norm"])[:, None]
+               + np.asarray(mirrored["embedding"]) * np.asarray(mirrored["norm"])[:, None])
+    np.testing.assert_allclose(both["norm"], np.linalg.norm(feature, axis=1) / 2, rtol=1e-5)
+    np.testing.assert_allclose(both["occlusion"], out["occlusion"], atol=1e-6)
+    assert both["feature_map"].shape == (3, 7, 7, 32) and "feature_map" not in out
+    # A mirror-symmetric face is its own mirror image: fusion changes neither embedding nor norm.
+    symmetric = np.concatenate([images[:, :, :56], images[:, :, :56][:, :, ::-1]], axis=2)
+    single, fused_symmetric = plain(face_model.variables, symmetric), fused(face_model.variables, symmetric)
+    np.testing.assert_allclose(fused_symmetric["embedding"], single["embedding"], atol=1e-5)
+    np.testing.assert_allclose(fused_symmetric["norm"], single["norm"], rtol=1e-5)
+
+
+def test_progress_bar_only_for_long_runs_on_process_zero(face_model, capsys, monkeypatch):
+    short = faces(inference.PROGRESS_MIN_STEPS * face_model.batch_size)
+    face_model.extract(short)
+    assert capsys.readouterr().err == ""
+    long = faces((inference.PROGRESS_MIN_STEPS + 1) * face_model.batch_size - 1)
+    face_model.extract(long)
+    err = capsys.readouterr().err
+    assert "faces: 100%" in err and f"{long.shape[0]}/{long.shape[0]}" in err and "img/s" in err
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    face_model.extract(long)
+    assert capsys.readouterr().err == ""

@@ -66,17 +66,21 @@ def test_plot_occlusion_grid(tmp_path):
         plots.occlusion_grid_figure(images, maps[:3])
 
 
+LINES = ("adaface    0.4100 > 0.3500: same", "qaconv     3.2000 <= 4.0000: different",
+         "fused      1.0500 > 0.9000: same")
+
+
 def test_pair_plot_shows_both_faces(tmp_path):
     img_a, img_b = _face(0), _face(3)
     map_a = np.ones((7, 7), np.float32)
     map_b = np.ones((7, 7), np.float32)
     map_b[4:, :] = 0.0  # lower face occluded
-    scores = {"AdaFace": 0.41, "QAConv": 3.2, "fused": 1.05}
-    path = plots.plot_pair_verification(img_a, img_b, map_a, map_b, scores, str(tmp_path / "pair.png"))
+    path = plots.plot_pair_verification(img_a, img_b, map_a, map_b, LINES, str(tmp_path / "pair.png"))
     png = _read_png(path)
-    fig = plots.pair_verification_figure(img_a, img_b, map_a, map_b, scores)
+    fig = plots.pair_verification_figure(img_a, img_b, map_a, map_b, LINES)
     rendered = plots.figure_to_array(fig)
-    assert png.shape == rendered.shape == (480, 400, 3)
+    # 4.3 inches wide; 0.2 margins + 2 x (0.25 caption + 2.0 face) + 0.1 gap + 3 x 0.2 lines = 5.4 high.
+    assert png.shape == rendered.shape == (540, 430, 3)
     for ax, face, other in ((fig.axes[0], img_a, img_b), (fig.axes[1], img_b, img_a)):
         region = _axes_pixels(ax, rendered).astype(np.float64)
         resized = cv2.resize(face, region.shape[1::-1], interpolation=cv2.INTER_AREA).astype(np.float64)
@@ -88,10 +92,33 @@ def test_pair_plot_shows_both_faces(tmp_path):
     lower_b = _axes_pixels(fig.axes[3], rendered)[-20:, 10:-10].astype(np.float64)
     lower_b_plain = _axes_pixels(fig.axes[1], rendered)[-20:, 10:-10].astype(np.float64)
     assert (lower_b[..., 0] - lower_b[..., 1]).mean() > (lower_b_plain[..., 0] - lower_b_plain[..., 1]).mean()
-    assert "AdaFace: 0.410" in fig.texts[0].get_text()
+    assert [t.get_text() for t in fig.texts] == list(LINES)
+
+
+def test_pair_plot_title_verdict_and_lines_overlap_nothing():
+    title = "grace_hopper_portrait_1984.jpg vs astronaut_head.jpg"
+    verdict = "different people (fused score at FAR 0.001)"
+    fig = plots.pair_verification_figure(_face(0), _face(3), np.ones((7, 7)), np.ones((7, 7)), LINES, title, verdict)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    boxes = {f"text {t.get_text()!r}": t.get_window_extent(renderer) for t in fig.texts}
+    for i, ax in enumerate(fig.axes):
+        boxes[f"axes {i}"] = ax.get_window_extent(renderer)
+        boxes[f"caption {ax.title.get_text()!r}"] = ax.title.get_window_extent(renderer)
+    assert len(boxes) == 5 + 8
+    names = list(boxes)
+    for i, a in enumerate(names):
+        box = boxes[a]
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0 and box.y1 <= fig.bbox.height, a
+        for b in names[i + 1:]:
+            assert not box.overlaps(boxes[b]), f"{a} overlaps {b}"
+    # Top to bottom: title, faces, verdict, lines.
+    order = [boxes[f"text {title!r}"], boxes["axes 0"], boxes["axes 2"], boxes[f"text {verdict!r}"]]
+    order += [boxes[f"text {line!r}"] for line in LINES]
+    assert all(upper.y0 > lower.y1 for upper, lower in zip(order, order[1:]))
 
 
 def test_pair_plot_rejects_bad_images(tmp_path):
     with pytest.raises(ValueError, match=r"img_b: expected uint8 \[H, W, 3\]"):
-        plots.plot_pair_verification(_face(0), np.zeros((112, 112)), np.ones((7, 7)), np.ones((7, 7)), {},
+        plots.plot_pair_verification(_face(0), np.zeros((112, 112)), np.ones((7, 7)), np.ones((7, 7)), [],
                                      str(tmp_path / "x.png"))

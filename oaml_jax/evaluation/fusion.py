@@ -1,28 +1,24 @@
-"""Score fusion: the z-normalization statistics, the fused score, its 10-fold protocol and its file.
+"""Score fusion: the z-normalization statistics, the fused score and its 10-fold protocol.
 
     fused = sum_k w_k (s_k - mean_k) / std_k        over k in ("adaface", "qaconv")
 
 The statistics are fitted on scores the decision may see: the training folds only inside the 10-fold
-protocol (`ten_fold_fused_accuracy`), all clean pairs of the validation sets for the file eval.py writes
-(`<workdir>/eval/fusion_stats.json`, read back by `FaceModel.from_workdir` for the same checkpoint step).
+protocol (`ten_fold_fused_accuracy`), all clean pairs of the validation sets for the calibration eval.py
+writes (`calibration.fit`, `<workdir>/eval/calibration.json`, read back by `FaceModel.from_workdir` for
+the same checkpoint step).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
-from typing import Optional
 
 import numpy as np
-from absl import logging
-from etils import epath
 
 from oaml_jax.evaluation import verification
 
 SCORE_NAMES = ("adaface", "qaconv")
 DEFAULT_WEIGHTS = {"adaface": 0.5, "qaconv": 0.5}
-STATS_FILE = "fusion_stats.json"
 
 
 def check_weights(weights: Sequence[float]) -> dict[str, float]:
@@ -136,30 +132,3 @@ def ten_fold_fused_accuracy(score_dict: Mapping[str, np.ndarray], issame: np.nda
     result = verification.ten_fold(issame, n_folds, thresholds, fold_scores)
     result["stats"] = fold_stats
     return result
-
-
-def save_stats(stats: FusionStats, path: epath.PathLike, step: Optional[int], fitted_on: Sequence[str]) -> None:
-    """Writes `stats` as JSON {"step", "fitted_on", "mean", "std"}."""
-    epath.Path(path).write_text(json.dumps({"step": step, "fitted_on": list(fitted_on), "mean": dict(stats.mean),
-                                            "std": dict(stats.std)}, indent=2))
-
-
-def load_stats(path: epath.PathLike, step: Optional[int]) -> Optional[FusionStats]:
-    """The statistics in `path` when they were fitted for checkpoint `step`; None when absent or stale.
-
-    Raises:
-        ValueError: the file is not the JSON `save_stats` writes (naming the file).
-    """
-    path = epath.Path(path)
-    if not path.exists():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        stats = FusionStats(mean={k: float(v) for k, v in saved["mean"].items()},
-                            std={k: float(v) for k, v in saved["std"].items()})
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a fusion statistics file ({type(e).__name__}: {e})") from e
-    if saved.get("step") != step:
-        logging.warning("%s was fitted for step %s, not %s: ignored", path, saved.get("step"), step)
-        return None
-    return stats

@@ -20,6 +20,15 @@ from matplotlib.figure import Figure
 _OCCLUDED_RGB = (1.0, 0.0, 0.0)
 _OVERLAY_ALPHA = 0.6
 _DPI = 100
+# Pair panel layout, in inches: face panels, the gaps around them, and the band of each text element.
+_PANEL_IN = 2.0
+_GAP_IN = 0.1
+_PAIR_WIDTH_IN = 2 * _PANEL_IN + 3 * _GAP_IN
+_MARGIN_IN = 0.1
+_TITLE_IN = 0.35
+_CAPTION_IN = 0.25
+_VERDICT_IN = 0.35
+_LINE_IN = 0.2
 
 
 def _new_figure(width_in: float, height_in: float) -> Figure:
@@ -171,35 +180,57 @@ def plot_occlusion_grid(images: np.ndarray, maps: np.ndarray, path: epath.PathLi
 
 
 def pair_verification_figure(img_a: np.ndarray, img_b: np.ndarray, map_a: np.ndarray, map_b: np.ndarray,
-                             scores: Mapping[str, float], title: str | None = None) -> Figure:
-    """A pair of faces: top row as is, bottom row with occlusion maps overlaid, scores underneath.
+                             lines: Sequence[str] = (), title: str | None = None,
+                             verdict: str | None = None) -> Figure:
+    """A pair of faces: top row as is, bottom row with occlusion maps overlaid, then verdict and score lines.
+
+    Every element has a band of its own, top to bottom (title, the two rows of faces with their captions,
+    verdict, one line per score), so no text overlaps another or a face.
 
     Args:
         img_a, img_b: uint8 `[H, W, 3]` RGB faces.
         map_a, map_b: `[h, w]` occlusion maps in [0, 1] (1 = visible).
-        scores: name -> score (e.g. AdaFace / QAConv / fused).
-        title: optional figure title (e.g. "same" / "different").
+        lines: text lines under the faces (e.g. each score with its threshold and decision).
+        title: optional figure title (e.g. the two file names).
+        verdict: optional headline above the lines (e.g. "same person (fused score at FAR 0.001)").
 
     Returns:
-        The figure (4 x 4.8 inches); axes 0 and 1 hold the plain faces, 2 and 3 the overlays.
+        The figure, `_PAIR_WIDTH_IN` inches wide and as tall as its bands; axes 0 and 1 hold the plain
+        faces, 2 and 3 the overlays.
     """
     img_a, img_b = _check_face(img_a, "img_a"), _check_face(img_b, "img_b")
     map_a, map_b = _check_map(map_a, "map_a"), _check_map(map_b, "map_b")
-    fig = _new_figure(4.0, 4.8)
-    grid = fig.add_gridspec(2, 2, left=0.02, right=0.98, top=0.92, bottom=0.16, wspace=0.05, hspace=0.1)
-    _show_face(fig.add_subplot(grid[0, 0]), img_a, title="A")
-    _show_face(fig.add_subplot(grid[0, 1]), img_b, title="B")
-    _show_face(fig.add_subplot(grid[1, 0]), img_a, map_a, title=f"A visible {map_a.mean():.2f}")
-    _show_face(fig.add_subplot(grid[1, 1]), img_b, map_b, title=f"B visible {map_b.mean():.2f}")
-    text = "   ".join(f"{name}: {value:.3f}" for name, value in scores.items())
-    fig.text(0.5, 0.06, text, ha="center", va="center", fontsize=9)
+    lines = list(lines)
+    height = (2 * _MARGIN_IN + (_TITLE_IN if title else 0.0) + 2 * (_CAPTION_IN + _PANEL_IN) + _GAP_IN
+              + (_VERDICT_IN if verdict else 0.0) + _LINE_IN * len(lines))
+    fig = _new_figure(_PAIR_WIDTH_IN, height)
+    top = height - _MARGIN_IN  # inches above the figure's bottom edge, moving down band by band
+
+    def text(value: str, band: float, **kwargs) -> None:
+        nonlocal top
+        fig.text(0.5, (top - band / 2) / height, value, ha="center", va="center", **kwargs)
+        top -= band
+
     if title:
-        fig.suptitle(title, fontsize=10)
+        text(title, _TITLE_IN, fontsize=10)
+    rows = (((img_a, None, "A"), (img_b, None, "B")),
+            ((img_a, map_a, f"A visible {map_a.mean():.2f}"), (img_b, map_b, f"B visible {map_b.mean():.2f}")))
+    for row in rows:
+        top -= _CAPTION_IN + _PANEL_IN
+        for col, (image, occlusion, caption) in enumerate(row):
+            left = _GAP_IN + col * (_PANEL_IN + _GAP_IN)
+            ax = fig.add_axes((left / _PAIR_WIDTH_IN, top / height, _PANEL_IN / _PAIR_WIDTH_IN, _PANEL_IN / height))
+            _show_face(ax, image, occlusion, caption)
+    top -= _GAP_IN
+    if verdict:
+        text(verdict, _VERDICT_IN, fontsize=10, fontweight="bold")
+    for line in lines:
+        text(line, _LINE_IN, fontsize=8, family="monospace")
     return fig
 
 
 def plot_pair_verification(img_a: np.ndarray, img_b: np.ndarray, map_a: np.ndarray, map_b: np.ndarray,
-                           scores: Mapping[str, float], path: epath.PathLike,
-                           title: str | None = None) -> epath.Path:
+                           lines: Sequence[str], path: epath.PathLike, title: str | None = None,
+                           verdict: str | None = None) -> epath.Path:
     """Write `pair_verification_figure(...)` as a PNG at `path` and return the path."""
-    return _save(pair_verification_figure(img_a, img_b, map_a, map_b, scores, title), path)
+    return _save(pair_verification_figure(img_a, img_b, map_a, map_b, lines, title, verdict), path)

@@ -6,8 +6,9 @@
 The model comes from the checkpoint itself (`checkpoint.restore`: arch, channel order, feature stage as
 saved); `config` gives the evaluation fields (`eval.*`, and `data.path` where the `.bin` sets are).
 Outputs under `<workdir>/eval/`: results.txt (the table), results.json, roc_<set>_<variant>.png,
-occlusion_grid.png, fusion_stats.json (statistics over all clean pairs, used by `FaceModel.from_workdir`),
-ijb_<name>.png, and TensorBoard summaries (process 0; `config.eval.tensorboard = False` skips them and
+occlusion_grid.png, calibration.json (thresholds at FAR 1e-2, 1e-3, 1e-4 of each score and the fused
+score's statistics, fitted on all clean pairs of all sets; `FaceModel.from_workdir` and `inference verify`
+use it), ijb_<name>.png, and TensorBoard summaries (process 0; `config.eval.tensorboard = False` skips them and
 the tensorflow import).
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from oaml_jax.evaluation import evaluators as evaluators_lib
-from oaml_jax.evaluation import fusion, ijb, pairs, plots, verification
+from oaml_jax.evaluation import calibration, fusion, ijb, pairs, plots, verification
 from oaml_jax.inference import EVAL_SUBDIR, FaceModel
 from oaml_jax.paths import user_path
 
@@ -73,6 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
     is_main = jax.process_index() == 0
     rows, metrics, files = {}, {}, {}
     clean_scores: dict[str, list[np.ndarray]] = {}
+    clean_issame: list[np.ndarray] = []
     grid_faces, grid_maps, grid_titles = [], [], []
     pair_evaluator = evaluators.get("pairs")
     pair_results = pair_evaluator.evaluate(model) if pair_evaluator else {}
@@ -83,6 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
         if variant == "clean":
             for name, values in result.scores.items():
                 clean_scores.setdefault(name, []).append(values)
+            clean_issame.append(pair_evaluator.sets[set_name].issame)
         if is_main:
             issame = pair_evaluator.sets[set_name].issame
             curves = {label: verification.roc_curve(result.roc_scores[key], issame)[:2]
@@ -116,10 +119,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
              "has_qaconv": model.has_qaconv, "rows": rows, "metrics": metrics,
              "ijb": {n: {m: {str(far): t for far, t in v.items()} for m, v in r.items()} for n, r in ijb_tars.items()}},
             indent=2))
-        if model.has_qaconv and clean_scores:
-            stats = fusion.FusionStats.fit({k: np.concatenate(v) for k, v in clean_scores.items()})
-            files["fusion_stats"] = out_dir / fusion.STATS_FILE
-            fusion.save_stats(stats, files["fusion_stats"], model.step, list(pair_evaluator.sets))
+        if clean_scores:
+            fitted = calibration.fit({k: np.concatenate(v) for k, v in clean_scores.items()},
+                                     np.concatenate(clean_issame), step=model.step,
+                                     checkpoint=str(model.directory), fitted_on=list(pair_evaluator.sets),
+                                     fusion_weights=model.fusion_weights)
+            files["calibration"] = calibration.save(fitted, out_dir / calibration.CALIBRATION_FILE)
         if grid_faces:
             files["occlusion_grid"] = plots.plot_occlusion_grid(
                 np.concatenate(grid_faces), np.concatenate(grid_maps), out_dir / "occlusion_grid.png",
