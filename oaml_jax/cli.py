@@ -21,13 +21,11 @@ from ml_collections import config_flags
 from oaml_jax import logs
 
 PREEMPTED_EXIT_CODE = 75
-_LOG_LIBRARIES = "log_libraries"
 
 
 def _define_common(config_help: str) -> None:
     config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
     flags.DEFINE_string("workdir", None, "Working directory: local, NFS or any etils.epath URI (gs://...).")
-    flags.DEFINE_bool(_LOG_LIBRARIES, False, "Keep the INFO logs of Orbax, Grain, JAX and TensorFlow.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,13 +39,11 @@ def _config_value():
 
 
 def _run(main: Callable[[list[str]], None]) -> None:
-    def wrapped(argv: list[str]) -> None:
+    def checked(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        if not flags.FLAGS[_LOG_LIBRARIES].value:
-            logs.quiet_libraries()
         main(argv)
-    app.run(wrapped)
+    logs.run(checked)
 
 
 def _train_main(argv: list[str]) -> None:

@@ -44,6 +44,7 @@ from etils import epath
 from flax import traverse_util
 
 from oaml_jax import checkpoint
+from oaml_jax import logs
 from oaml_jax.models.backbone import IResNet, build_backbone
 from oaml_jax.models.face_input import FACE_SHAPE
 from oaml_jax.paths import user_path
@@ -368,7 +369,7 @@ def main(argv: list[str]) -> None:
 def cli() -> None:
     """`python -m oaml_jax.convert` / `oaml-convert`."""
     _define_flags()
-    app.run(main)
+    logs.run(main)
 
 
 if __name__ == "__main__":

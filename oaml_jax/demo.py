@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from data_pipelines import recordio
 from data_pipelines import synthetic
+from oaml_jax import logs
 from oaml_jax import train
 from oaml_jax.evaluation import runner
 
@@ -63,7 +64,7 @@ def main(argv):
 
 def cli() -> None:
     """`python -m oaml_jax.demo` / `oaml-demo`."""
-    app.run(main)
+    logs.run(main)
 
 
 if __name__ == "__main__":

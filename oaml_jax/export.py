@@ -47,6 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from oaml_jax import logs
 from oaml_jax.models.face_input import FACE_SIZE, check_faces
 
 FORMATS = ("savedmodel", "onnx", "stablehlo")
@@ -346,7 +347,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
 def cli() -> None:
     """The `oaml-export` console script: defines the flags and runs `main`."""
     define_flags()
-    app.run(main)
+    logs.run(main)
 
 
 if __name__ == "__main__":

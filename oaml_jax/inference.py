@@ -66,6 +66,7 @@ from etils import epath
 from data_pipelines.folders import IMAGE_EXTENSIONS, list_images
 from data_pipelines.images import CorruptImageError, decode_image, encode_png
 from oaml_jax import align
+from oaml_jax import logs
 from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax import sharding as sharding_lib
 from oaml_jax.evaluation import calibration as calibration_lib
@@ -759,7 +760,7 @@ def _verify(f: flags.FlagValues, photos: Sequence[str], detection: Mapping[str, 
 def cli() -> None:
     """The `oaml-inference` console script: defines the flags and runs `main`."""
     define_flags()
-    app.run(main)
+    logs.run(main)
 
 
 if __name__ == "__main__":

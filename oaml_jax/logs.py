@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+from collections.abc import Callable, Sequence
 
-from absl import logging
+from absl import app, flags, logging
+
+LOG_LIBRARIES = "log_libraries"
 
 _QUIET_PACKAGES = ("orbax", "grain", "jax", "jaxlib", "tensorflow", "etils", "tensorstore", "absl")
 
@@ -26,6 +29,20 @@ class _LibraryInfoFilter(std_logging.Filter):
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         return record.levelno >= std_logging.WARNING or not any(m in record.pathname for m in self._markers)
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """`app.run(main)` for every command line of the project, with `--log_libraries` (default off: the
+    libraries' INFO records are filtered out before `main` runs)."""
+    if LOG_LIBRARIES not in flags.FLAGS:
+        flags.DEFINE_bool(LOG_LIBRARIES, False, "Keep the INFO logs of Orbax, Grain, JAX and TensorFlow.")
+
+    def wrapped(argv: Sequence[str]) -> None:
+        if not flags.FLAGS[LOG_LIBRARIES].value:
+            quiet_libraries()
+        main(argv)
+
+    app.run(wrapped)
 
 
 def quiet_libraries() -> None:
