@@ -1,6 +1,7 @@
 """A fake Google Cloud Storage for tests: the real gs:// client code, objects held in a server's memory.
 
-    with fake_gcs.fake_gcs() as gcs:        # or the `gcs` pytest fixture below
+    with fake_gcs.fake_gcs() as gcs:        # or the `gcs` pytest fixture below (tests/conftest.py
+                                            # gives it to every test file)
         train.train_and_evaluate(config, gcs.url("run"))         # "gs://<bucket>/run"
 
 No client library is patched. Each is pointed at the server the way it would be pointed at any GCS
@@ -30,8 +31,8 @@ that these clients use, with GCS's semantics: generations, the `ifGenerationMatc
 `ifGenerationNotMatch` / metageneration preconditions (412, 304), byte ranges (206, 416), listing by
 prefix, delimiter, `startOffset` / `endOffset` and page tokens, simple and resumable uploads,
 `rewriteTo` / `copyTo`, deletion. `FakeGcs.read_only()` makes the bucket refuse every write (403), as
-GCS does to a caller with read access only. Not implemented: object versions, ACLs and IAM, compose, multipart
-uploads, bucket creation and changes, CRC32C checksums (answers carry MD5 only). A request outside the
+GCS does to a caller with read access only. Not implemented: object versions, ACLs and IAM, compose,
+multipart uploads, bucket creation and changes, CRC32C checksums (answers carry MD5 only). A request outside the
 subset, or with a query parameter that would change the answer, gets 501; `fake_gcs` fails on exit if
 any did, so a client feature the fake lacks cannot pass unnoticed. Objects live in the server process's
 memory; its temporary folder (outside the working directory) holds only the CA, the certificate and key,
@@ -129,6 +130,26 @@ class FakeGcs:
             answer = response.read()
             if response.status != 200:
                 raise RuntimeError(f"fake GCS: uploading {name} got {response.status}: {answer[:500]!r}")
+        finally:
+            conn.close()
+
+    def get(self, name: str) -> bytes:
+        """An object's content, read directly (plain HTTP, no client library).
+
+        Raises:
+            KeyError: no such object.
+        """
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", f"/storage/v1/b/{self.bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media",
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+            response = conn.getresponse()
+            data = response.read()
+            if response.status == 404:
+                raise KeyError(name)
+            if response.status != 200:
+                raise RuntimeError(f"fake GCS: reading {name} got {response.status}: {data[:500]!r}")
+            return data
         finally:
             conn.close()
 

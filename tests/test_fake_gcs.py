@@ -140,6 +140,21 @@ def test_rewrite_and_copy_keep_the_source(server):
     assert call(server, "POST", o(server, "cp/none") + "/rewriteTo/b/" + server.bucket + "/o/cp%2Fx")[0] == 404
 
 
+def test_put_get_and_put_tree(server, tmp_path):
+    server.put("seed/x", b"\x00seed")
+    assert server.get("seed/x") == b"\x00seed"
+    with pytest.raises(KeyError, match="seed/none"):
+        server.get("seed/none")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c.txt").write_bytes(b"c")
+    (tmp_path / "d.txt").write_bytes(b"dd")
+    assert server.put_tree(str(tmp_path), "tree") == ["tree/a/b/c.txt", "tree/d.txt"]
+    tree = {n: s for n, s in server.objects().items() if n.startswith("tree/")}
+    assert tree == {"tree/a/b/c.txt": 1, "tree/d.txt": 2}
+    with server.read_only(), pytest.raises(RuntimeError, match="uploading seed/y got 403"):
+        server.put("seed/y", b"y")
+
+
 def test_read_only_refuses_every_write_and_serves_reads(server):
     upload(server, "ro/kept", b"kept")
     with server.read_only():
