@@ -342,7 +342,7 @@ def test_open_source_on_gcs(gcs, source, tmp_path, monkeypatch):
     tfds = pipeline.open_source(_cfg(source="tfds", path=gcs.url("tfds")))
     assert tfds.builder_dir == gcs.url("tfds/face_records/1.0.0") and len(tfds) == len(source)
     _assert_batches_equal(_batches(tfds, _cfg()), _batches(source, _cfg()))
-    with pytest.raises(FileNotFoundError, match=rf"data\.path: training data folder '{gcs.url('nope')}'"):
+    with pytest.raises(FileNotFoundError, match=rf"data\.path: training data folder '{re.escape(gcs.url('nope'))}'"):
         pipeline.open_source(_cfg(path=gcs.url("nope")))
     read = {name.split("/")[0] for name, _, _ in gcs.reads()}
     assert read == {"rec", "faces", "tfds"}  # every source read its files from the bucket
