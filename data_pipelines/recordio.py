@@ -21,6 +21,7 @@ Paths are `etils.epath` paths: local files are memory mapped, others (gs://, ...
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -378,7 +379,10 @@ class RecordIOSource:
     def _file(self) -> BinaryIO:
         fh = getattr(self._handles, "fh", None)
         if fh is None:
-            fh = self._handles.fh = self.rec_path.open("rb")
+            # Entered, not just called: epath's TensorFlow backend (gs:// when TensorFlow is installed) opens
+            # a file as a context manager only. The stack, kept per thread, holds the file open.
+            self._handles.stack = contextlib.ExitStack()
+            fh = self._handles.fh = self._handles.stack.enter_context(self.rec_path.open("rb"))
         return fh
 
     def _bytes(self, pos: int, n: int) -> bytes:

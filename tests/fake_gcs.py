@@ -1,6 +1,7 @@
 """A fake Google Cloud Storage for tests: the real gs:// client code, objects held in a server's memory.
 
-    with fake_gcs.fake_gcs() as gcs:        # or the `gcs` pytest fixture below
+    with fake_gcs.fake_gcs() as gcs:        # or the `gcs` pytest fixture below (tests/conftest.py
+                                            # gives it to every test file)
         train.train_and_evaluate(config, gcs.url("run"))         # "gs://<bucket>/run"
 
 No client library is patched. Each is pointed at the server the way it would be pointed at any GCS
@@ -19,14 +20,19 @@ endpoint, by environment variables, which subprocesses inherit:
   steps and when deleting old ones) uses its default endpoint through the same proxy (`requests` honours
   `https_proxy` and `REQUESTS_CA_BUNDLE`) and the default credentials: an `authorized_user` file named by
   `GOOGLE_APPLICATION_CREDENTIALS`, whose token the server issues at https://oauth2.googleapis.com/token.
-The server answers 401 to a request without the token.
+- google-cloud-cpp (ArrayRecord's gs:// reads, hence TFDS and Grain over ArrayRecord files) neither
+  honours a CA bundle variable nor sends a token to an emulator: it takes the server as its emulator
+  (`CLOUD_STORAGE_EMULATOR_ENDPOINT`, plain HTTP) and calls anonymously.
+The server answers 401 to a request without the token, except a plain-HTTP one from google-cloud-cpp
+(user agent "gl-cpp/...", which only the emulator variable sends here).
 
 It implements the part of the GCS JSON API (and the XML API's object GET that TensorFlow reads with)
 that these clients use, with GCS's semantics: generations, the `ifGenerationMatch` /
 `ifGenerationNotMatch` / metageneration preconditions (412, 304), byte ranges (206, 416), listing by
 prefix, delimiter, `startOffset` / `endOffset` and page tokens, simple and resumable uploads,
-`rewriteTo` / `copyTo`, deletion. Not implemented: object versions, ACLs and IAM, compose, multipart
-uploads, bucket creation and changes, CRC32C checksums (answers carry MD5 only). A request outside the
+`rewriteTo` / `copyTo`, deletion. `FakeGcs.read_only()` makes the bucket refuse every write (403), as
+GCS does to a caller with read access only. Not implemented: object versions, ACLs and IAM, compose,
+multipart uploads, bucket creation and changes, CRC32C checksums (answers carry MD5 only). A request outside the
 subset, or with a query parameter that would change the answer, gets 501; `fake_gcs` fails on exit if
 any did, so a client feature the fake lacks cannot pass unnoticed. Objects live in the server process's
 memory; its temporary folder (outside the working directory) holds only the CA, the certificate and key,
@@ -108,6 +114,57 @@ class FakeGcs:
         finally:
             conn.close()
 
+    def put(self, name: str, data: bytes) -> None:
+        """Stores an object directly (a simple upload in plain HTTP, no client library): for seeding the
+        bucket with files that the code under test then reads.
+
+        Raises:
+            RuntimeError: the server refused the upload (its answer is included).
+        """
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("POST", f"/upload/storage/v1/b/{self.bucket}/o?uploadType=media&name="
+                                 f"{urllib.parse.quote(name, safe='')}", body=data,
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+            response = conn.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"fake GCS: uploading {name} got {response.status}: {answer[:500]!r}")
+        finally:
+            conn.close()
+
+    def get(self, name: str) -> bytes:
+        """An object's content, read directly (plain HTTP, no client library).
+
+        Raises:
+            KeyError: no such object.
+        """
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", f"/storage/v1/b/{self.bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media",
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+            response = conn.getresponse()
+            data = response.read()
+            if response.status == 404:
+                raise KeyError(name)
+            if response.status != 200:
+                raise RuntimeError(f"fake GCS: reading {name} got {response.status}: {data[:500]!r}")
+            return data
+        finally:
+            conn.close()
+
+    def put_tree(self, folder: str, prefix: str) -> list[str]:
+        """Stores every file under the local `folder` as "<prefix>/<path relative to folder>" (see `put`);
+        returns the object names, sorted."""
+        names = []
+        for parent, _, files in os.walk(folder):
+            for file in files:
+                path = os.path.join(parent, file)
+                names.append(f"{prefix}/{os.path.relpath(path, folder)}")
+                with open(path, "rb") as fh:
+                    self.put(names[-1], fh.read())
+        return sorted(names)
+
     def objects(self) -> dict[str, int]:
         """The bucket's content as the server holds it: {object name: size in bytes}, sorted by name."""
         return self._control("objects")
@@ -115,8 +172,37 @@ class FakeGcs:
     def requests(self) -> list[dict]:
         """Every GCS request served so far, in order, as dicts: `time` (seconds since the epoch),
         `method`, `host` (the CONNECT host for TLS, "" for plain HTTP), `path` and `query` as sent,
-        `status` and `user_agent`. The control requests of this class are not included."""
+        `status`, `range` (the Range header, "" without one) and `user_agent`. The control requests of
+        this class are not included."""
         return self._control("requests")
+
+    def reads(self) -> list[tuple[str, int, str]]:
+        """The object downloads served so far, in order, by any client and API (the XML API's GET, the
+        JSON API's alt=media and /download): (object name, status, Range header or "")."""
+        found = []
+        for r in self.requests():
+            if r["method"] != "GET":
+                continue
+            path, params = r["path"], urllib.parse.parse_qs(r["query"])
+            json_prefix = f"/storage/v1/b/{self.bucket}/o/"
+            for prefix in (f"/download{json_prefix}", json_prefix):
+                if path.startswith(prefix) and (prefix.startswith("/download") or params.get("alt") == ["media"]):
+                    found.append((urllib.parse.unquote(path[len(prefix):]), r["status"], r["range"]))
+                    break
+            else:
+                if r["host"] == "storage.googleapis.com" and path.startswith(f"/{self.bucket}/"):
+                    found.append((urllib.parse.unquote(path[len(self.bucket) + 2:]), r["status"], r["range"]))
+        return found
+
+    @contextlib.contextmanager
+    def read_only(self) -> Iterator[None]:
+        """Within the block every write (upload, copy, deletion) gets 403 Forbidden, as from a bucket the
+        caller may only read; reads are unaffected."""
+        self._control("read_only/on")
+        try:
+            yield
+        finally:
+            self._control("read_only/off")
 
 
 @contextlib.contextmanager
@@ -165,6 +251,7 @@ def fake_gcs(allow_unsupported: bool = False) -> Iterator[FakeGcs]:
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": TOKEN,
             "GOOGLE_APPLICATION_CREDENTIALS": credentials, "GOOGLE_CLOUD_PROJECT": "fake-gcs-project",
             "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": f"http://127.0.0.1:{port}",
         }
         server = FakeGcs(bucket=bucket, port=port, env=env)
         saved = {name: os.environ.get(name) for name in env}
@@ -314,6 +401,12 @@ class Store:
         self.objects: dict[tuple[str, str], _Object] = {}
         self.uploads: dict[str, _Upload] = {}
         self.last_generation = 0
+        self.read_only = False
+
+    def _check_writable(self, bucket: str, name: str, permission: str) -> None:
+        if self.read_only:
+            raise GcsError(403, f"fake-gcs does not have storage.objects.{permission} access to the Google Cloud "
+                                f"Storage object {bucket}/{name} (the fake's bucket is read-only).")
 
     def _check_bucket(self, bucket: str) -> None:
         if bucket not in self.buckets:
@@ -357,6 +450,7 @@ class Store:
             raise GcsError(400, "Required: an object name")
         with self.lock:
             self._check_bucket(bucket)
+            self._check_writable(bucket, name, "create")
             _check_preconditions(self.objects.get((bucket, name)), preconditions, read=False)
             # Generations are increasing microsecond timestamps, as GCS's are.
             self.last_generation = max(self.last_generation + 1, time.time_ns() // 1000)
@@ -367,6 +461,7 @@ class Store:
     def delete(self, bucket: str, name: str, preconditions: dict) -> None:
         with self.lock:
             self._check_bucket(bucket)
+            self._check_writable(bucket, name, "delete")
             obj = self.objects.get((bucket, name))
             if obj is None:
                 raise GcsError(404, f"No such object: {bucket}/{name}")
@@ -419,6 +514,7 @@ class Store:
     def start_upload(self, upload: _Upload) -> str:
         with self.lock:
             self._check_bucket(upload.bucket)
+            self._check_writable(upload.bucket, upload.name, "create")
             upload_id = secrets.token_urlsafe(12)
             self.uploads[upload_id] = upload
             return upload_id
@@ -555,6 +651,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with self.log_lock:
                 self.log.append({"time": time.time(), "method": self.command, "host": self.tls_host,
                                  "path": path, "query": query, "status": status,
+                                 "range": self.headers.get("Range", ""),
                                  "user_agent": self.headers.get("User-Agent", "")})
         self.send_response(status)
         for key, value in (headers or {}).items():
@@ -587,7 +684,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise _not_implemented(f"{self.command} https://oauth2.googleapis.com{url.path}")
                 # google-auth refreshing the authorized_user credentials of GOOGLE_APPLICATION_CREDENTIALS.
                 return self._json(200, {"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"})
-            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            emulated = not self.tls_host and self.headers.get("User-Agent", "").startswith("gl-cpp/")
+            if self.headers.get("Authorization") != f"Bearer {TOKEN}" and not emulated:
                 raise GcsError(401, "Anonymous caller or unknown token (the fake GCS knows only its TOKEN)")
             params = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
             # Object names are percent-encoded whole in the JSON API, so "/" splits exactly.
@@ -619,6 +717,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif name == "requests":
             with self.log_lock:
                 answer = list(self.log)
+        elif name in ("read_only/on", "read_only/off"):
+            with self.store.lock:
+                self.store.read_only = answer = name.endswith("on")
         else:
             raise GcsError(404, f"no control endpoint {name}")
         self._json(200, answer)

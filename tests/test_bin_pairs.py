@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from data_pipelines import bin_pairs, images
-from mock_gcs import redirect_gcs
 
 
 def _images(n, seed=0, size=112):
@@ -215,17 +214,20 @@ def test_find_bin_sets(tmp_path):
     assert bin_pairs.find_bin_sets(str(tmp_path), names=("other",)) == {"other": tmp_path / "other.bin"}
 
 
-def test_gcs_paths_go_through_epath(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_gcs_paths_go_through_epath(gcs, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     imgs, issame = _images(4, seed=4), [False, True]
-    with redirect_gcs(str(tmp_path / "gcs")) as calls:
-        bin_pairs.write_bin("gs://bucket/val/lfw.bin", imgs, issame, encoding="png")
-        found = bin_pairs.find_bin_sets("gs://bucket/val")
-        assert list(found) == ["lfw"] and os.fspath(found["lfw"]) == "gs://bucket/val/lfw.bin"
-        out, same = bin_pairs.load_bin(found["lfw"])
-        assert bin_pairs.count_pairs("gs://bucket/val/lfw.bin") == 2
+    bin_pairs.write_bin(gcs.url("val/lfw.bin"), imgs, issame, encoding="png")
+    found = bin_pairs.find_bin_sets(gcs.url("val"))
+    assert list(found) == ["lfw"] and os.fspath(found["lfw"]) == gcs.url("val/lfw.bin")
+    out, same = bin_pairs.load_bin(found["lfw"])
+    assert bin_pairs.count_pairs(gcs.url("val/lfw.bin")) == 2
     np.testing.assert_array_equal(out, imgs)
     assert same.tolist() == issame
-    assert calls["open"] == 3 and calls["makedirs"] == 1
-    assert (tmp_path / "gcs" / "bucket" / "val" / "lfw.bin").is_file()
-    assert sorted(os.listdir(tmp_path)) == ["gcs"]  # nothing named "gs:" in the working directory
+    bin_pairs.write_bin(tmp_path / "lfw.bin", imgs, issame, encoding="png")
+    assert gcs.objects()["val/lfw.bin"] == (tmp_path / "lfw.bin").stat().st_size
+    # load_bin and count_pairs each downloaded the object (TensorFlow reads by byte range: 206).
+    assert [(name, status) for name, status, _ in gcs.reads()] == [("val/lfw.bin", 206)] * 2
+    assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory

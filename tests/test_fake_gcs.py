@@ -11,7 +11,6 @@ import urllib.parse
 import pytest
 
 import fake_gcs
-from fake_gcs import gcs  # noqa: F401 (the pytest fixture, as other test files use it)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +140,47 @@ def test_rewrite_and_copy_keep_the_source(server):
     assert call(server, "POST", o(server, "cp/none") + "/rewriteTo/b/" + server.bucket + "/o/cp%2Fx")[0] == 404
 
 
+def test_put_get_and_put_tree(server, tmp_path):
+    server.put("seed/x", b"\x00seed")
+    assert server.get("seed/x") == b"\x00seed"
+    with pytest.raises(KeyError, match="seed/none"):
+        server.get("seed/none")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c.txt").write_bytes(b"c")
+    (tmp_path / "d.txt").write_bytes(b"dd")
+    assert server.put_tree(str(tmp_path), "tree") == ["tree/a/b/c.txt", "tree/d.txt"]
+    tree = {n: s for n, s in server.objects().items() if n.startswith("tree/")}
+    assert tree == {"tree/a/b/c.txt": 1, "tree/d.txt": 2}
+    with server.read_only(), pytest.raises(RuntimeError, match="uploading seed/y got 403"):
+        server.put("seed/y", b"y")
+
+
+def test_read_only_refuses_every_write_and_serves_reads(server):
+    upload(server, "ro/kept", b"kept")
+    with server.read_only():
+        assert upload(server, "ro/new", b"x")[0] == 403
+        assert upload(server, "ro/kept", b"overwritten")[0] == 403
+        resumable = f"/upload/storage/v1/b/{server.bucket}/o?uploadType=resumable&name=ro%2Fnew"
+        assert call(server, "POST", resumable)[0] == 403
+        assert call(server, "POST", o(server, "ro/kept") + "/rewriteTo/b/" + server.bucket + "/o/ro%2Fcopy")[0] == 403
+        status, _, body = call(server, "DELETE", o(server, "ro/kept"))
+        assert status == 403 and "storage.objects.delete" in json.loads(body)["error"]["message"]
+        assert call(server, "GET", o(server, "ro/kept", "alt=media"))[2] == b"kept"
+    assert {n: s for n, s in server.objects().items() if n.startswith("ro/")} == {"ro/kept": 4}
+    assert upload(server, "ro/new", b"x")[0] == 200
+
+
+def test_reads_lists_downloads_by_every_api(server):
+    upload(server, "rd/a b", b"0123456789")
+    before = len(server.reads())
+    call(server, "GET", o(server, "rd/a b", "alt=media"), headers={"Range": "bytes=2-4"})
+    call(server, "GET", o(server, "rd/a b"))  # metadata: not a download
+    call(server, "GET", f"/download/storage/v1/b/{server.bucket}/o/rd%2Fa%20b?alt=media")
+    call(server, "GET", o(server, "rd/none", "alt=media"))
+    assert server.reads()[before:] == [("rd/a b", 206, "bytes=2-4"), ("rd/a b", 200, ""), ("rd/none", 404, "")]
+    assert server.requests()[-1]["range"] == ""
+
+
 def test_answers_401_to_other_tokens_and_404_to_other_buckets(server):
     assert call(server, "GET", o(server, "any"), token=None)[0] == 401
     assert call(server, "GET", o(server, "any"), token="another")[0] == 401
@@ -166,6 +206,7 @@ def test_tls_tunnel_to_google_hosts_only(server):
     conn.close()
     assert [(r["method"], r["host"], r["path"], r["status"]) for r in server.requests()[-2:]] == [
         ("GET", "storage.googleapis.com", f"/{server.bucket}/tls%2Fobj", 206), ("CONNECT", "", "example.com:443", 403)]
+    assert server.reads()[-1] == ("tls/obj", 206, "bytes=4-10")
 
 
 def test_unimplemented_requests_get_501_and_fail_the_block():

@@ -15,7 +15,6 @@ from data_pipelines import pipeline
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptImageError, CorruptRecordError, decode_image, encode_jpeg
 from data_pipelines.recordio import RecordIOSource, write_recordio
-from mock_gcs import redirect_gcs
 from test_images import damage_scan
 
 NUM_IDS, PER_ID = 8, 6
@@ -322,27 +321,29 @@ def test_open_source(source, tmp_path):
         pipeline.open_source(_cfg(path=missing))
 
 
-def test_open_source_on_gcs(source, tmp_path, monkeypatch):
+def test_open_source_on_gcs(gcs, source, tmp_path, monkeypatch):
     from data_pipelines import tfds_faces
-    gcs = tmp_path / "gcs" / "bucket"
     items = [(source[i]["image"], source[i]["label"]) for i in range(len(source))]
-    write_recordio(str(gcs / "rec"), items, num_classes=NUM_IDS)
+    write_recordio(gcs.url("rec"), items, num_classes=NUM_IDS)
     for i, (image, label) in enumerate(items[:8]):
-        (gcs / "faces" / f"id{label}").mkdir(parents=True, exist_ok=True)
-        (gcs / "faces" / f"id{label}" / f"{i}.jpg").write_bytes(image)
-    tfds_faces.build_tfds(str(gcs / "rec"), str(gcs / "tfds"))
+        gcs.put(f"faces/id{label}/{i}.jpg", image)
+    # ArrayRecord writes local files only: the TFDS dataset is prepared here, then uploaded.
+    tfds_faces.build_tfds(os.fspath(source.folder), str(tmp_path / "tfds"))
+    gcs.put_tree(str(tmp_path / "tfds"), "tfds")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with redirect_gcs(str(tmp_path / "gcs")) as calls:
-        rec = pipeline.open_source(_cfg(path="gs://bucket/rec"))
-        assert isinstance(rec, RecordIOSource) and rec._mm is None
-        _assert_batches_equal(_batches(rec, _cfg()), _batches(source, _cfg()))
-        folder = pipeline.open_source(_cfg(source="folder", path="gs://bucket/faces"))
-        assert isinstance(folder, ImageFolderSource) and folder.class_names == ["id0", "id1"]
-        tfds = pipeline.open_source(_cfg(source="tfds", path="gs://bucket/tfds"))
-        assert tfds.builder_dir == "gs://bucket/tfds/face_records/1.0.0" and len(tfds) == len(source)
-        with pytest.raises(FileNotFoundError, match=r"data\.path: training data folder 'gs://bucket/nope'"):
-            pipeline.open_source(_cfg(path="gs://bucket/nope"))
-    assert calls["open"] > 0 and calls["isdir"] > 0
+    rec = pipeline.open_source(_cfg(path=gcs.url("rec")))
+    assert isinstance(rec, RecordIOSource) and rec._mm is None
+    _assert_batches_equal(_batches(rec, _cfg()), _batches(source, _cfg()))
+    folder = pipeline.open_source(_cfg(source="folder", path=gcs.url("faces")))
+    assert isinstance(folder, ImageFolderSource) and folder.class_names == ["id0", "id1"]
+    assert [folder[i] for i in range(8)] == [{"image": image, "label": label} for image, label in items[:8]]
+    tfds = pipeline.open_source(_cfg(source="tfds", path=gcs.url("tfds")))
+    assert tfds.builder_dir == gcs.url("tfds/face_records/1.0.0") and len(tfds) == len(source)
+    _assert_batches_equal(_batches(tfds, _cfg()), _batches(source, _cfg()))
+    with pytest.raises(FileNotFoundError, match=rf"data\.path: training data folder '{re.escape(gcs.url('nope'))}'"):
+        pipeline.open_source(_cfg(path=gcs.url("nope")))
+    read = {name.split("/")[0] for name, _, _ in gcs.reads()}
+    assert read == {"rec", "faces", "tfds"}  # every source read its files from the bucket
     assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory

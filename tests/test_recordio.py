@@ -11,7 +11,6 @@ import pytest
 from absl import logging
 
 from data_pipelines import images, recordio
-from mock_gcs import redirect_gcs
 
 
 def _jpeg(seed):
@@ -301,56 +300,54 @@ def test_write_rejects_bad_labels(tmp_path):
         recordio.write_recordio(str(tmp_path), [(b"x", 0), (b"y", 5)], num_classes=3)
 
 
-def test_gcs_folder_reads_through_epath(rec_folder, tmp_path, monkeypatch):
+def test_gcs_folder_reads_through_epath(gcs, rec_folder, tmp_path, monkeypatch):
     folder, items = rec_folder
     local = recordio.RecordIOSource(str(folder))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with redirect_gcs(str(tmp_path / "gcs")) as calls:
-        assert recordio.write_recordio("gs://bucket/rec", items, num_classes=3) == len(items)
-        written = calls["copy"]
-        src = recordio.RecordIOSource("gs://bucket/rec")
-        assert [src[i] for i in range(len(items))] == [local[i] for i in range(len(items))]
-        np.testing.assert_array_equal(src.labels(), LABELS)
-        assert src.where(0) == "gs://bucket/rec/train.rec record 1"
-        copy = pickle.loads(pickle.dumps(src))
-        with futures.ThreadPoolExecutor(4) as pool:  # one file handle per thread
-            got = list(pool.map(lambda i: copy[i % len(items)], range(60)))
-        assert got == [local[i % len(items)] for i in range(60)]
-        reopened = recordio.RecordIOSource("gs://bucket/rec")
-        reopened._scan_labels = lambda: pytest.fail("the labels cache written above was not used")
-        np.testing.assert_array_equal(reopened.labels(), LABELS)
-    assert written == 3 and calls["open"] > 0
+    assert recordio.write_recordio(gcs.url("rec"), items, num_classes=3) == len(items)
+    files = {name: (folder / name).stat().st_size for name in ("train.rec", "train.idx", "property")}
+    assert gcs.objects() == {"rec/": 0, **{f"rec/{name}": size for name, size in files.items()}}
+    src = recordio.RecordIOSource(gcs.url("rec"))
+    assert [src[i] for i in range(len(items))] == [local[i] for i in range(len(items))]
+    np.testing.assert_array_equal(src.labels(), LABELS)
+    assert src.where(0) == gcs.url("rec/train.rec record 1")
+    copy = pickle.loads(pickle.dumps(src))
+    with futures.ThreadPoolExecutor(4) as pool:  # one file handle per thread
+        got = list(pool.map(lambda i: copy[i % len(items)], range(60)))
+    assert got == [local[i % len(items)] for i in range(60)]
+    assert gcs.objects()[f"rec/{recordio.LABELS_CACHE_NAME}"] > 0
+    reopened = recordio.RecordIOSource(gcs.url("rec"))
+    reopened._scan_labels = lambda: pytest.fail("the labels cache written above was not used")
+    np.testing.assert_array_equal(reopened.labels(), LABELS)
     assert src._mm is None and copy._mm is None  # never memory mapped
-    assert (tmp_path / "gcs" / "bucket" / "rec" / recordio.LABELS_CACHE_NAME).is_file()
+    # The data file is only ever read by byte ranges.
+    rec_reads = [(status, byte_range) for name, status, byte_range in gcs.reads() if name == "rec/train.rec"]
+    assert rec_reads and all(status == 206 and byte_range.startswith("bytes=") for status, byte_range in rec_reads)
     assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory
 
 
-def test_gcs_scan_streams_windows(rec_folder, tmp_path, monkeypatch):
-    folder, items = rec_folder
-    recordio.write_recordio(str(tmp_path / "gcs" / "bucket" / "rec"), items, num_classes=3)
+def test_gcs_scan_streams_windows(gcs, rec_folder, monkeypatch):
+    folder, _ = rec_folder
+    gcs.put_tree(str(folder), "rec")
     monkeypatch.setattr(recordio, "_SCAN_WINDOW", 1000)  # several records per window, several windows
-    with redirect_gcs(str(tmp_path / "gcs")):
-        src = recordio.RecordIOSource("gs://bucket/rec")
-        columns = np.array([0, 1, 2, 3, 12, 13, 14, 15, 32, 35])
-        rows = src._gather(src._offsets[::-1].copy(), columns)
-    raw = (tmp_path / "gcs" / "bucket" / "rec" / "train.rec").read_bytes()
+    src = recordio.RecordIOSource(gcs.url("rec"))
+    columns = np.array([0, 1, 2, 3, 12, 13, 14, 15, 32, 35])
+    rows = src._gather(src._offsets[::-1].copy(), columns)
+    raw = (folder / "train.rec").read_bytes()
     expected = [[raw[o + c] for c in columns] for o in src._offsets[::-1]]
     assert rows.tolist() == expected
 
 
-class _NoWrites(Exception):
-    """An exception type from no known file system, as an exotic backend might raise."""
-
-
-def test_unwritable_gcs_cache_never_stops_the_run(rec_folder, tmp_path, monkeypatch):
-    folder, items = rec_folder
-    recordio.write_recordio(str(tmp_path / "gcs" / "bucket" / "rec"), items, num_classes=3)
+def test_unwritable_gcs_cache_never_stops_the_run(gcs, rec_folder, monkeypatch):
+    folder, _ = rec_folder
+    gcs.put_tree(str(folder), "rec")
     messages = []
     monkeypatch.setattr(logging, "info", lambda msg, *args: messages.append(msg % args))
-    with redirect_gcs(str(tmp_path / "gcs"), fail_writes=_NoWrites("bucket is read-only")):
-        src = recordio.RecordIOSource("gs://bucket/rec")
+    with gcs.read_only():
+        src = recordio.RecordIOSource(gcs.url("rec"))
         np.testing.assert_array_equal(src.labels(), LABELS)
-    assert any("Not caching labels" in m and "_NoWrites: bucket is read-only" in m for m in messages)
-    assert not (tmp_path / "gcs" / "bucket" / "rec" / recordio.LABELS_CACHE_NAME).exists()
+    assert [m for m in messages if "Not caching labels" in m and "PermissionDeniedError" in m
+            and "storage.objects.create" in m]
+    assert f"rec/{recordio.LABELS_CACHE_NAME}" not in gcs.objects()

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from data_pipelines import images, recordio, tfds_faces
-from mock_gcs import redirect_gcs
 
 LABELS = [1, 0, 2, 1, 0, 2, 2]
 
@@ -63,19 +62,24 @@ def test_errors(tmp_path):
         tfds_faces.TFDSSource(str(tmp_path / "nowhere"))
 
 
-def test_gcs_dataset_folder_is_accepted(tmp_path, monkeypatch):
+def test_gcs_dataset_folder_is_read_through_the_gcs_clients(gcs, tmp_path, monkeypatch):
     rec = str(tmp_path / "rec")
-    recordio.write_recordio(rec, [(_jpeg(i), lab) for i, lab in enumerate(LABELS)], num_classes=3)
-    tfds_faces.build_tfds(rec, str(tmp_path / "gcs" / "bucket" / "tfds"))
+    items = [(_jpeg(i), lab) for i, lab in enumerate(LABELS)]
+    recordio.write_recordio(rec, items, num_classes=3)
+    # ArrayRecord writes local files only: the dataset is prepared here, then uploaded.
+    tfds_faces.build_tfds(rec, str(tmp_path / "tfds"))
+    dataset = "tfds/face_records/1.0.0"
+    shards = [n for n in gcs.put_tree(str(tmp_path / "tfds"), "tfds") if ".array_record-" in n]
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with redirect_gcs(str(tmp_path / "gcs")) as calls:
-        for src in (tfds_faces.TFDSSource("gs://bucket/tfds"),
-                    tfds_faces.TFDSSource("gs://bucket/tfds/face_records/1.0.0"),
-                    tfds_faces.TFDSSource("face_records", data_dir="gs://bucket/tfds")):
-            assert src.builder_dir == "gs://bucket/tfds/face_records/1.0.0"
-            assert len(src) == len(LABELS) and src.num_classes == 3
-            np.testing.assert_array_equal(src.labels(), LABELS)  # labels.npy read through epath
-    assert calls["open"] > 0
+    for src in (tfds_faces.TFDSSource(gcs.url("tfds")),
+                tfds_faces.TFDSSource(gcs.url(dataset)),
+                tfds_faces.TFDSSource("face_records", data_dir=gcs.url("tfds"))):
+        assert src.builder_dir == gcs.url(dataset)
+        assert len(src) == len(LABELS) and src.num_classes == 3
+        np.testing.assert_array_equal(src.labels(), LABELS)  # labels.npy read through epath
+    assert [src[i] for i in range(len(LABELS))] == [{"image": im, "label": lab} for im, lab in items]
+    read = {name for name, _, _ in gcs.reads()}
+    assert {f"{dataset}/labels.npy", f"{dataset}/dataset_info.json"} <= read and len(shards) == 1 and shards[0] in read
     assert os.listdir(cwd) == []  # nothing named "gs:" in the working directory

@@ -1,0 +1,3 @@
+"""Shared pytest set-up: the fake GCS fixture `gcs` (tests/fake_gcs.py) for every test file."""
+
+pytest_plugins = ["fake_gcs"]
