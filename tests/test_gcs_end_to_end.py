@@ -91,7 +91,7 @@ def test_training_evaluation_and_inference_on_gcs(gcs, tmp_path):
     _run([sys.executable, "-m", "oaml_jax.inference", "embed", *inference_flags], cwds["inference"])
     np.testing.assert_allclose(np.load(io.BytesIO(gcs.get("feats/faces.npy"))), result["embeddings"],
                                rtol=1e-5, atol=1e-6)
-    assert gcs.get("feats/faces.txt").decode().split() == [f"{i}.png" for i in range(FACES)]
+    assert gcs.get("feats/faces.txt").decode().splitlines() == [f"{i}.png\t0" for i in range(FACES)]
 
     # The training command line.
     _run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/default.py:test",
@@ -100,7 +100,7 @@ def test_training_evaluation_and_inference_on_gcs(gcs, tmp_path):
 
     objects = gcs.objects()
     expected = {"data/train.rec", "data/train.idx", "data/property", "data/val.bin", "data/train.labels.v2.npy",
-                "run/eval/results.txt", "run/eval/results.json", "run/eval/fusion_stats.json",
+                "run/eval/results.txt", "run/eval/results.json", "run/eval/calibration.json",
                 "run/eval/roc_val_clean.png", "run/eval/occlusion_grid.png", "feats/faces.npy", "feats/faces.txt"}
     for run, steps in (("run", (STEPS, RESUMED_STEPS)), ("cli", (2,))):
         for step in steps:
