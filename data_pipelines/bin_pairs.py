@@ -22,9 +22,9 @@ import numpy as np
 from etils import epath
 
 from data_pipelines.images import check_size, decode_image, encode_jpeg, encode_png
+from oaml_jax.models.face_input import FACE_SHAPE, FACE_SIZE
 
 BIN_NAMES = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
-IMAGE_SIZE = (112, 112)
 
 # numpy dtypes a .bin may hold: uint8 images, bool or 0/1 integer flags.
 _ALLOWED_DTYPE_KINDS = "bui"
@@ -204,7 +204,7 @@ def _decode_one(item: Any, where: str) -> np.ndarray:
         img = item
     else:
         img = decode_image(item, where)
-    return check_size(img, IMAGE_SIZE, where)
+    return check_size(img, (FACE_SIZE, FACE_SIZE), where)
 
 
 def load_bin(path: epath.PathLike) -> BinSet:
@@ -224,7 +224,7 @@ def load_bin(path: epath.PathLike) -> BinSet:
         CorruptImageError: an image is undecodable or not 112x112 (names the file and image index).
     """
     path, bins, issame = _read(path)
-    images = np.empty((len(bins), *IMAGE_SIZE, 3), dtype=np.uint8)
+    images = np.empty((len(bins),) + FACE_SHAPE, dtype=np.uint8)
     for i, item in enumerate(bins):
         images[i] = _decode_one(item, f"{path} image {i}")
     return BinSet(images, issame)

@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-INPUT_SIZE = 112
-NUM_STAGES = 4
+from oaml_jax.models.face_input import FACE_SHAPE, NUM_STAGES, grid_size
+
 BN_EPSILON = 1e-5
 # Flax's momentum is the weight of the old statistic: PyTorch's momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM = 0.9
@@ -312,7 +312,7 @@ class IResNet(nn.Module):
             embeddings float32 `[N, E]` (unit L2 norm), norms float32 `[N, 1]` (norm before normalizing),
             feature_map `[N, h, w, c]` (compute dtype) of stage `feature_stage`.
         """
-        expected = (INPUT_SIZE, INPUT_SIZE, 3)
+        expected = FACE_SHAPE
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"IResNet input must have shape [N, 112, 112, 3], got {tuple(images.shape)}")
         x = _conv(self.resolved_stem_width, 3, 1, "stem_conv", self.dtype)(images.astype(self.dtype))
@@ -377,6 +377,6 @@ def build_backbone(arch: str, **overrides: Any) -> IResNet:
 
 def feature_map_shape(module: IResNet) -> tuple[int, int, int]:
     """`(h, w, c)` of the feature map `module` returns (stride 2 per stage from 112)."""
-    side = INPUT_SIZE // 2 ** module.feature_stage
+    side = grid_size(module.feature_stage)
     return side, side, module.widths[module.feature_stage - 1]
 
