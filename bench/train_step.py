@@ -8,8 +8,9 @@ The step is `oaml_jax.step.build_train_step`, the one train.py runs: uint8 batch
 input on the device, the non-finite guard, the metrics, SGD with weight decay, explicit shardings over a
 mesh of every local device, the state donated. --mode=full times the whole OAML loss, once per QAConv
 matching group size of --qaconv_group_size (0 = all pairs of the batch); --mode=adaface_only the same step
-with lam_qa = lam_occ = 0 (the AdaFace baseline's step: QAConv and the occlusion head are not computed). Only jax, flax, optax, numpy and
-absl are needed besides oaml_jax (no data or config packages), so it runs unchanged on accelerator hosts.
+with lam_qa = lam_occ = 0 (the AdaFace baseline's step: QAConv and the occlusion head are not computed).
+Only jax, flax, optax, numpy and absl are needed besides oaml_jax (no data or config packages), so it runs
+unchanged on accelerator hosts.
 MFU uses the FLOPs `oaml_jax.metrics.jaxpr_flops` counts in the traced step (the same figure on every
 backend) and its peak table.
 """

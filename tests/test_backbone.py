@@ -96,9 +96,10 @@ def test_alternative_output_layers_shapes_and_counts(output):
     assert (_count(variables["params"]), _count(variables["batch_stats"])) == (params, stats)
 
 
-def random_variables(module, seed=0):
-    """Random variables of `module` from numpy (no jax.random: its compilation is slow on CPU)."""
-    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x),
+def random_variables(module, seed=0, method=None):
+    """Random variables of `module` (initialized through `method`, default `__call__`) from numpy (no
+    jax.random: its compilation is slow on CPU)."""
+    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, method=method),
                             jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32))
     rng = np.random.default_rng(seed)
 

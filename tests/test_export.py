@@ -16,6 +16,7 @@ from oaml_jax.inference import FaceModel
 from oaml_jax.models.backbone import build_backbone
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
+from test_backbone import random_variables
 
 from test_inference import STEP, faces, write_converted_checkpoint, write_training_checkpoint
 
@@ -32,20 +33,7 @@ def model():
 @pytest.fixture(scope="module")
 def variables(model):
     """Random weights and BN statistics away from (0, 1), so inference-mode BN is exercised."""
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, method=model.embed),
-                            jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32))
-    rng = np.random.default_rng(0)
-
-    def leaf(path, shape):
-        value = rng.standard_normal(shape.shape).astype(np.float32)
-        name = path[-1].key
-        if name == "var":
-            return 0.5 + np.abs(value)
-        if name == "kernel":
-            return (value / np.sqrt(np.prod(shape.shape[:-1]))).astype(np.float32)
-        return value
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+    return random_variables(model, method=model.embed)
 
 
 @pytest.fixture(scope="module")

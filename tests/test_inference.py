@@ -94,16 +94,6 @@ def run_python(code: str, env_extra: dict) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return write_training_checkpoint(str(tmp_path_factory.mktemp("run")))
-
-
-@pytest.fixture(scope="module")
-def face_model(workdir):
-    return FaceModel.from_workdir(workdir, batch_size=4)
-
-
 def _reference_embeddings(model, variables, images):
     """Direct `OAML.embed` on BGR-normalized images and their mirrors, flip-fused by hand."""
     preprocess = InputContract(channel_order="BGR").preprocess

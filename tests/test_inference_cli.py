@@ -15,9 +15,8 @@ from PIL import Image
 from data_pipelines.images import decode_image, encode_jpeg, encode_png
 from oaml_jax import align, inference
 from oaml_jax.evaluation import calibration, fusion
-from oaml_jax.inference import FaceModel
 
-from test_inference import ATOL, REPO, STEP, faces, write_training_checkpoint
+from test_inference import ATOL, REPO, STEP, faces
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 PHOTOS = ("aligned.png", "astronaut_head.jpg", "broken.jpg", "grace_hopper.jpg", "uniform.jpg")
@@ -59,14 +58,6 @@ def expected_faces(portraits):
     return {"aligned.png": faces(1, seed=7)[0], **found}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return write_training_checkpoint(str(tmp_path_factory.mktemp("run")))
-
-
-@pytest.fixture(scope="module")
-def face_model(workdir):
-    return FaceModel.from_workdir(workdir, batch_size=4)
 
 
 SUMMARY = ("5 photos, 3 faces, 1 without a face (uniform.jpg), 1 unreadable (broken.jpg: ")

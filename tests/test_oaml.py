@@ -1,8 +1,5 @@
 """OAML multi-task model: losses and metrics, gradient switches, and 8-device sharding."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -11,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import train_worker
+
 from oaml_jax.models.backbone import build_backbone
 from oaml_jax.models.oaml import OAML
 from oaml_jax.models.qaconv import qaconv_loss, retrieval_accuracy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {"loss", "loss_ada", "loss_qa", "loss_pair", "loss_trip", "loss_occ", "acc_ada", "acc_qa",
                "occ_mae", "norm_mean", "trip_valid"}
 LABELS = np.array([0, 0, 1, 1, 2, 3], np.int32)
@@ -269,9 +267,6 @@ _SHARDING_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_forward_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = train_worker.run_script_on_devices(_SHARDING_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SHARDED_OK" in result.stdout

@@ -2,22 +2,20 @@
 all-pairs einsum path), BatchNorm statistics over all groups, the occlusion-weighting switch, the group-size
 check, and 8 sharded devices that exchange no feature maps."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import train_worker
 from test_oaml import PassThrough, numpy_variables
 
 from oaml_jax.models.oaml import OAML, check_group_size
 from oaml_jax.models.qaconv import (hard_triplet_loss, match_features_einsum, pairwise_matching_loss,
                                     retrieval_accuracy)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, HW_SIDE, C, E = 12, 3, 8, 8
 # Groups of 4: identity 0 appears in groups 0 and 2 (never compared across them); group 1 has no negative.
 LABELS = np.array([0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0], np.int32)
@@ -256,9 +254,6 @@ def test_sharded_groups_move_no_feature_maps():
     """8 CPU devices, G = per-device batch (8 of 64): the compiled train step (train.py's, `step.build_train_step`)
     moves no feature map between devices (no all-gather, all-to-all, collective-permute or reduce-scatter of a
     rank >= 3 tensor; G = 0, the all-pairs path, does gather), and its losses equal the 1-device run's."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = train_worker.run_script_on_devices(_SHARDED_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "GROUPS_SHARDED_OK" in result.stdout

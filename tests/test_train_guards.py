@@ -10,7 +10,6 @@ import os
 import socket
 import time
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags

@@ -44,6 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_script_on_devices(script: str, devices: int = 8) -> subprocess.CompletedProcess:
+    """Runs Python source `script` in a fresh process with `devices` fake CPU devices, from the repo root."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
 def run_worker(data: str, workdir: str, out: str, devices: int = 1, **flags) -> subprocess.Popen:
     """Starts this script in a subprocess (see the module docstring); returns the Popen."""
     env = dict(os.environ, **CACHE_ENV)
