@@ -316,21 +316,19 @@ def restore(path: epath.PathLike, step: Optional[int] = None) -> Restored:
     if item is None:
         raise ValueError(f"{directory}/{step} holds neither a {TRAINING_ITEM!r} nor a {CONVERTED_ITEM!r} item "
                          f"(found {sorted(names)})")
-    # Only the model variables: the optimizer state (a copy of the params per slot) stays on disk.
-    handlers = {item: ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers=handlers) as manager:
-        metadata = manager.item_metadata(step)[item]
-        metadata = getattr(metadata, "tree", metadata)
-        replicated = sharding_lib.replicated(sharding_lib.make_mesh())
-        targets = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                               {"params": metadata["params"], "batch_stats": metadata.get("batch_stats", {})})
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            item: ocp.args.PyTreeRestore(item=targets, partial_restore=True,
-                                         restore_args=ocp.checkpoint_utils.construct_restore_args(targets)),
-            "config": ocp.args.JsonRestore()}))
-    config = dict(restored["config"])
-    variables = {"params": restored[item]["params"], "batch_stats": restored[item].get("batch_stats", {})}
+    # The item handlers themselves (a read-only manager would warn about every item it is not asked for), and
+    # only the model variables: the optimizer state (a copy of the params per slot) stays on disk.
+    step_dir = directory / str(step)
+    handler = ocp.PyTreeCheckpointHandler()
+    metadata = handler.metadata(step_dir / item)
+    metadata = getattr(metadata, "tree", metadata)
+    replicated = sharding_lib.replicated(sharding_lib.make_mesh())
+    targets = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                           {"params": metadata["params"], "batch_stats": metadata.get("batch_stats", {})})
+    restored = handler.restore(step_dir / item, args=ocp.args.PyTreeRestore(
+        item=targets, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)))
+    config = dict(ocp.JsonCheckpointHandler().restore(step_dir / "config"))
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     model_cfg = config.get("model")
     fields = factory.EMBEDDING_FIELDS if item == CONVERTED_ITEM else factory.MODEL_FIELDS
     missing = [k for k in fields if not isinstance(model_cfg, Mapping) or k not in model_cfg]
