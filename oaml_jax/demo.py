@@ -12,11 +12,11 @@
 Any config field can be overridden as in train.py, e.g. `--config.train.epochs=2`.
 """
 
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
+import ml_collections
 from ml_collections import config_flags
 
 from data_pipelines import recordio
@@ -24,39 +24,53 @@ from data_pipelines import synthetic
 from oaml_jax import logs
 from oaml_jax import train
 from oaml_jax.evaluation import runner
+from oaml_jax.paths import user_path
 
-_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-
-_CONFIG = config_flags.DEFINE_config_file("config", _DEMO_CONFIG, "Demo training config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Where the data, checkpoints and results go.")
-_IDENTITIES = flags.DEFINE_integer("identities", 128, "Synthetic training identities.")
-_IMAGES = flags.DEFINE_integer("images", 16, "Images per training identity.")
-_PAIRS = flags.DEFINE_integer("pairs", 600, "Held-out verification pairs.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic identities.")
+DEMO_CONFIG = epath.resource_path("configs") / "demo.py"
 
 
-def ensure_data(data_dir: str, identities: int, images: int, pairs: int, seed: int) -> None:
+
+def define_flags(workdir: str = "demo_workdir") -> None:
+    """The demo's flags (also the ablation's: same config, data and workdir flags)."""
+    config_flags.DEFINE_config_file("config", str(DEMO_CONFIG), "Training config (the demo's).", lock_config=True)
+    flags.DEFINE_string("workdir", workdir, "Where the data, checkpoints and results go (any epath).")
+    flags.DEFINE_integer("identities", 128, "Synthetic training identities.")
+    flags.DEFINE_integer("images", 16, "Images per training identity.")
+    flags.DEFINE_integer("pairs", 600, "Held-out verification pairs.")
+    flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic identities.")
+
+
+def prepare(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[epath.Path, ml_collections.ConfigDict]:
+    """(workdir, config on the workdir's synthetic data) from the flags of `define_flags`; writes the data
+    into `<workdir>/data` unless it is already there."""
+    f = flag_values
+    workdir = user_path(f.workdir, "--workdir")
+    data_dir = workdir / "data"
+    ensure_data(data_dir, f.identities, f.images, f.pairs, f.data_seed)
+    config = f.config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.path = str(data_dir)
+    return workdir, config
+
+
+def ensure_data(data_dir: epath.Path, identities: int = 128, images: int = 16, pairs: int = 600,
+                seed: int = 0) -> None:
     """Writes the synthetic dataset into `data_dir` unless a complete one is already there."""
     needed = [recordio.REC_NAME, recordio.IDX_NAME, recordio.PROPERTY_NAME, "lfw.bin"]
-    if all(os.path.exists(os.path.join(data_dir, name)) for name in needed):
+    if all((data_dir / name).exists() for name in needed):
         logging.info("Reusing the synthetic data in %s", data_dir)
         return
     logging.info("Writing %d synthetic identities x %d images and %d held-out pairs to %s",
                  identities, images, pairs, data_dir)
-    synthetic.write_dataset(data_dir, num_identities=identities, images_per_identity=images,
+    synthetic.write_dataset(str(data_dir), num_identities=identities, images_per_identity=images,
                             num_pairs=pairs, seed=seed, bin_names=("lfw",))
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    workdir = os.path.abspath(_WORKDIR.value)
-    data_dir = os.path.join(workdir, "data")
-    ensure_data(data_dir, _IDENTITIES.value, _IMAGES.value, _PAIRS.value, _SEED.value)
-    config = _CONFIG.value.copy_and_resolve_references()
-    with config.unlocked():
-        config.data.path = data_dir
-    train_dir = os.path.join(workdir, "train")
+    workdir, config = prepare()
+    train_dir = workdir / "train"
     train.train_and_evaluate(config, train_dir)
     results = runner.run(config, train_dir)
     print(results["table"])
@@ -64,6 +78,7 @@ def main(argv):
 
 def cli() -> None:
     """`python -m oaml_jax.demo` / `oaml-demo`."""
+    define_flags()
     logs.run(main)
 
 

@@ -234,3 +234,51 @@ def plot_pair_verification(img_a: np.ndarray, img_b: np.ndarray, map_a: np.ndarr
                            verdict: str | None = None) -> epath.Path:
     """Write `pair_verification_figure(...)` as a PNG at `path` and return the path."""
     return _save(pair_verification_figure(img_a, img_b, map_a, map_b, lines, title, verdict), path)
+
+
+def ablation_figure(summary: Mapping[str, Mapping[str, Mapping[str, tuple[float, float, int]]]],
+                    title: str | None = None) -> Figure:
+    """Grouped bars with error bars: one panel per score, occlusion variants on the x axis, a bar per
+    ablation variant at its mean with +- one standard deviation.
+
+    Args:
+        summary: variant -> occlusion variant -> score -> (mean %, std %, runs) (`oaml_jax.ablation.summarize`).
+        title: optional figure title.
+
+    Returns:
+        The figure (one 4 x 3.2 inch panel per score present).
+    """
+    variants = list(summary)
+    if not variants:
+        raise ValueError("summary: expected at least one variant")
+    occlusions = list(next(iter(summary.values())))
+    scores = [s for s in ("adaface", "qaconv", "fused")
+              if any(s in summary[v][o] for v in variants for o in occlusions)]
+    fig = _new_figure(4.0 * len(scores), 3.6)
+    width = 0.8 / len(variants)
+    x = np.arange(len(occlusions))
+    for i, score in enumerate(scores):
+        ax = fig.add_subplot(1, len(scores), i + 1)
+        for j, variant in enumerate(variants):
+            cells = [summary[variant][o].get(score) for o in occlusions]
+            if not any(cells):
+                continue
+            means = [c[0] if c else np.nan for c in cells]
+            stds = [c[1] if c else 0.0 for c in cells]
+            ax.bar(x + (j - (len(variants) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=variant)
+        ax.set_xticks(x, occlusions, fontsize=8)
+        ax.set_ylim(50, 100)
+        ax.set_title(score, fontsize=9)
+        ax.set_ylabel("10-fold accuracy (%)", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.axes[0].legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablation(summary: Mapping[str, Mapping[str, Mapping[str, tuple[float, float, int]]]], path: epath.PathLike,
+                  title: str | None = None) -> epath.Path:
+    """Write `ablation_figure(summary, title)` as a PNG at `path` and return the path."""
+    return _save(ablation_figure(summary, title), path)
