@@ -527,7 +527,7 @@ class RecordIOSource:
             if _size_mtime(path)[1] < newest:
                 return None
             with path.open("rb") as fh:
-                labels = np.load(fh)
+                labels = np.load(fh, allow_pickle=False)
         except Exception as e:  # The cache is optional: no file-system error may stop the run.
             logging.warning("Not using the labels cache %s (%s: %s); scanning the records.", path,
                             type(e).__name__, e)

@@ -197,7 +197,7 @@ class TFDSSource:
             labels = None
             if path.exists():
                 with path.open("rb") as fh:
-                    labels = np.load(fh)
+                    labels = np.load(fh, allow_pickle=False)
             if labels is None or labels.shape != (len(self),):
                 logging.info("%s: scanning %d records for labels.", self.builder_dir, len(self))
                 ds = self._source()
