@@ -31,12 +31,12 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # that heavy crops leave (held-out AdaFace accuracy 68.8% with 0.2-1, 81.0% with 0.6-1).
     config.data.augment.crop_scale = (0.6, 1.0)
     # AdaFace's s = 64 is scaled for 512-d embeddings (initial logit spread s / sqrt(512) = 2.8); on this 64-d
-    # embedding it is 8, the hardest of the 127 wrong classes dominates the loss, and the loss falls fastest by
-    # turning every embedding away from all class centres (all cosines ~0: the loss then sits at s m + ln 128,
-    # 30.5, where it stayed), which carries no identity. AdaFace alone (lam_ada 1) then stayed at chance on the
-    # held-out pairs after these 384 steps: 52.7% with s 64, 51.3 with 32, 59.8 with 22.6, 72.7 with 16, 84.2
-    # with 8, about the AdaCos scale for 128 classes (sqrt(2) ln 127 = 6.9); full OAML's AdaFace 80.3 -> 82.3
-    # (faces with per-identity hair). With per-sample hair, full OAML's AdaFace: 54.3 with s 64, 70.7 with 8.
+    # embedding the spread is 8, the hardest of the 127 wrong classes dominates the loss, and the loss falls
+    # fastest by turning every embedding away from all class centres (all cosines ~0, the loss stuck at
+    # s m + ln 128 = 30.5), which carries no identity. AdaFace alone (lam_ada 1), held-out accuracy after these
+    # 384 steps on faces whose hair carried identity: 52.7% with s 64, 51.3 with 32, 59.8 with 22.6, 72.7 with
+    # 16, 84.2 with 8, about the AdaCos scale for 128 classes (sqrt(2) ln 127 = 6.9). On the embedded faces
+    # (identity only in the inner face), full OAML's AdaFace branch: 54.3% with s 64, 70.7 with 8.
     config.model.head_kwargs.s = 8.0
     config.optim.lr = 1.6  # per 512 images: 0.1 for the batch of 32
     config.optim.schedule = "cosine"

@@ -27,9 +27,10 @@ def test_variants_build_the_configs_they_say():
         assert changed == set(ablation.VARIANTS[name]), name
     assert configs["full"].to_dict() == ablation.variant_config(base, "full", 2).to_dict()
     adaface_only = configs["adaface_only"].model
-    assert adaface_only.lam_qa == adaface_only.lam_occ == 0.0 and adaface_only.lam_ada > 0
+    assert (adaface_only.lam_ada, adaface_only.lam_qa, adaface_only.lam_occ) == (1.0, 0.0, 0.0)
     assert configs["no_occlusion_weighting"].model.qaconv_occlusion_weighting is False
-    assert configs["qaconv_detached"].model.qaconv_to_backbone is False
+    detached = configs["qaconv_detached"].model
+    assert detached.qaconv_to_backbone is False and detached.lam_ada == 1.0 and detached.lam_qa > 0
     assert base.model.qaconv_occlusion_weighting and base.model.qaconv_to_backbone  # base left as it was
     for config in configs.values():
         factory.check_config(config.model)
