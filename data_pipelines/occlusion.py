@@ -1,4 +1,4 @@
-"""Synthetic occlusion with ground-truth visibility maps, and real occluded-face folders.
+"""Synthetic occlusion with ground-truth visibility maps.
 
 Every occlusion kind returns the occluded image and a pixel mask (`True` = visible). The
 training target is the visibility map at feature-map resolution: each cell holds the visible
@@ -7,36 +7,35 @@ fraction of its image area (the area average of the pixel mask, not a bounding b
 
 Kinds (all take RGB uint8 `[H, W, 3]` and a `np.random.Generator`):
 - `random_blocks`: 1..n rectangles of solid random colour or uniform noise;
-- `medical_mask`: a procedural surgical mask over nose and mouth, placed from the standard
-  112x112 five-point landmarks with random jitter, light colour, pleats and shading;
+- `medical_mask`: a procedural surgical mask over nose and mouth, placed from the five-point template
+  (`oaml_jax.models.face_input.ARCFACE_TEMPLATE`) with random jitter, light colour, pleats and shading;
 - `sunglasses`: dark lenses (or a dark band) over the eyes, placed from the eye landmarks;
 - `rgba_overlay`: a user-supplied RGBA occluder warped onto the mask region; alpha > 0.5
-  counts as occluded. The file is read once per process and cached.
+  counts as occluded. The file (any path `etils.epath` opens, gs:// included) is read once per process and
+  cached.
 """
 
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
+from etils import epath
 
-# Standard five landmarks (left eye, right eye, nose tip, left and right mouth corners) of
-# an aligned 112x112 face, (x, y) in pixels.
-LANDMARKS_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
-     [70.7299, 92.2041]], np.float32)
+from oaml_jax.models.face_input import ARCFACE_TEMPLATE, FACE_SIZE
+
+# The five landmarks of an aligned face (left eye, right eye, nose tip, mouth corners), (x, y) pixels,
+# float32 as the occluders have always been placed.
+_LANDMARKS = ARCFACE_TEMPLATE.astype(np.float32)
 
 KINDS = ("blocks", "mask", "sunglasses", "rgba")
 PROB_KEYS = ("prob_blocks", "prob_mask", "prob_sunglasses", "prob_rgba")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-_REFERENCE_SIDE = 112.0
-_LANDMARKS_LIST = tuple(map(tuple, LANDMARKS_112.tolist()))
-_LANDMARK_CENTRE = tuple(LANDMARKS_112.mean(axis=0).tolist())
+_LANDMARKS_LIST = tuple(map(tuple, _LANDMARKS.tolist()))
+_LANDMARK_CENTRE = tuple(_LANDMARKS.mean(axis=0).tolist())
 _LANDMARK_NOISE = 1.2  # px (at 112x112) of independent noise per landmark
 _FACE_SHIFT = 3.0  # px of global translation
 _FACE_SCALE = 0.07  # relative global scale jitter
@@ -108,7 +107,7 @@ def _jittered_landmarks(rng: np.random.Generator, height: int,
     scale = 1.0 + _FACE_SCALE * zoom
     cos, sin = scale * math.cos(roll * _FACE_ROLL), scale * math.sin(roll * _FACE_ROLL)
     cx, cy = _LANDMARK_CENTRE
-    kx, ky = width / _REFERENCE_SIDE, height / _REFERENCE_SIDE
+    kx, ky = width / FACE_SIZE, height / FACE_SIZE
     # Similarity about the landmarks' centre, then the shift, then the image-size scaling.
     tx = cx - cos * cx + sin * cy + _FACE_SHIFT * shift_x
     ty = cy - sin * cx - cos * cy + _FACE_SHIFT * shift_y
@@ -316,7 +315,7 @@ def _render_sunglasses(rng: np.random.Generator) -> _Sprite:
             (-0.5 - half_w, lift - 0.5 * half_h), (-1.6, lift - 0.5 * half_h),
             (0.5 + half_w, lift - 0.5 * half_h), (1.6, lift - 0.5 * half_h)]
     # Bridge and arms: 2 px wide at 112x112, where the inter-ocular distance is ~35 px.
-    thickness = max(1, round(2.0 * _SPRITE_SCALE / (LANDMARKS_112[1, 0] - LANDMARKS_112[0, 0])))
+    thickness = max(1, round(2.0 * _SPRITE_SCALE / (_LANDMARKS[1, 0] - _LANDMARKS[0, 0])))
     cv2.polylines(alpha, _sprite_pixels(a, b, rims).reshape(3, 2, 2), False, 255, thickness)
     return _sprite(a, b, rgb, alpha, 0.0, colour)
 
@@ -399,10 +398,11 @@ def _load_rgba(path: str) -> np.ndarray:
     if not path:
         raise ValueError(
             "prob_rgba > 0 needs an RGBA occluder image: data.occlusion.rgba_path is empty")
-    if not os.path.isfile(path):
+    file = epath.Path(path)
+    if not file.is_file():
         raise FileNotFoundError(
             f"RGBA occluder {path!r} (data.occlusion.rgba_path) does not exist")
-    data = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    data = cv2.imdecode(np.frombuffer(file.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
     if data is None:
         raise ValueError(f"cannot decode RGBA occluder {path!r} (data.occlusion.rgba_path)")
     if data.ndim != 3 or data.shape[2] != 4:
@@ -543,7 +543,17 @@ class Occlusion:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator,
                  grid: int = 7) -> tuple[np.ndarray, np.ndarray]:
-        """Applies at most one occlusion, chosen by `probs`; see `occlude`."""
+        """Applies at most one occlusion, kind drawn by `probs` (none with probability 1 - sum(probs)).
+
+        Args:
+          image: `[H, W, 3]` uint8 RGB aligned face.
+          rng: random generator.
+          grid: visibility map side.
+
+        Returns:
+          (image `[H, W, 3]` uint8, visibility `[grid, grid]` float32 with 1 = visible). Without
+          occlusion the input array itself and an all-ones map are returned.
+        """
         draw = rng.random()
         cumulative = 0.0
         for kind, prob in zip(KINDS, self.probs):
@@ -553,27 +563,6 @@ class Occlusion:
         else:
             return image, np.ones((grid, grid), np.float32)
         return _occlude_kind(kind, image, rng, grid, self.blocks_count, self.blocks_size, self.rgba_path)
-
-
-def occlude(image: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any] | Any,
-            grid: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    """Applies at most one synthetic occlusion, chosen by the configured probabilities.
-
-    Validates `cfg` on every call; a loop over many images builds `Occlusion.from_config(cfg)` once.
-
-    Args:
-      image: `[H, W, 3]` uint8 RGB aligned face.
-      rng: random generator.
-      cfg: mapping or ConfigDict with `prob_blocks`, `prob_mask`, `prob_sunglasses`,
-        `prob_rgba` (sum <= 1), `rgba_path` (needed when `prob_rgba > 0`), `blocks_count`
-        (lo, hi) and `blocks_size` (lo, hi) fractions of the side.
-      grid: visibility map side.
-
-    Returns:
-      (image `[H, W, 3]` uint8, visibility `[grid, grid]` float32 with 1 = visible). Without
-      occlusion the input array itself and an all-ones map are returned.
-    """
-    return Occlusion.from_config(cfg)(image, rng, grid)
 
 
 def occlude_deterministic(image: np.ndarray, kind: str, seed: int, grid: int = 7, *,
@@ -600,74 +589,3 @@ def occlude_deterministic(image: np.ndarray, kind: str, seed: int, grid: int = 7
         raise ValueError("occlusion kind 'rgba' needs rgba_path (eval occluder image)")
     return _occlude_kind(kind, image, np.random.default_rng(seed), grid, blocks_count, blocks_size,
                          rgba_path)
-
-
-class OccludedFolderSource:
-    """Random-access source of real occluded faces with ground-truth occlusion masks.
-
-    Layout: `image_root/<identity>/<name>.<ext>` with `mask_root/<identity>/<name>.png`
-    (same stem). Labels are the indices of the sorted identity folder names. A mask pixel
-    counts as occluded when it is on the `occluded_value` side of 128 (white = occluded by
-    default); masks may have any resolution, they are area-averaged to `grid x grid`.
-
-    Items: `{"image": encoded image bytes, "label": int, "vis": float32 [grid, grid]}`.
-    """
-
-    def __init__(self, image_root: str, mask_root: str, grid: int = 7,
-                 occluded_value: int = 255):
-        if occluded_value not in (0, 255):
-            raise ValueError(f"occluded_value must be 0 or 255, got {occluded_value}")
-        for root in (image_root, mask_root):
-            if not os.path.isdir(root):
-                raise FileNotFoundError(f"occluded face folder {root!r} does not exist")
-        self.image_root = str(image_root)
-        self.mask_root = str(mask_root)
-        self.grid = grid
-        self.occluded_value = occluded_value
-        identities = sorted(entry.name for entry in os.scandir(image_root) if entry.is_dir())
-        if not identities:
-            raise ValueError(f"{image_root!r} has no identity sub-folders")
-        items = []
-        for label, identity in enumerate(identities):
-            for name in sorted(os.listdir(os.path.join(image_root, identity))):
-                stem, ext = os.path.splitext(name)
-                if ext.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                image_path = os.path.join(image_root, identity, name)
-                mask_path = os.path.join(mask_root, identity, stem + ".png")
-                if not os.path.isfile(mask_path):
-                    raise FileNotFoundError(
-                        f"occluded image {image_path!r} has no mask {mask_path!r}")
-                items.append((image_path, mask_path, label))
-        if not items:
-            raise ValueError(f"{image_root!r} holds no images with extensions {IMAGE_EXTENSIONS}")
-        self._items = items
-        self._labels = np.array([label for _, _, label in items], np.int64)
-        self.num_classes = len(identities)
-        self.identities = tuple(identities)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if not 0 <= index < len(self._items):
-            raise IndexError(f"index {index} out of range for {len(self._items)} occluded images")
-        image_path, mask_path, label = self._items[index]
-        with open(image_path, "rb") as f:
-            data = f.read()
-        with open(mask_path, "rb") as f:
-            mask = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise ValueError(f"cannot decode occlusion mask {mask_path!r} (for {image_path!r})")
-        occluded = mask >= 128 if self.occluded_value == 255 else mask < 128
-        return {"image": data, "label": label, "vis": visibility_map(~occluded, self.grid)}
-
-    def labels(self) -> np.ndarray:
-        """Label of every item, `[len]` int64."""
-        return self._labels.copy()
-
-    def __repr__(self) -> str:
-        return (f"OccludedFolderSource(image_root={self.image_root!r}, "
-                f"mask_root={self.mask_root!r}, "
-                f"{len(self)} images, {self.num_classes} identities)")

@@ -39,9 +39,9 @@ import simplejpeg
 from absl import app, flags, logging
 
 from data_pipelines import bin_pairs, images, recordio
+from oaml_jax.models.face_input import FACE_SIZE
 
 
-IMAGE_SIZE = 112
 # Held-out (verification) identities are numbered from here so they never collide with training ids.
 HOLDOUT_ID_OFFSET = 1_000_000
 
@@ -54,7 +54,7 @@ _CENTRE = (56.0, 60.0)
 
 # A fixed bank of Gaussian noise; each sample reads a random window of it (much cheaper than drawing
 # 112*112*3 normals per image, and still deterministic).
-_NOISE = np.random.default_rng(20240611).standard_normal((2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3)).astype(
+_NOISE = np.random.default_rng(20240611).standard_normal((2 * FACE_SIZE, 2 * FACE_SIZE, 3)).astype(
     np.float32)
 _CORNER_Y, _CORNER_X = np.mgrid[-1.0:1.0:2j, -1.0:1.0:2j]
 
@@ -255,7 +255,7 @@ _U9 = np.linspace(-1.0, 1.0, 9)
 
 def _ramp(corners: np.ndarray) -> np.ndarray:
     """Smooth field [112, 112, 3] float32 interpolated between 2x2 corner values [2, 2, 3]."""
-    return cv2.resize(corners.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(corners.astype(np.float32), (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LINEAR)
 
 
 def _linear_corners(rng: np.random.Generator, amplitude: np.ndarray) -> np.ndarray:
@@ -270,10 +270,10 @@ def _draw_background(canvas: np.ndarray, rng: np.random.Generator) -> None:
     base = grey + rng.normal(0, 35, 3)
     corners = np.clip(base + _linear_corners(rng, rng.normal(0, 40, 3)), 0, 255).astype(np.uint8)
     # Bilinear interpolation of in-range corners stays in range, so the ramp is built in uint8 directly.
-    cv2.resize(corners, (IMAGE_SIZE, IMAGE_SIZE), dst=canvas, interpolation=cv2.INTER_LINEAR)
+    cv2.resize(corners, (FACE_SIZE, FACE_SIZE), dst=canvas, interpolation=cv2.INTER_LINEAR)
     for v in rng.random((int(rng.integers(0, 5)), 8)).tolist():
         colour = (255.0 * v[0], 255.0 * v[1], 255.0 * v[2])
-        x, y = IMAGE_SIZE * v[3], IMAGE_SIZE * v[4]
+        x, y = FACE_SIZE * v[3], FACE_SIZE * v[4]
         if v[5] < 0.5:
             _ellipse(canvas, (x, y), (4.0 + 26.0 * v[6], 4.0 + 26.0 * v[7]), 360.0 * v[5], colour)
         else:
@@ -299,8 +299,8 @@ def _hair_back(p: IdentityParams, hair: HeadHair, cx: float) -> list[np.ndarray]
     if hair.style == "long":
         top = p.face_centre_y - 0.3 * ay
         width = ax + hair.volume + 2.0
-        polys.append(np.array([(cx - width, top), (cx + width, top), (cx + width + 6, IMAGE_SIZE + 8),
-                               (cx - width - 6, IMAGE_SIZE + 8)]))
+        polys.append(np.array([(cx - width, top), (cx + width, top), (cx + width + 6, FACE_SIZE + 8),
+                               (cx - width - 6, FACE_SIZE + 8)]))
     elif hair.style == "curly":
         for a in np.linspace(np.pi, 2.0 * np.pi, 12):
             polys.append(_ellipse_points((cx + (ax + hair.volume) * math.cos(a),
@@ -395,7 +395,7 @@ def _geometry(p: IdentityParams) -> _Geometry:
     ears = [_ellipse_points((cx + side * (ax - 1.0), ear_y), p.ear_size, -side * 8.0, n=16) for side in (-1, 1)]
     under = [
         ([np.array([(cx - 0.5 * ax, p.face_centre_y), (cx + 0.5 * ax, p.face_centre_y),
-                    (cx + 0.55 * ax, IMAGE_SIZE + 4), (cx - 0.55 * ax, IMAGE_SIZE + 4)])],
+                    (cx + 0.55 * ax, FACE_SIZE + 4), (cx - 0.55 * ax, FACE_SIZE + 4)])],
          _shade(p.skin, 0.8), _HEAD_YAW, False),
         (ears, _shade(p.skin, 0.9), _EAR_YAW, False),
     ]
@@ -500,7 +500,7 @@ def _draw_face(canvas: np.ndarray, p: IdentityParams, rng: np.random.Generator) 
     yaw = _clamp(0.4 * n[0], -1.0, 1.0)
     fx = _CENTRE[0] + _FEATURE_YAW * yaw
     clothing = (10.0 + 235.0 * z[0], 10.0 + 235.0 * z[1], 10.0 + 235.0 * z[2])
-    _ellipse(canvas, (_CENTRE[0] + _HEAD_YAW * yaw, IMAGE_SIZE + 22.0), (62.0, 30.0), 0.0, clothing)
+    _ellipse(canvas, (_CENTRE[0] + _HEAD_YAW * yaw, FACE_SIZE + 22.0), (62.0, 30.0), 0.0, clothing)
     _draw_layers(canvas, _layers([(_hair_back(p, hair, _CENTRE[0]), hair.colour, _HEAD_YAW, False)]), yaw)
     _draw_layers(canvas, g.under, yaw)
     _draw_layers(canvas, _layers([(_hair_front(p, hair, _CENTRE[0]), hair.colour, _HEAD_YAW, False)]), yaw)
@@ -547,8 +547,8 @@ def _photometric(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     light = gain * (1.0 + _linear_corners(rng, np.full(3, 0.35 * z[1])))
     img = canvas.astype(np.float32)
     cv2.multiply(img, _ramp(light), dst=img)
-    oy, ox = int(IMAGE_SIZE * z[2]), int(IMAGE_SIZE * z[3])
-    cv2.scaleAdd(_NOISE[oy:oy + IMAGE_SIZE, ox:ox + IMAGE_SIZE], gain * 8.0 * z[4], img, dst=img)
+    oy, ox = int(FACE_SIZE * z[2]), int(FACE_SIZE * z[3])
+    cv2.scaleAdd(_NOISE[oy:oy + FACE_SIZE, ox:ox + FACE_SIZE], gain * 8.0 * z[4], img, dst=img)
     target = _mean_colour_target(rng)
     offset = np.rint(target - np.array(cv2.mean(img)[:3]))
     # cv2.add saturates to uint8 in one pass; it is several times faster with whole-number scalars, and
@@ -584,21 +584,12 @@ def render_face(params: IdentityParams, sample: int, seed: int) -> np.ndarray:
     if sample < 0:
         raise ValueError(f"render_face: sample must be >= 0, got {sample}")
     rng = np.random.default_rng([seed, params.identity, sample, 1])
-    canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    canvas = np.empty((FACE_SIZE, FACE_SIZE, 3), np.uint8)
     _draw_background(canvas, rng)
     yaw = _draw_face(canvas, params, rng)
-    canvas = cv2.warpAffine(canvas, _pose_matrix(rng, yaw), (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_LINEAR,
+    canvas = cv2.warpAffine(canvas, _pose_matrix(rng, yaw), (FACE_SIZE, FACE_SIZE), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_REFLECT_101)
     return _photometric(canvas, rng)
-
-
-def render_identity(seed: int, identity: int, samples: Sequence[int]) -> np.ndarray:
-    """Renders several samples of one identity -> uint8 [len(samples), 112, 112, 3] RGB."""
-    params = identity_params(seed, identity)
-    out = np.empty((len(samples), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    for j, sample in enumerate(samples):
-        out[j] = render_face(params, int(sample), seed)
-    return out
 
 
 def _validate(num_identities: int, images_per_identity: int, num_pairs: int, holdout: int,
@@ -696,12 +687,12 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
     logging.info("synthetic dataset: %d identities x %d images, %d held-out identities, %d pairs per bin %s "
                  "-> %s", num_identities, images_per_identity, holdout, num_pairs, list(bin_names), out_dir)
     num_images = recordio.write_recordio(out_dir, _training_items(seed, num_identities, images_per_identity),
-                                         num_identities, image_size=(IMAGE_SIZE, IMAGE_SIZE))
+                                         num_identities, image_size=(FACE_SIZE, FACE_SIZE))
     bins = {}
     for k, name in enumerate(bin_names):
         ids, samples, issame = verification_pairs(seed, k, num_pairs, holdout)
         progress = _Progress(f"synthetic pairs {name}", len(ids))
-        pair_images = np.empty((len(ids), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        pair_images = np.empty((len(ids), FACE_SIZE, FACE_SIZE, 3), np.uint8)
         for j, (identity, sample) in enumerate(zip(ids, samples)):
             pair_images[j] = render_face(identity_params(seed, int(identity)), int(sample), seed)
             progress.update(j + 1)

@@ -1,7 +1,5 @@
 """Tests for data_pipelines.occlusion."""
 
-import os
-import pickle
 
 import cv2
 import ml_collections
@@ -60,7 +58,7 @@ def test_visibility_map_other_grid_and_errors():
 
 def test_no_occlusion_gives_all_ones_and_same_image():
     image = _face()
-    out, vis = occlusion.occlude(image, np.random.default_rng(0), NONE)
+    out, vis = occlusion.Occlusion.from_config(NONE)(image, np.random.default_rng(0))
     np.testing.assert_array_equal(out, image)
     np.testing.assert_array_equal(vis, np.ones((7, 7), np.float32))
     assert vis.dtype == np.float32
@@ -123,8 +121,8 @@ def test_occlude_seed_fixes_output_and_seeds_differ():
                                      "prob_sunglasses": 0.3})
     outputs = []
     for seed in range(6):
-        out, vis = occlusion.occlude(image, np.random.default_rng(seed), cfg)
-        again, vis_again = occlusion.occlude(image, np.random.default_rng(seed), cfg)
+        out, vis = occlusion.Occlusion.from_config(cfg)(image, np.random.default_rng(seed))
+        again, vis_again = occlusion.Occlusion.from_config(cfg)(image, np.random.default_rng(seed))
         np.testing.assert_array_equal(out, again)
         np.testing.assert_array_equal(vis, vis_again)
         assert vis.shape == (7, 7) and vis.dtype == np.float32 and vis.min() < 1.0
@@ -134,7 +132,7 @@ def test_occlude_seed_fixes_output_and_seeds_differ():
 
 def test_occlude_grid_argument():
     cfg = {**CFG, "prob_blocks": 1.0, "prob_mask": 0.0, "prob_sunglasses": 0.0}
-    _, vis = occlusion.occlude(_face(), np.random.default_rng(0), cfg, grid=14)
+    _, vis = occlusion.Occlusion.from_config(cfg)(_face(), np.random.default_rng(0), 14)
     assert vis.shape == (14, 14)
 
 
@@ -161,7 +159,7 @@ def test_probabilities_over_one_rejected():
                r"must be <= 1 \(at most one occlusion per image\), got 0\.5 \+ 0\.4 \+ 0\.2 \+ "
                r"0\.0 = 1\.1")
     with pytest.raises(ValueError, match=message):
-        occlusion.occlude(_face(), np.random.default_rng(0), cfg)
+        occlusion.Occlusion.from_config(cfg)(_face(), np.random.default_rng(0))
     with pytest.raises(ValueError, match=message):
         occlusion.check_config(cfg)
     with pytest.raises(ValueError, match=r"data\.occlusion\.prob_mask must be in \[0, 1\]"):
@@ -173,7 +171,7 @@ def test_rgba_without_path_rejected():
     message = (r"data\.occlusion\.prob_rgba > 0 needs an RGBA occluder image: "
                r"data\.occlusion\.rgba_path is empty or missing")
     with pytest.raises(ValueError, match=message):
-        occlusion.occlude(_face(), np.random.default_rng(0), cfg)
+        occlusion.Occlusion.from_config(cfg)(_face(), np.random.default_rng(0))
     without_key = {k: v for k, v in cfg.items() if k != "rgba_path"}
     with pytest.raises(ValueError, match=message):
         occlusion.check_config(without_key)
@@ -185,7 +183,7 @@ def test_rgba_without_path_rejected():
 def test_missing_key_names_it():
     cfg = {k: v for k, v in CFG.items() if k != "prob_sunglasses"}
     with pytest.raises(KeyError, match=r"data\.occlusion\.prob_sunglasses"):
-        occlusion.occlude(_face(), np.random.default_rng(0), cfg)
+        occlusion.Occlusion.from_config(cfg)(_face(), np.random.default_rng(0))
 
 
 def test_rgba_overlay(tmp_path):
@@ -199,7 +197,7 @@ def test_rgba_overlay(tmp_path):
     image = np.zeros((112, 112, 3), np.uint8)
     cfg = {**NONE, "prob_rgba": 1.0, "rgba_path": path}
     for seed in range(5):
-        out, vis = occlusion.occlude(image, np.random.default_rng(seed), cfg)
+        out, vis = occlusion.Occlusion.from_config(cfg)(image, np.random.default_rng(seed))
         assert vis[6, 2:5].mean() < 0.2 and vis[:4].min() == 1.0
         red = (out[..., 0] > 128) & (out[..., 1] == 0)
         assert red.sum() > 500
@@ -208,55 +206,3 @@ def test_rgba_overlay(tmp_path):
         assert direct[visible].max() <= 128 and direct[~visible, 0].min() > 127
     with pytest.raises(ValueError, match=r"must have 4 channels"):
         occlusion.rgba_overlay(image, np.random.default_rng(0), no_alpha)
-
-
-def _write(path, image):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    ext = os.path.splitext(path)[1]
-    with open(path, "wb") as f:
-        f.write(cv2.imencode(ext, image)[1].tobytes())
-
-
-def test_occluded_folder_source(tmp_path):
-    images, masks = str(tmp_path / "images"), str(tmp_path / "masks")
-    top_white = np.zeros((112, 112), np.uint8)
-    top_white[:56] = 255  # rows 0..55 occluded: 3.5 rows of 16 px cells
-    for identity, names in (("bob", ["b1", "b0"]), ("alice", ["a0"])):
-        for name in names:
-            _write(os.path.join(images, identity, name + ".jpg"), _face())
-            mask = top_white if name != "b1" else cv2.resize(top_white, (56, 56),
-                                                              interpolation=cv2.INTER_NEAREST)
-            _write(os.path.join(masks, identity, name + ".png"), mask)
-    with open(os.path.join(images, "bob", "notes.txt"), "w") as f:
-        f.write("not an image")
-
-    source = occlusion.OccludedFolderSource(images, masks)
-    assert len(source) == 3 and source.num_classes == 2
-    np.testing.assert_array_equal(source.labels(), [0, 1, 1])  # alice, bob (sorted)
-    expected = np.ones((7, 7), np.float32)
-    expected[:3] = 0.0
-    expected[3] = 0.5
-    for i in range(3):
-        item = source[i]
-        assert set(item) == {"image", "label", "vis"}
-        np.testing.assert_allclose(item["vis"], expected, atol=1e-6)
-        assert item["vis"].dtype == np.float32
-    item = source[np.int64(2)]
-    assert item["label"] == 1
-    with open(os.path.join(images, "bob", "b1.jpg"), "rb") as f:
-        assert item["image"] == f.read()
-    inverted = occlusion.OccludedFolderSource(images, masks, grid=7, occluded_value=0)
-    np.testing.assert_allclose(inverted[0]["vis"], 1.0 - expected, atol=1e-6)
-    with pytest.raises(IndexError, match="out of range"):
-        source[3]
-    copy = pickle.loads(pickle.dumps(source))  # Grain workers receive sources pickled
-    assert copy[1]["image"] == source[1]["image"]
-
-    os.remove(os.path.join(masks, "alice", "a0.png"))
-    image_path = os.path.join(images, "alice", "a0.jpg")
-    mask_path = os.path.join(masks, "alice", "a0.png")
-    with pytest.raises(FileNotFoundError,
-                       match=f"occluded image '{image_path}' has no mask '{mask_path}'"):
-        occlusion.OccludedFolderSource(images, masks)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        occlusion.OccludedFolderSource(str(tmp_path / "nope"), masks)

@@ -38,6 +38,12 @@ def test_bad_sample_and_identity_are_rejected():
         synthetic.identity_params(0, -2)
 
 
+def _render(num_ids, per_id):
+    """Samples 0..per_id-1 of identities 0..num_ids-1 -> uint8 [num_ids, per_id, 112, 112, 3]."""
+    return np.stack([[synthetic.render_face(synthetic.identity_params(_SEED, i), j, _SEED) for j in range(per_id)]
+                     for i in range(num_ids)])
+
+
 def _ridge_accuracy(train_x, train_y, test_x, test_y, num_classes, lam):
     """Held-out accuracy of a one-vs-all ridge regression classifier on standardized features."""
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
@@ -52,7 +58,7 @@ def _ridge_accuracy(train_x, train_y, test_x, test_y, num_classes, lam):
 
 def test_mean_colour_carries_no_identity_but_appearance_does():
     num_ids, per_id, train_per_id = 20, 15, 10
-    imgs = np.stack([synthetic.render_identity(_SEED, i, range(per_id)) for i in range(num_ids)])
+    imgs = _render(num_ids, per_id)
     labels = np.repeat(np.arange(num_ids), per_id).reshape(num_ids, per_id)
 
     def accuracy(features, lam):
@@ -83,7 +89,7 @@ def _strip_features(images, rows, cols, size):
 
 def test_identity_is_in_the_inner_face_not_the_head_hair():
     num_ids, per_id, train_per_id = 20, 15, 10
-    imgs = np.stack([synthetic.render_identity(_SEED, i, range(per_id)) for i in range(num_ids)])
+    imgs = _render(num_ids, per_id)
     labels = np.repeat(np.arange(num_ids), per_id).reshape(num_ids, per_id)
 
     def accuracy(features):
