@@ -42,6 +42,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile+warmup step).")
 _MODE = flags.DEFINE_enum("mode", "full", ["full", "adaface_only", "both"], "Which loss to time.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 10_000, "Width of the class kernel.")
+_BLOCK_MB = flags.DEFINE_integer("qaconv_block_mb", 256, "QAConv matcher block, MiB of float32 similarities "
+                                 "(model.qaconv_block_mb).")
 _GROUPS = flags.DEFINE_list("qaconv_group_size", ["0"], "QAConv matching group sizes of the full step (images; "
                             "0 = the whole batch); one run each.")
 
@@ -60,7 +62,8 @@ def _bench(mode: str, backbone, dtype, group_size: int) -> dict:
     lam = {"lam_qa": 0.0, "lam_occ": 0.0} if mode == "adaface_only" else {}
     num_classes = sharding_lib.padded_num_classes(_NUM_CLASSES.value, jax.device_count())
     check_group_size(group_size, global_batch=_BATCH.value, num_devices=jax.device_count(), k=_K.value)
-    model = OAML(backbone=backbone, num_classes=num_classes, dtype=dtype, qaconv_group_size=group_size, **lam)
+    model = OAML(backbone=backbone, num_classes=num_classes, dtype=dtype, qaconv_group_size=group_size,
+                 qaconv_block_bytes=_BLOCK_MB.value * 2**20, **lam)
     contract = InputContract(grid=grid_size(backbone.feature_stage))
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     mesh = sharding_lib.make_mesh()

@@ -28,6 +28,7 @@ def _model(**overrides):
     ("lam_ada", float("nan"), r"model\.lam_ada=nan must be >= 0"),
     ("occ_loss", "l1", r"model\.occ_loss='l1' is unknown"),
     ("num_classes", -2, r"model\.num_classes=-2 must be >= 0"),
+    ("qaconv_block_mb", 0, r"model\.qaconv_block_mb=0 must be >= 1"),
 ])
 def test_check_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -56,9 +57,10 @@ def test_full_and_embedding_models_share_the_backbone_layout():
 
 
 def test_build_model_passes_every_field():
-    cfg = _model(lam_ada=0.3, occ_loss="bce", detach_occ_input=False, dtype="bfloat16")
+    cfg = _model(lam_ada=0.3, occ_loss="bce", detach_occ_input=False, dtype="bfloat16", qaconv_block_mb=3)
     model = factory.build_model(cfg, 8)
     assert isinstance(model, OAML) and model.num_classes == 8
     assert (model.lam_ada, model.occ_loss, model.detach_occ_input) == (0.3, "bce", False)
+    assert model.qaconv_block_bytes == 3 * 2**20
     assert model.dtype == jnp.bfloat16 and model.backbone.dtype == jnp.bfloat16
     assert tuple(model.backbone.widths) == (8, 16, 16, 32)

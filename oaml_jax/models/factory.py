@@ -31,14 +31,15 @@ LOSS_WEIGHTS = ("lam_ada", "lam_qa", "lam_occ")
 SWITCHES = ("qaconv_to_backbone", "detach_occ_input", "detach_qaconv_vis", "qaconv_occlusion_weighting")
 # What `build_embedding_model` reads (all a converted backbone records) and what `build_model` reads.
 EMBEDDING_FIELDS = ("arch", "backbone", "feature_stage", "dtype", "input_channel_order")
-MODEL_FIELDS = EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss", "qaconv_group_size") + LOSS_WEIGHTS + SWITCHES
+MODEL_FIELDS = (EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss", "qaconv_group_size", "qaconv_block_mb")
+                + LOSS_WEIGHTS + SWITCHES)
 
 
 def check_config(model_cfg: Mapping[str, Any]) -> None:
     """Checks `config.model` before anything is built; raises ValueError naming the field.
 
     Checks arch, backbone overrides (by building the backbone), feature_stage, dtype, input_channel_order,
-    head, loss weights (>= 0), occ_loss and num_classes (>= 0); ml_collections types the switches. The matching group
+    head, loss weights (>= 0), occ_loss, qaconv_block_mb (>= 1) and num_classes (>= 0); ml_collections types the switches. The matching group
     size depends on the batch layout: `oaml.check_group_size` checks it with `config.train`.
     """
     if model_cfg["arch"] not in ARCHS:
@@ -60,6 +61,8 @@ def check_config(model_cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"model.{lam}={model_cfg[lam]} must be >= 0")
     if model_cfg["occ_loss"] not in OCC_LOSSES:
         raise ValueError(f"model.occ_loss={model_cfg['occ_loss']!r} is unknown; expected one of {OCC_LOSSES}")
+    if not model_cfg["qaconv_block_mb"] >= 1:
+        raise ValueError(f"model.qaconv_block_mb={model_cfg['qaconv_block_mb']} must be >= 1 (MiB per matcher block)")
     if model_cfg["num_classes"] < 0:
         raise ValueError(f"model.num_classes={model_cfg['num_classes']} must be >= 0 (0 = from the data)")
 
@@ -122,6 +125,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> OAML:
         detach_occ_input=model_cfg["detach_occ_input"],
         detach_qaconv_vis=model_cfg["detach_qaconv_vis"],
         qaconv_group_size=model_cfg["qaconv_group_size"],
+        qaconv_block_bytes=model_cfg["qaconv_block_mb"] * 2**20,
         qaconv_occlusion_weighting=model_cfg["qaconv_occlusion_weighting"],
         dtype=compute_dtype(model_cfg["dtype"]),
     )

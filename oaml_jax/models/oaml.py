@@ -22,7 +22,7 @@ import optax
 
 from oaml_jax.models.heads import AdaFace, ArcFace, CosFace
 from oaml_jax.models.occlusion import OcclusionHead
-from oaml_jax.models.qaconv import QAConv, l2_normalize_channels, qaconv_loss, retrieval_accuracy
+from oaml_jax.models.qaconv import BLOCK_BYTES, QAConv, l2_normalize_channels, qaconv_loss, retrieval_accuracy
 
 Array = jax.Array
 
@@ -95,6 +95,8 @@ class OAML(nn.Module):
             or devices. The QAConv BatchNorms' batch statistics are taken over all groups jointly.
         qaconv_occlusion_weighting: weight QAConv's similarities by the occlusion maps; False is the same as
             all-ones maps (and then QAConv gives the occlusion head no gradient).
+        qaconv_block_bytes: float32 similarities the QAConv matcher holds at once per group
+            (`qaconv.match_features`); trades memory for speed (results equal up to float rounding).
         dtype: compute dtype of the occlusion head and of the QAConv GEMMs.
     """
 
@@ -115,6 +117,7 @@ class OAML(nn.Module):
     occ_hidden: int = 128
     qaconv_group_size: int = 0
     qaconv_occlusion_weighting: bool = True
+    qaconv_block_bytes: int = BLOCK_BYTES
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -123,7 +126,7 @@ class OAML(nn.Module):
         head_kwargs.setdefault("embedding_size", embedding_size)
         self.margin_head = HEADS[self.head](num_classes=self.num_classes, name="head", **head_kwargs)
         self.occlusion = OcclusionHead(hidden=self.occ_hidden, dtype=self.dtype)
-        self.qaconv = QAConv(dtype=self.dtype)
+        self.qaconv = QAConv(dtype=self.dtype, block_bytes=self.qaconv_block_bytes)
 
     def _occlusion_logits(self, feature_map: Array, train: bool) -> Array:
         occ_input = jax.lax.stop_gradient(feature_map) if self.detach_occ_input else feature_map
