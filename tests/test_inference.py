@@ -173,7 +173,8 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
         variables = jax.device_put(variables, sharding.state_shardings(variables, mesh))
         assert len(variables["params"]["head"]["kernel"].sharding.device_set) == 8
         t.write_training_checkpoint({str(out)!r}, variables)
-        embeddings, _ = FaceModel.from_workdir({str(out)!r}, batch_size=16).embed(np.load({str(tmp_path / "faces.npy")!r}))
+        faces = np.load({str(tmp_path / "faces.npy")!r})
+        embeddings, _ = FaceModel.from_workdir({str(out)!r}, batch_size=16).embed(faces)
         np.save({str(out / "emb8.npy")!r}, embeddings)
     """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     assert jax.device_count() == 1

@@ -39,8 +39,9 @@ def check_config(model_cfg: Mapping[str, Any]) -> None:
     """Checks `config.model` before anything is built; raises ValueError naming the field.
 
     Checks arch, backbone overrides (by building the backbone), feature_stage, dtype, input_channel_order,
-    head, loss weights (>= 0), occ_loss, qaconv_block_mb (>= 1) and num_classes (>= 0); ml_collections types the switches. The matching group
-    size depends on the batch layout: `oaml.check_group_size` checks it with `config.train`.
+    head, loss weights (>= 0), occ_loss, qaconv_block_mb (>= 1) and num_classes (>= 0); ml_collections
+    types the switches. The matching group size depends on the batch layout: `oaml.check_group_size` checks
+    it with `config.train`.
     """
     if model_cfg["arch"] not in ARCHS:
         raise ValueError(f"model.arch={model_cfg['arch']!r} is unknown; expected one of {ARCHS}")
