@@ -9,7 +9,8 @@ plus `--seeds` and `--variants`.
 Every run is train.py + eval.py's own code (`train.train_and_evaluate`, `evaluation.runner.run`) on the
 demo's data, steps and schedule (`--config`, default configs/demo.py), one workdir per variant and seed
 (`<workdir>/<variant>/seed<k>`); finished runs are reused, so an interrupted ablation continues where it
-stopped. The variants (`VARIANTS`):
+stopped (a finished run whose saved config differs from the one asked for is refused, naming the fields).
+The variants (`VARIANTS`):
 - full: OAML as the config has it;
 - adaface_only: the global embedding alone (lam_ada = 1, lam_qa = lam_occ = 0: QAConv and the occlusion
   head are not computed), the baseline recipe `ADAFACE_ONLY` (its comment says how it was chosen);
@@ -34,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from oaml_jax import demo, logs, train
+from oaml_jax import checkpoint, demo, logs, train
 from oaml_jax.evaluation import pairs, plots, runner
 
 # The AdaFace-only baseline on top of the demo config: the AdaFace loss alone at weight 1 (the demo's 0.1
@@ -78,9 +79,22 @@ def variant_config(base: ml_collections.ConfigDict, variant: str, seed: int) -> 
 
 
 def run_one(config: ml_collections.ConfigDict, run_dir: epath.Path) -> dict[str, Any]:
-    """Trains and evaluates one run (or reads the results of a finished one); returns its eval metrics."""
+    """Trains and evaluates one run (or reads the results of a finished one); returns its eval metrics.
+
+    Raises:
+        ValueError: `run_dir` holds a finished run whose saved config differs from `config` (naming the
+            fields), so that a changed flag never reuses results it does not describe.
+    """
     results = run_dir / "eval" / "results.json"
     if results.exists() and (run_dir / "ablation_done").exists():
+        saved = checkpoint.Checkpointer(run_dir, every=1, keep=1)
+        try:
+            changed = train.config_differences(saved.restore_config(saved.latest_step()), config)
+        finally:
+            saved.close()
+        if changed:
+            raise ValueError(f"{run_dir} holds a finished run of another config ({'; '.join(changed)}); use "
+                             "another --workdir, or delete that run to train it again")
         return json.loads(results.read_text())["metrics"]
     start = time.perf_counter()
     train.train_and_evaluate(config, run_dir)

@@ -701,11 +701,11 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     if args:
         raise app.UsageError(f"{command}: unexpected arguments {args}\n{_USAGE}")
     _require(f, command, "images", "out", *(("workdir",) if command == "embed" else ()))
-    model = FaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size) if command == "embed" else None
     try:
         photo_faces = faces_from_folder(f.images, **detection)
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
+    model = FaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size) if command == "embed" else None
     out = user_path(f.out, "--out")
     if command == "align":
         names = _crop_names(photo_faces, f.mode)
@@ -727,13 +727,16 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
 
 
 def _verify(f: flags.FlagValues, photos: Sequence[str], detection: Mapping[str, Any]) -> None:
+    paths = [user_path(p, "photo") for p in photos]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise app.UsageError(f"verify: no such photo {', '.join(missing)}")
     model = FaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size)
     if model.calibration is not None:
         try:
             model.calibration.far_key(f.far)
         except ValueError as e:
             raise app.UsageError(f"--far: {e}") from e
-    paths = [user_path(p, "photo") for p in photos]
     photo_faces = faces_from_photos(paths, **detection)
     print(photo_faces.summary())
     if len(photo_faces.sources) != 2:

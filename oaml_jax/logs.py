@@ -5,12 +5,18 @@ compilation cache; `quiet_libraries` drops INFO (and DEBUG) records whose source
 packages, keeping their warnings and errors and every record of oaml_jax, data_pipelines and clu (the
 metric and progress lines). `--log_libraries` on the command lines turns it off. (TensorFlow's C++
 runtime prints two start-up lines before any filter can act; TF 2.21 ignores TF_CPP_MIN_LOG_LEVEL there.)
+
+`run` is how every command line starts: `--help` shows the command's description and all of its own flags
+(also for the console scripts, whose `__main__` is a generated wrapper), and a refused input (ValueError,
+OSError: a config field, a missing file, a busy workdir) ends in one line naming it, exit status 1, its
+traceback logged at `--verbosity=1`.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
@@ -18,6 +24,10 @@ from absl import app, flags, logging
 LOG_LIBRARIES = "log_libraries"
 
 _QUIET_PACKAGES = ("orbax", "grain", "jax", "jaxlib", "tensorflow", "etils", "tensorstore", "absl")
+# Packages whose flags a command's --help lists (with those of its entry point).
+_OWN_PACKAGES = ("oaml_jax", "data_pipelines", "configs", "train", "eval")
+# What a command reports in one line: a refused config field or input, a missing or unreachable path.
+_INPUT_ERRORS = (ValueError, OSError)
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -36,13 +46,29 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     libraries' INFO records are filtered out before `main` runs)."""
     if LOG_LIBRARIES not in flags.FLAGS:
         flags.DEFINE_bool(LOG_LIBRARIES, False, "Keep the INFO logs of Orbax, Grain, JAX and TensorFlow.")
+    _describe_in_help(sys.modules[main.__module__].__doc__)
 
     def wrapped(argv: Sequence[str]) -> None:
         if not flags.FLAGS[LOG_LIBRARIES].value:
             quiet_libraries()
-        main(argv)
+        try:
+            main(argv)
+        except _INPUT_ERRORS as e:
+            logging.debug("traceback of the error below", exc_info=True)
+            sys.exit(f"error: {e}\n(the traceback: --verbosity=1)")
 
     app.run(wrapped)
+
+
+def _describe_in_help(doc: str | None) -> None:
+    """Makes absl's --help print `doc` (when `__main__` has no docstring) and every flag the project defines."""
+    main_module = sys.modules["__main__"]
+    if not main_module.__doc__ and doc:
+        main_module.__doc__ = doc
+    for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+        if module.split(".")[0] in _OWN_PACKAGES or module == sys.argv[0]:
+            for flag in module_flags:
+                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def quiet_libraries() -> None:

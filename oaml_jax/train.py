@@ -28,6 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
+from configs import default as default_config
 from data_pipelines import pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax import metrics as metrics_lib
@@ -183,6 +184,21 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
+                       fields: Optional[tuple[str, ...]] = None) -> list[str]:
+    """"field: saved X, now Y" for each leaf field (under `fields`; all when None) where the two configs differ.
+
+    Both sides are compared as JSON (tuples and lists alike), as the checkpoint stores the config. A field the
+    saved config lacks (one added to configs/default.py since it was saved) counts as its default value.
+    """
+    current = _flatten(json.loads(json.dumps(config.to_dict())))
+    saved = {**_flatten(json.loads(json.dumps(default_config.get_config().to_dict()))),
+             **_flatten(json.loads(json.dumps(saved)))}
+    relevant = lambda key: fields is None or any(key == f or key.startswith(f + ".") for f in fields)
+    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+            if relevant(key) and saved.get(key) != current.get(key)]
+
+
 def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a checkpoint with a config that changes the model or the data order.
 
@@ -190,11 +206,7 @@ def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.Config
         ValueError: listing each changed field with its saved and new value, unless
             `train.allow_config_change` is set (then it is logged as a warning).
     """
-    current = _flatten(json.loads(json.dumps(config.to_dict())))
-    saved = _flatten(json.loads(json.dumps(saved)))
-    relevant = lambda key: any(key == f or key.startswith(f + ".") for f in _RESUME_FIELDS)
-    changed = [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-               if relevant(key) and saved.get(key) != current.get(key)]
+    changed = config_differences(saved, config, _RESUME_FIELDS)
     if not changed:
         return
     message = ("the config differs from the one the checkpoint was trained with in fields that change the model or "

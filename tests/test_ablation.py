@@ -72,3 +72,8 @@ def test_command_runs_variants_and_seeds_and_reuses_finished_runs(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert (tmp_path / "full" / "seed0" / "ablation_done").stat().st_mtime == done  # reused, not retrained
+    changed = subprocess.run(cmd[:-6] + ["--seeds=1", "--variants=full", "--config.train.max_steps=3"] + cmd[-3:],
+                             cwd=train_worker.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert changed.returncode != 0
+    assert f"{tmp_path / 'full' / 'seed0'} holds a finished run of another config (train.max_steps: saved 2, now 3)" \
+        in changed.stderr

@@ -67,6 +67,20 @@ def test_a_wrong_config_path_is_reported_as_itself(tmp_path):
     assert "earlier failure to load" not in result.stderr
 
 
+def test_a_refused_config_field_is_one_line_and_help_lists_the_flags(tmp_path):
+    result = _run([sys.executable, os.path.join(REPO, "train.py"), "--config=configs/default.py:test",
+                   f"--workdir={tmp_path / 'work'}", "--config.optim.lr=-1"])
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-2:] == [
+        "error: optim.lr=-1.0 must be a positive learning rate (per 512 images)", "(the traceback: --verbosity=1)"]
+    assert "Traceback" not in result.stderr and not (tmp_path / "work").exists()
+    shown = _run([sys.executable, os.path.join(REPO, "train.py"), "--config=configs/default.py:test",
+                  f"--workdir={tmp_path / 'work'}", "--config.optim.lr=-1", "--verbosity=1"])
+    assert "Traceback" in shown.stderr
+    helped = _run([sys.executable, os.path.join(REPO, "eval.py"), "--help"])
+    assert all(f"--{name}" in helped.stdout for name in ("config", "workdir", "step", "checkpoint")), helped.stdout
+
+
 def _saved_steps(workdir):
     folder = os.path.join(workdir, "checkpoints")
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []

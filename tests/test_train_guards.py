@@ -15,6 +15,7 @@ import pytest
 from absl import flags
 
 import train_worker
+from configs import default
 from data_pipelines import bin_pairs
 from oaml_jax import checkpoint, train
 from oaml_jax.evaluation import pairs
@@ -127,6 +128,16 @@ def test_resuming_with_a_model_change_is_refused_unless_allowed(data, tmp_path):
         train.train_and_evaluate(config, workdir)
     config.train.allow_config_change = True
     assert sorted(train.train_and_evaluate(config, workdir)["losses"]) == [2, 3]
+
+
+def test_a_field_missing_from_a_saved_config_counts_as_its_default():
+    config = default.get_config()
+    saved = config.to_dict()
+    del saved["model"]["qaconv_block_mb"]  # a checkpoint written before the field existed
+    assert train.config_differences(saved, config) == []
+    config.model.qaconv_block_mb = 64
+    assert train.config_differences(saved, config, ("model",)) == ["model.qaconv_block_mb: saved 256, now 64"]
+    assert train.config_differences(saved, config, ("data",)) == []
 
 
 def test_a_full_disk_is_one_clear_error(data, tmp_path, monkeypatch):
