@@ -29,7 +29,8 @@ Formats, what each writes in `out_dir`, and the runtime it is loaded with:
 - "stablehlo" -> `model.jax_export`: `jax.export` serialized to one file (weights embedded as constants);
   load with `jax.export.deserialize(path.read_bytes())` and `.call(images)` (a dict of outputs) with any
   JAX of the same or a newer release, on one of the platforms it was lowered for.
-`export_checkpoint` also writes `export.json`: format, artefact, checkpoint, step, flip, outputs.
+`export_checkpoint` also writes `export.<format>.json` beside the artefact (so the three formats can share
+one folder): format, artefact, checkpoint, step, flip, outputs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ from oaml_jax.models.face_input import FACE_SIZE, check_faces
 FORMATS = ("savedmodel", "onnx", "stablehlo")
 # File or directory each format writes inside `out_dir`.
 ARTEFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "stablehlo": "model.jax_export"}
-METADATA_FILE = "export.json"
+def metadata_file(fmt: str) -> str:
+    """Name of the metadata file `export_checkpoint` writes beside a `fmt` artefact."""
+    return f"export.{fmt}.json"
 INPUT_NAME = "images"
 # Outputs in their order (ONNX output order); "occlusion" only for models with an occlusion head.
 OUTPUT_NAMES = ("embedding", "norm", "occlusion")
@@ -239,7 +242,7 @@ def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: 
         path: workdir, checkpoint directory or one step's directory (see `checkpoint.locate`; any epath).
         step: the step; None = the latest (or the one `path` names).
         fmt: one of `FORMATS`.
-        out_dir: where the artefact and `export.json` go (any epath).
+        out_dir: where the artefact and `export.<fmt>.json` go (any epath).
         flip: build AdaFace's flip test into the graph (what `FaceModel.embed` computes).
         **kwargs: `platforms` / `opset`, see `export`.
 
@@ -258,7 +261,7 @@ def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: 
     forward = model.forward(flip=flip)
     out_dir = user_path(out_dir, "out")
     written = export(forward, model.variables, fmt=fmt, out_dir=out_dir, **kwargs)
-    (out_dir / METADATA_FILE).write_text(json.dumps(
+    (out_dir / metadata_file(fmt)).write_text(json.dumps(
         {"format": fmt, "artefact": ARTEFACTS[fmt], "checkpoint": str(model.directory), "step": model.step,
          "flip": flip, "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [_BATCH, FACE_SIZE, FACE_SIZE, 3],
                                  "channels": "RGB"},
