@@ -455,7 +455,9 @@ class PhotoFaces:
 
     def summary(self) -> str:
         """One line: photos, faces, photos without a face and unreadable files by name, skipped entries."""
-        text = f"{self.photos} photos, {len(self.sources)} faces, {len(self.without_face)} without a face"
+        count = lambda n, noun: f"{n} {noun}{'' if n == 1 else 's'}"
+        text = (f"{count(self.photos, 'photo')}, {count(len(self.sources), 'face')}, "
+                f"{len(self.without_face)} without a face")
         if self.without_face:
             text += f" ({', '.join(self.without_face)})"
         if self.unreadable:

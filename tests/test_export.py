@@ -232,7 +232,8 @@ def test_converted_backbone_exports_without_occlusion(tmp_path, embedded, capsys
         out = run(images)
         assert sorted(out) == ["embedding", "norm"]
         np.testing.assert_allclose(out["embedding"], features.embeddings, atol=1e-4, rtol=0)
-    assert json.loads((tmp_path / "out" / export.metadata_file("stablehlo")).read_text())["outputs"] == ["embedding", "norm"]
+    metadata = json.loads((tmp_path / "out" / export.metadata_file("stablehlo")).read_text())
+    assert metadata["outputs"] == ["embedding", "norm"]
 
 
 def test_command_line_errors(workdir, tmp_path):

@@ -91,14 +91,14 @@ def test_align_all_faces_of_a_group_photo(portraits, tmp_path, capsys):
     folder.mkdir()
     (folder / "group.png").write_bytes(encode_png(canvas))
     run_main("align", f"--images={folder}", f"--out={tmp_path / 'crops'}", "--mode=all")
-    assert capsys.readouterr().out.strip() == "1 photos, 2 faces, 0 without a face"
+    assert capsys.readouterr().out.strip() == "1 photo, 2 faces, 0 without a face"
     expected = align.detect_and_align(canvas, mode="all")
     for k in range(2):
         np.testing.assert_array_equal(decode_image((tmp_path / "crops" / f"group_{k}.png").read_bytes()),
                                       expected[k].face)
     # A larger minimum face size keeps Hopper only.
     run_main("align", f"--images={folder}", f"--out={tmp_path / 'big'}", "--mode=all", "--min_face_size=100")
-    assert capsys.readouterr().out.strip() == "1 photos, 1 faces, 0 without a face"
+    assert capsys.readouterr().out.strip() == "1 photo, 1 face, 0 without a face"
     assert os.listdir(tmp_path / "big") == ["group_0.png"]
 
 
@@ -115,7 +115,7 @@ def test_embed_writes_embeddings_and_row_names(photos, workdir, face_model, expe
     # --aligned: no detection; the photos that are not 112x112 crops are reported, not embedded.
     run_main("embed", f"--workdir={workdir}", f"--images={photos}", f"--out={out}", "--aligned")
     summary = capsys.readouterr().out
-    assert summary.startswith("5 photos, 1 faces, 0 without a face, 4 unreadable (")
+    assert summary.startswith("5 photos, 1 face, 0 without a face, 4 unreadable (")
     assert "grace_hopper.jpg: 512x600, not a 112x112 aligned face (--aligned)" in summary
     np.testing.assert_allclose(np.load(out), expected[:1], atol=ATOL)
 
@@ -127,7 +127,7 @@ def test_embed_without_any_face_writes_nothing(photos, workdir, tmp_path, capsys
         shutil.copy(photos / name, folder / name)
     with pytest.raises(SystemExit, match=r"embed: no face in .*none; nothing written"):
         run_main("embed", f"--workdir={workdir}", f"--images={folder}", f"--out={tmp_path / 'f.npy'}")
-    assert capsys.readouterr().out.startswith("1 photos, 0 faces, 1 without a face (uniform.jpg)")
+    assert capsys.readouterr().out.startswith("1 photo, 0 faces, 1 without a face (uniform.jpg)")
     assert not os.path.exists(tmp_path / "f.npy")
     with pytest.raises(app.UsageError, match=r"--images=.*empty: no image files \(.jpg/.jpeg/.png/.bmp\) in it"):
         (tmp_path / "empty").mkdir()
@@ -191,7 +191,7 @@ def test_verify_reports_a_photo_without_a_face_and_bad_flags(photos, workdir, ca
     hopper, uniform = str(photos / "grace_hopper.jpg"), str(photos / "uniform.jpg")
     with pytest.raises(SystemExit, match="verify: no verdict, no face in uniform.jpg"):
         run_main("verify", f"--workdir={workdir}", hopper, uniform)
-    assert capsys.readouterr().out.strip() == "2 photos, 1 faces, 1 without a face (uniform.jpg)"
+    assert capsys.readouterr().out.strip() == "2 photos, 1 face, 1 without a face (uniform.jpg)"
     with pytest.raises(app.UsageError, match="verify compares the largest face of each photo; --mode=all is for"):
         run_main("verify", f"--workdir={workdir}", hopper, uniform, "--mode=all")
     with pytest.raises(app.UsageError, match=r"verify: expected two photos, got \[.*grace_hopper.jpg'\]"):
@@ -217,6 +217,6 @@ def test_command_line_exits_zero(photos, workdir, tmp_path):
          f"--out={tmp_path / 'feats.npy'}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("2 photos, 1 faces, 0 without a face, 1 unreadable (broken.jpg: ")
+    assert proc.stdout.startswith("2 photos, 1 face, 0 without a face, 1 unreadable (broken.jpg: ")
     assert np.load(tmp_path / "feats.npy").shape == (1, 32)
     assert (tmp_path / "feats.txt").read_text() == "aligned.png\t0\n"
