@@ -40,6 +40,7 @@ from absl import app, flags, logging
 
 from data_pipelines import bin_pairs, images, recordio
 from oaml_jax.models.face_input import FACE_SIZE
+from oaml_jax.paths import user_path
 
 
 # Held-out (verification) identities are numbered from here so they never collide with training ids.
@@ -667,7 +668,7 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
     every image in every pair file is a distinct sample.
 
     Args:
-      out_dir: output folder (created if missing); gets `train.rec`, `train.idx`, `property` and
+      out_dir: output folder, local or any epath URI (created if missing); gets `train.rec`, `train.idx`, `property` and
         `<name>.bin` for each name in `bin_names`.
       num_identities: number of training identities (classes).
       images_per_identity: training images per identity.
@@ -683,10 +684,11 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
     holdout = max(10, num_identities // 5) if holdout_identities is None else int(holdout_identities)
     bin_names = tuple(bin_names)
     _validate(num_identities, images_per_identity, num_pairs, holdout, bin_names)
-    os.makedirs(out_dir, exist_ok=True)
+    out = user_path(out_dir, "out_dir")
+    out.mkdir(parents=True, exist_ok=True)
     logging.info("synthetic dataset: %d identities x %d images, %d held-out identities, %d pairs per bin %s "
                  "-> %s", num_identities, images_per_identity, holdout, num_pairs, list(bin_names), out_dir)
-    num_images = recordio.write_recordio(out_dir, _training_items(seed, num_identities, images_per_identity),
+    num_images = recordio.write_recordio(out, _training_items(seed, num_identities, images_per_identity),
                                          num_identities, image_size=(FACE_SIZE, FACE_SIZE))
     bins = {}
     for k, name in enumerate(bin_names):
@@ -696,9 +698,9 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
         for j, (identity, sample) in enumerate(zip(ids, samples)):
             pair_images[j] = render_face(identity_params(seed, int(identity)), int(sample), seed)
             progress.update(j + 1)
-        path = os.path.join(out_dir, f"{name}.bin")
+        path = out / f"{name}.bin"
         bin_pairs.write_bin(path, pair_images, issame)
-        bins[name] = {"path": path, "num_pairs": int(num_pairs), "num_same": int(issame.sum())}
+        bins[name] = {"path": str(path), "num_pairs": int(num_pairs), "num_same": int(issame.sum())}
     summary = {
         "out_dir": out_dir,
         "seed": seed,
@@ -707,9 +709,8 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
         "images_per_identity": images_per_identity,
         "train_identity_range": (0, num_identities),
         "holdout_identity_range": (HOLDOUT_ID_OFFSET, HOLDOUT_ID_OFFSET + holdout),
-        "paths": {"rec": os.path.join(out_dir, recordio.REC_NAME),
-                  "idx": os.path.join(out_dir, recordio.IDX_NAME),
-                  "property": os.path.join(out_dir, recordio.PROPERTY_NAME)},
+        "paths": {name: str(out / file) for name, file in
+                  (("rec", recordio.REC_NAME), ("idx", recordio.IDX_NAME), ("property", recordio.PROPERTY_NAME))},
         "bins": bins,
     }
     logging.info("synthetic dataset written: %d images of %d identities, bins %s", num_images, num_identities,

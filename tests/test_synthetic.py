@@ -157,6 +157,16 @@ def test_write_dataset_round_trip(tmp_path):
             _assert_same_render(pair_images[j], synthetic.identity_params(_SEED, int(ids[j])), int(samples[j]))
 
 
+def test_write_dataset_to_object_storage(gcs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = synthetic.write_dataset(gcs.url("synth"), num_identities=3, images_per_identity=2, num_pairs=4,
+                                      seed=_SEED)
+    assert sorted(gcs.objects()) == ["synth/", "synth/lfw.bin", "synth/property", "synth/train.idx", "synth/train.rec"]
+    assert summary["bins"]["lfw"]["path"] == gcs.url("synth/lfw.bin")
+    assert len(recordio.RecordIOSource(gcs.url("synth"))) == 6
+    assert os.listdir(tmp_path) == []  # nothing local, no folder named "gs:"
+
+
 def test_write_dataset_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="num_pairs must be >= 2"):
         synthetic.write_dataset(str(tmp_path), 3, 2, 1, seed=0)
