@@ -13,6 +13,9 @@ grep -q failed "$out/smoke.txt" && exit 1
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)" \
   | tee -a "$out/device.txt"
 timeout 120 python3 bench/qaconv_train.py --old --sweep=512:512:0,512:512:512 2>&1 | tee "$out/qaconv_matcher.txt"
+for mb in 64 1024 4096; do
+  timeout 40 python3 bench/qaconv_train.py --sweep=512:512:0 --block_mb=$mb 2>&1 | tail -1 | sed "s/^/block_mb=$mb /"
+done | tee "$out/qaconv_blocks.txt"
 timeout 270 python3 bench/train_step.py --arch=ir_50 --batch=512 --dtype=bfloat16 --mode=both --num_classes=85742 \
   --qaconv_group_size=0,128 --steps=20 2>&1 | grep -v '^[IW][0-9]' | tee "$out/train_step.txt"
 timeout 150 python3 bench/qaconv_train.py \

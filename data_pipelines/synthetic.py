@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -42,6 +43,11 @@ from data_pipelines import bin_pairs, images, recordio
 from oaml_jax.models.face_input import FACE_SIZE
 from oaml_jax.paths import user_path
 
+
+# What `write_dataset` writes beside the data: its arguments and the generator's version (bumped whenever the
+# same arguments would give other images; 2: head hair drawn per image, not per identity).
+RECORD_NAME = "synthetic.json"
+GENERATOR_VERSION = 2
 
 # Held-out (verification) identities are numbered from here so they never collide with training ids.
 HOLDOUT_ID_OFFSET = 1_000_000
@@ -658,6 +664,15 @@ def verification_pairs(seed: int, bin_index: int, num_pairs: int,
     return ids, samples, issame
 
 
+def record(num_identities: int, images_per_identity: int, num_pairs: int, seed: int,
+           holdout_identities: int | None = None, bin_names: Sequence[str] = ("lfw",)) -> dict:
+    """The generator version and arguments that `write_dataset` records in `RECORD_NAME` for these arguments."""
+    holdout = max(10, num_identities // 5) if holdout_identities is None else int(holdout_identities)
+    return {"generator": GENERATOR_VERSION, "num_identities": num_identities,
+            "images_per_identity": images_per_identity, "num_pairs": num_pairs, "seed": seed,
+            "holdout_identities": holdout, "bin_names": list(bin_names)}
+
+
 def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, num_pairs: int, seed: int,
                   holdout_identities: int | None = None, bin_names: Sequence[str] = ("lfw",)) -> dict:
     """Writes the synthetic dataset: faces_emore RecordIO for training and `.bin` pair files for validation.
@@ -668,8 +683,8 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
     every image in every pair file is a distinct sample.
 
     Args:
-      out_dir: output folder, local or any epath URI (created if missing); gets `train.rec`, `train.idx`, `property` and
-        `<name>.bin` for each name in `bin_names`.
+      out_dir: output folder, local or any epath URI (created if missing); gets `train.rec`, `train.idx`,
+        `property`, `<name>.bin` for each name in `bin_names` and `RECORD_NAME` (see `record`).
       num_identities: number of training identities (classes).
       images_per_identity: training images per identity.
       num_pairs: pairs per `.bin` file.
@@ -681,8 +696,8 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
       Summary dict: out_dir, seed, num_classes, num_images, images_per_identity, train_identity_range,
       holdout_identity_range, paths (rec, idx, property) and bins {name: {path, num_pairs, num_same}}.
     """
-    holdout = max(10, num_identities // 5) if holdout_identities is None else int(holdout_identities)
-    bin_names = tuple(bin_names)
+    written = record(num_identities, images_per_identity, num_pairs, seed, holdout_identities, bin_names)
+    holdout, bin_names = written["holdout_identities"], tuple(bin_names)
     _validate(num_identities, images_per_identity, num_pairs, holdout, bin_names)
     out = user_path(out_dir, "out_dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -713,6 +728,7 @@ def write_dataset(out_dir: str, num_identities: int, images_per_identity: int, n
                   (("rec", recordio.REC_NAME), ("idx", recordio.IDX_NAME), ("property", recordio.PROPERTY_NAME))},
         "bins": bins,
     }
+    (out / RECORD_NAME).write_text(json.dumps(written))
     logging.info("synthetic dataset written: %d images of %d identities, bins %s", num_images, num_identities,
                  list(bins))
     return summary

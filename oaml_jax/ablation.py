@@ -89,7 +89,8 @@ def run_one(config: ml_collections.ConfigDict, run_dir: epath.Path) -> dict[str,
     if results.exists() and (run_dir / "ablation_done").exists():
         saved = checkpoint.Checkpointer(run_dir, every=1, keep=1)
         try:
-            changed = train.config_differences(saved.restore_config(saved.latest_step()), config)
+            # The data folder may move with the workdir; what is in it is guarded by demo.ensure_data.
+            changed = train.config_differences(saved.restore_config(saved.latest_step()), config, ignore=("data.path",))
         finally:
             saved.close()
         if changed:

@@ -29,7 +29,6 @@ from oaml_jax.evaluation import runner
 from oaml_jax.paths import user_path
 
 DEMO_CONFIG = epath.resource_path("configs") / "demo.py"
-DATA_RECORD = "demo_data.json"
 
 
 
@@ -60,27 +59,28 @@ def ensure_data(data_dir: epath.Path, identities: int = 128, images: int = 16, p
                 seed: int = 0) -> None:
     """Writes the synthetic dataset into `data_dir` unless a complete one is already there.
 
-    The flags it was written with are kept in `<data_dir>/demo_data.json`.
+    Data is reused only when `synthetic.RECORD_NAME` beside it says it was written by this generator version
+    with these arguments.
 
     Raises:
-        ValueError: the data there was written with other flags (named), so a changed flag is never ignored.
+        ValueError: the data there was written with other arguments or by another generator version (named),
+            so a changed flag is never ignored.
     """
     needed = [recordio.REC_NAME, recordio.IDX_NAME, recordio.PROPERTY_NAME, "lfw.bin"]
-    asked = {"identities": identities, "images": images, "pairs": pairs, "data_seed": seed}
-    record = data_dir / DATA_RECORD
+    asked = synthetic.record(identities, images, pairs, seed)
     if all((data_dir / name).exists() for name in needed):
-        written = json.loads(record.read_text()) if record.exists() else None
-        if written is not None and written != asked:
-            changed = ", ".join(f"--{k}={written[k]} there, now {v}" for k, v in asked.items() if written.get(k) != v)
-            raise ValueError(f"{data_dir} holds synthetic data written with other flags ({changed}); use another "
-                             "--workdir or delete that data folder")
+        path = data_dir / synthetic.RECORD_NAME
+        written = json.loads(path.read_text()) if path.exists() else {"generator": "unknown (no record)"}
+        changed = [f"{k}: {written.get(k)} there, now {v}" for k, v in asked.items() if written.get(k) != v]
+        if changed:
+            raise ValueError(f"{data_dir} holds synthetic data written with other arguments ({'; '.join(changed)}); "
+                             "use another --workdir or delete that data folder")
         logging.info("Reusing the synthetic data in %s", data_dir)
         return
     logging.info("Writing %d synthetic identities x %d images and %d held-out pairs to %s",
                  identities, images, pairs, data_dir)
     synthetic.write_dataset(str(data_dir), num_identities=identities, images_per_identity=images,
                             num_pairs=pairs, seed=seed, bin_names=("lfw",))
-    record.write_text(json.dumps(asked))
 
 
 def main(argv):

@@ -463,7 +463,8 @@ class PhotoFaces:
         if self.unreadable:
             text += f", {len(self.unreadable)} unreadable ({'; '.join(f'{n}: {r}' for n, r in self.unreadable)})"
         if self.skipped:
-            text += f", {self.skipped} other entries skipped (hidden, AppleDouble or not {'/'.join(IMAGE_EXTENSIONS)})"
+            entries = "1 other entry" if self.skipped == 1 else f"{self.skipped} other entries"
+            text += f", {entries} skipped (hidden, AppleDouble or not {'/'.join(IMAGE_EXTENSIONS)})"
         return text
 
 
@@ -703,6 +704,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     if args:
         raise app.UsageError(f"{command}: unexpected arguments {args}\n{_USAGE}")
     _require(f, command, "images", "out", *(("workdir",) if command == "embed" else ()))
+    if command == "embed":
+        checkpoint_lib.locate(f.workdir, f.step)  # a wrong --workdir is refused before detection runs
     try:
         photo_faces = faces_from_folder(f.images, **detection)
     except FileNotFoundError as e:
@@ -732,7 +735,7 @@ def _verify(f: flags.FlagValues, photos: Sequence[str], detection: Mapping[str, 
     paths = [user_path(p, "photo") for p in photos]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise app.UsageError(f"verify: no such photo {', '.join(missing)}")
+        raise FileNotFoundError(f"verify: no photo file {', '.join(missing)}")
     model = FaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size)
     if model.calibration is not None:
         try:

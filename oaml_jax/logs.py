@@ -7,14 +7,16 @@ metric and progress lines). `--log_libraries` on the command lines turns it off.
 runtime prints two start-up lines before any filter can act; TF 2.21 ignores TF_CPP_MIN_LOG_LEVEL there.)
 
 `run` is how every command line starts: `--help` shows the command's description and all of its own flags
-(also for the console scripts, whose `__main__` is a generated wrapper), and a refused input (ValueError,
-OSError: a config field, a missing file, a busy workdir) ends in one line naming it, exit status 1, its
-traceback logged at `--verbosity=1`.
+(also for the console scripts, whose `__main__` is a generated wrapper), and an input the project's own code
+refuses (a ValueError or OSError raised in oaml_jax, data_pipelines or configs: a config field, a missing
+file, a busy workdir) ends in one line naming it, exit status 1, its traceback logged at `--verbosity=1`.
+Errors raised inside libraries keep their whole traceback.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,9 +26,10 @@ from absl import app, flags, logging
 LOG_LIBRARIES = "log_libraries"
 
 _QUIET_PACKAGES = ("orbax", "grain", "jax", "jaxlib", "tensorflow", "etils", "tensorstore", "absl")
-# Packages whose flags a command's --help lists (with those of its entry point).
-_OWN_PACKAGES = ("oaml_jax", "data_pipelines", "configs", "train", "eval")
-# What a command reports in one line: a refused config field or input, a missing or unreachable path.
+# The project's packages: their flags are what a command's --help lists, their refusals end in one line.
+_OWN_PACKAGES = ("oaml_jax", "data_pipelines", "configs")
+# What a command reports in one line when the project's code raises it: a refused config field or input, a
+# missing or unreadable path.
 _INPUT_ERRORS = (ValueError, OSError)
 
 
@@ -54,10 +57,24 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
         try:
             main(argv)
         except _INPUT_ERRORS as e:
-            logging.debug("traceback of the error below", exc_info=True)
+            if not _raised_by_the_project(e):
+                raise
+            if logging.level_debug():
+                logging.debug("traceback of the error below", exc_info=True)
+                sys.exit(f"error: {e}")
             sys.exit(f"error: {e}\n(the traceback: --verbosity=1)")
 
     app.run(wrapped)
+
+
+def _raised_by_the_project(error: BaseException) -> bool:
+    """Whether the innermost frame of `error`'s traceback is in one of `_OWN_PACKAGES`."""
+    folders = tuple(os.path.join(folder, "") for name in _OWN_PACKAGES
+                    for folder in (importlib.util.find_spec(name).submodule_search_locations or ()))
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(folders)
 
 
 def _describe_in_help(doc: str | None) -> None:
@@ -66,7 +83,7 @@ def _describe_in_help(doc: str | None) -> None:
     if not main_module.__doc__ and doc:
         main_module.__doc__ = doc
     for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
-        if module.split(".")[0] in _OWN_PACKAGES or module == sys.argv[0]:
+        if module.split(".")[0] in _OWN_PACKAGES:
             for flag in module_flags:
                 flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 

@@ -185,8 +185,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                       fields: Optional[tuple[str, ...]] = None) -> list[str]:
-    """"field: saved X, now Y" for each leaf field (under `fields`; all when None) where the two configs differ.
+                       fields: Optional[tuple[str, ...]] = None, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Lists "field: saved X, now Y" for each leaf field where the two configs differ, of those under `fields` (all when
+    None) and not under `ignore`.
 
     Both sides are compared as JSON (tuples and lists alike), as the checkpoint stores the config. A field the
     saved config lacks (one added to configs/default.py since it was saved) counts as its default value.
@@ -194,7 +195,8 @@ def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDi
     current = _flatten(json.loads(json.dumps(config.to_dict())))
     saved = {**_flatten(json.loads(json.dumps(default_config.get_config().to_dict()))),
              **_flatten(json.loads(json.dumps(saved)))}
-    relevant = lambda key: fields is None or any(key == f or key.startswith(f + ".") for f in fields)
+    under = lambda key, prefixes: any(key == f or key.startswith(f + ".") for f in prefixes)
+    relevant = lambda key: (fields is None or under(key, fields)) and not under(key, ignore)
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
             if relevant(key) and saved.get(key) != current.get(key)]
 

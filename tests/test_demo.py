@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import train_worker
-from oaml_jax import demo
+from data_pipelines import synthetic
 
 
 def test_demo_command_writes_data_trains_evaluates_and_refuses_other_data_flags(tmp_path):
@@ -19,11 +19,16 @@ def test_demo_command_writes_data_trains_evaluates_and_refuses_other_data_flags(
     assert first.returncode == 0, first.stderr[-4000:]
     assert first.stdout.splitlines()[0].startswith("set variant (%)  AdaFace acc")
     assert first.stdout.splitlines()[2].split()[:2] == ["lfw", "clean"]
-    assert json.loads((tmp_path / "data" / demo.DATA_RECORD).read_text()) == {
-        "identities": 8, "images": 8, "pairs": 20, "data_seed": 0}
+    assert json.loads((tmp_path / "data" / synthetic.RECORD_NAME).read_text()) == {
+        "generator": synthetic.GENERATOR_VERSION, "num_identities": 8, "images_per_identity": 8, "num_pairs": 20,
+        "seed": 0, "holdout_identities": 10, "bin_names": ["lfw"]}
     assert (tmp_path / "train" / "eval" / "results.json").exists()
     other = subprocess.run(cmd + ["--data_seed=1"], cwd=train_worker.ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
     assert other.returncode == 1
-    assert (f"error: {tmp_path / 'data'} holds synthetic data written with other flags (--data_seed=0 there, "
-            "now 1); use another --workdir or delete that data folder") in other.stderr
+    assert (f"error: {tmp_path / 'data'} holds synthetic data written with other arguments (seed: 0 there, now 1); "
+            "use another --workdir or delete that data folder") in other.stderr
+    (tmp_path / "data" / synthetic.RECORD_NAME).unlink()  # data of an older generator, which wrote no record
+    older = subprocess.run(cmd, cwd=train_worker.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert older.returncode == 1
+    assert f"generator: unknown (no record) there, now {synthetic.GENERATOR_VERSION}" in older.stderr

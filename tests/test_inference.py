@@ -15,6 +15,7 @@ import textwrap
 import cv2
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -23,7 +24,7 @@ from data_pipelines import synthetic
 from oaml_jax import checkpoint, inference
 from oaml_jax.evaluation import calibration, fusion, plots, verification
 from oaml_jax.inference import FaceModel
-from oaml_jax.models import factory
+from oaml_jax.models import factory, qaconv
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
 from oaml_jax.train_state import TrainState
@@ -141,6 +142,16 @@ def test_converted_checkpoint_gives_adaface_only(tmp_path, face_model):
     assert scores["qaconv"] is None and scores["fused"] is None and scores["adaface"].shape == (2, 1)
     with pytest.raises(ValueError, match="no occlusion head"):
         model.occlusion_maps(images)
+
+
+def test_checkpoint_saved_before_the_block_setting_existed_restores(tmp_path, face_model):
+    saved = tiny_config().to_dict()
+    del saved["model"]["qaconv_block_mb"]  # a run of the release before model.qaconv_block_mb
+    old = write_training_checkpoint(str(tmp_path / "old"), config=ml_collections.ConfigDict(saved))
+    model = FaceModel.from_workdir(old, batch_size=4)
+    assert model.model.qaconv_block_bytes == qaconv.BLOCK_BYTES
+    images = faces(3)
+    np.testing.assert_allclose(model.embed(images)[0], face_model.embed(images)[0], atol=ATOL)
 
 
 def test_step_directory_and_bad_batch_size(workdir):

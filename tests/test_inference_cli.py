@@ -196,7 +196,7 @@ def test_verify_reports_a_photo_without_a_face_and_bad_flags(photos, workdir, ca
         run_main("verify", f"--workdir={workdir}", hopper, uniform, "--mode=all")
     with pytest.raises(app.UsageError, match=r"verify: expected two photos, got \[.*grace_hopper.jpg'\]"):
         run_main("verify", f"--workdir={workdir}", hopper)
-    with pytest.raises(app.UsageError, match=r"verify: no such photo .*nope\.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"verify: no photo file .*nope\.jpg"):
         run_main("verify", "--workdir=/nonexistent/run", hopper, str(photos / "nope.jpg"))  # before loading a model
     with pytest.raises(app.UsageError, match="embed: --images and --out required"):
         run_main("embed", f"--workdir={workdir}")

@@ -42,7 +42,7 @@ def test_installed_package_runs_from_anywhere(tmp_path, editable):
         result = _run([os.path.join(bin_dir, script), "--help"], cwd=str(elsewhere))
         usage = result.stdout + result.stderr
         assert "USAGE:" not in usage and "--[no]log_libraries" in usage, f"{script}: {usage[-2000:]}"
-        assert f"--{own_flag}" in usage, f"{script}: {usage[-2000:]}"
+        assert f"\n  --{own_flag}:" in usage, f"{script}: {usage[-2000:]}"  # absl's listing, not the docstring
     python = os.path.join(bin_dir, "python")
     located = _run([python, "-c", "import oaml_jax, configs, data_pipelines; print(oaml_jax.__file__)"],
                    cwd=str(elsewhere))

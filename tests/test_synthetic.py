@@ -161,7 +161,8 @@ def test_write_dataset_to_object_storage(gcs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     summary = synthetic.write_dataset(gcs.url("synth"), num_identities=3, images_per_identity=2, num_pairs=4,
                                       seed=_SEED)
-    assert sorted(gcs.objects()) == ["synth/", "synth/lfw.bin", "synth/property", "synth/train.idx", "synth/train.rec"]
+    assert sorted(gcs.objects()) == ["synth/", "synth/lfw.bin", "synth/property", "synth/synthetic.json",
+                                     "synth/train.idx", "synth/train.rec"]
     assert summary["bins"]["lfw"]["path"] == gcs.url("synth/lfw.bin")
     assert len(recordio.RecordIOSource(gcs.url("synth"))) == 6
     assert os.listdir(tmp_path) == []  # nothing local, no folder named "gs:"
@@ -184,4 +185,4 @@ def test_cli_writes_the_dataset(tmp_path):
         cwd=_REPO, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "wrote 6 images of 3 identities" in result.stdout
-    assert sorted(os.listdir(out)) == ["lfw.bin", "property", "train.idx", "train.rec"]
+    assert sorted(os.listdir(out)) == ["lfw.bin", "property", "synthetic.json", "train.idx", "train.rec"]

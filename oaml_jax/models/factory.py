@@ -22,17 +22,17 @@ from absl import logging
 from oaml_jax.models import face_input
 from oaml_jax.models.backbone import ARCHS, OVERRIDES, IResNet, build_backbone
 from oaml_jax.models.oaml import HEADS, OCC_LOSSES, OAML
-from oaml_jax.models.qaconv import l2_normalize_channels
+from oaml_jax.models.qaconv import BLOCK_BYTES, l2_normalize_channels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `model.backbone` overrides; the other backbone fields have model-level config fields of their own.
 BACKBONE_OVERRIDES = tuple(k for k in OVERRIDES if k not in ("feature_stage", "dtype"))
 LOSS_WEIGHTS = ("lam_ada", "lam_qa", "lam_occ")
 SWITCHES = ("qaconv_to_backbone", "detach_occ_input", "detach_qaconv_vis", "qaconv_occlusion_weighting")
-# What `build_embedding_model` reads (all a converted backbone records) and what `build_model` reads.
+# What `build_embedding_model` reads (all a converted backbone records) and what `build_model` needs (it also
+# reads the memory setting `qaconv_block_mb` where present).
 EMBEDDING_FIELDS = ("arch", "backbone", "feature_stage", "dtype", "input_channel_order")
-MODEL_FIELDS = (EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss", "qaconv_group_size", "qaconv_block_mb")
-                + LOSS_WEIGHTS + SWITCHES)
+MODEL_FIELDS = EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss", "qaconv_group_size") + LOSS_WEIGHTS + SWITCHES
 
 
 def check_config(model_cfg: Mapping[str, Any]) -> None:
@@ -126,7 +126,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> OAML:
         detach_occ_input=model_cfg["detach_occ_input"],
         detach_qaconv_vis=model_cfg["detach_qaconv_vis"],
         qaconv_group_size=model_cfg["qaconv_group_size"],
-        qaconv_block_bytes=model_cfg["qaconv_block_mb"] * 2**20,
+        # A memory/speed setting, not part of the model: checkpoints saved before the field existed lack it.
+        qaconv_block_bytes=model_cfg.get("qaconv_block_mb", BLOCK_BYTES // 2**20) * 2**20,
         qaconv_occlusion_weighting=model_cfg["qaconv_occlusion_weighting"],
         dtype=compute_dtype(model_cfg["dtype"]),
     )
