@@ -54,9 +54,8 @@ from oaml_jax.models.face_input import FACE_SIZE, check_faces
 FORMATS = ("savedmodel", "onnx", "stablehlo")
 # File or directory each format writes inside `out_dir`.
 ARTEFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "stablehlo": "model.jax_export"}
-def metadata_file(fmt: str) -> str:
-    """Name of the metadata file `export_checkpoint` writes beside a `fmt` artefact."""
-    return f"export.{fmt}.json"
+# The metadata file `export_checkpoint` writes beside each format's artefact.
+METADATA_FILES = {fmt: f"export.{fmt}.json" for fmt in FORMATS}
 INPUT_NAME = "images"
 # Outputs in their order (ONNX output order); "occlusion" only for models with an occlusion head.
 OUTPUT_NAMES = ("embedding", "norm", "occlusion")
@@ -261,7 +260,7 @@ def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: 
     forward = model.forward(flip=flip)
     out_dir = user_path(out_dir, "out")
     written = export(forward, model.variables, fmt=fmt, out_dir=out_dir, **kwargs)
-    (out_dir / metadata_file(fmt)).write_text(json.dumps(
+    (out_dir / METADATA_FILES[fmt]).write_text(json.dumps(
         {"format": fmt, "artefact": ARTEFACTS[fmt], "checkpoint": str(model.directory), "step": model.step,
          "flip": flip, "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [_BATCH, FACE_SIZE, FACE_SIZE, 3],
                                  "channels": "RGB"},

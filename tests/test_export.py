@@ -215,7 +215,7 @@ def test_command_line_export_matches_face_model_embed(fmt, cli_exports, embedded
         np.testing.assert_allclose(out["embedding"], features.embeddings, atol=1e-4, rtol=0)
         np.testing.assert_allclose(out["norm"], features.norms, rtol=1e-4, atol=0)
         np.testing.assert_allclose(out["occlusion"], features.occlusion, atol=1e-4, rtol=0)
-    metadata = json.loads((cli_exports[fmt] / export.metadata_file(fmt)).read_text())
+    metadata = json.loads((cli_exports[fmt] / export.METADATA_FILES[fmt]).read_text())
     assert metadata == {"format": fmt, "artefact": export.ARTEFACTS[fmt], "step": STEP, "flip": True,
                         "checkpoint": os.path.join(workdir, "checkpoints"),
                         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 112, 112, 3], "channels": "RGB"},
@@ -232,7 +232,7 @@ def test_converted_backbone_exports_without_occlusion(tmp_path, embedded, capsys
         out = run(images)
         assert sorted(out) == ["embedding", "norm"]
         np.testing.assert_allclose(out["embedding"], features.embeddings, atol=1e-4, rtol=0)
-    metadata = json.loads((tmp_path / "out" / export.metadata_file("stablehlo")).read_text())
+    metadata = json.loads((tmp_path / "out" / export.METADATA_FILES["stablehlo"]).read_text())
     assert metadata["outputs"] == ["embedding", "norm"]
 
 
