@@ -15,8 +15,8 @@ Errors raised inside libraries keep their whole traceback.
 
 from __future__ import annotations
 
-import logging as std_logging
 import importlib.util
+import logging as std_logging
 import os
 import sys
 from collections.abc import Callable, Sequence

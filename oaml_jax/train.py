@@ -192,9 +192,9 @@ def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDi
     Both sides are compared as JSON (tuples and lists alike), as the checkpoint stores the config. A field the
     saved config lacks (one added to configs/default.py since it was saved) counts as its default value.
     """
-    current = _flatten(json.loads(json.dumps(config.to_dict())))
-    saved = {**_flatten(json.loads(json.dumps(default_config.get_config().to_dict()))),
-             **_flatten(json.loads(json.dumps(saved)))}
+    flat_json = lambda tree: _flatten(json.loads(json.dumps(tree)))
+    current = flat_json(config.to_dict())
+    saved = {**flat_json(default_config.get_config().to_dict()), **flat_json(saved)}
     under = lambda key, prefixes: any(key == f or key.startswith(f + ".") for f in prefixes)
     relevant = lambda key: (fields is None or under(key, fields)) and not under(key, ignore)
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
