@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import default  # noqa: E402  (needs the repo root on sys.path)
+from oaml_jax.configs import default  # noqa: E402  (needs the repo root on sys.path)
 from data_pipelines import pipeline, synthetic  # noqa: E402
 from data_pipelines.images import encode_jpeg  # noqa: E402
 from data_pipelines.recordio import RecordIOSource, write_recordio  # noqa: E402

@@ -14,7 +14,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import default
+from oaml_jax.configs import default
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ from oaml_jax import train
 from oaml_jax.evaluation import runner
 from oaml_jax.paths import user_path
 
-DEMO_CONFIG = epath.resource_path("configs") / "demo.py"
+DEMO_CONFIG = epath.resource_path("oaml_jax") / "configs" / "demo.py"
 
 
 

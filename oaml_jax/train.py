@@ -28,9 +28,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
-from configs import default as default_config
 from data_pipelines import pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
+from oaml_jax.configs import default as default_config
 from oaml_jax import metrics as metrics_lib
 from oaml_jax import optim
 from oaml_jax import sharding as sharding_lib

@@ -44,9 +44,10 @@ def test_installed_package_runs_from_anywhere(tmp_path, editable):
         assert "USAGE:" not in usage and "--[no]log_libraries" in usage, f"{script}: {usage[-2000:]}"
         assert f"\n  --{own_flag}:" in usage, f"{script}: {usage[-2000:]}"  # absl's listing, not the docstring
     python = os.path.join(bin_dir, "python")
-    located = _run([python, "-c", "import oaml_jax, configs, data_pipelines; print(oaml_jax.__file__)"],
-                   cwd=str(elsewhere))
+    located = _run([python, "-c", "import oaml_jax, data_pipelines; print(oaml_jax.__file__)"], cwd=str(elsewhere))
     assert located.returncode == 0, located.stderr[-2000:]
+    generic = _run([python, "-c", "import configs"], cwd=str(elsewhere))
+    assert "No module named 'configs'" in generic.stderr, generic.stderr[-2000:]  # no generic top-level name
     assert located.stdout.startswith(REPO if editable else str(tmp_path / "venv")), located.stdout
     module = _run([python, "-m", "oaml_jax.inference", "--help"], cwd=str(elsewhere))
     assert "Try --helpfull" in module.stdout and "embed" in module.stdout, module.stderr[-2000:]
