@@ -251,7 +251,7 @@ def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: 
     Raises:
         FileNotFoundError / ValueError: see `checkpoint.restore`; ValueError: unknown `fmt`.
     """
-    from oaml_jax.inference import FaceModel  # pylint: disable=g-import-not-at-top  (restoring needs Orbax)
+    from oaml_jax.serving import FaceModel  # pylint: disable=g-import-not-at-top  (restoring needs Orbax)
     from oaml_jax.paths import user_path  # pylint: disable=g-import-not-at-top
 
     if fmt not in FORMATS:

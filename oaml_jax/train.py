@@ -37,7 +37,7 @@ from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation.pairs import PairSetEvaluator
-from oaml_jax.inference import FaceModel
+from oaml_jax.serving import FaceModel
 from oaml_jax.models import factory
 from oaml_jax.models.oaml import check_group_size
 from oaml_jax.paths import user_path

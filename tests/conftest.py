@@ -14,5 +14,5 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def face_model(workdir):
-    from oaml_jax.inference import FaceModel
-    return FaceModel.from_workdir(workdir, batch_size=4)
+    from oaml_jax.evaluation.verdict import CalibratedFaceModel
+    return CalibratedFaceModel.from_workdir(workdir, batch_size=4)

@@ -9,7 +9,7 @@ import pytest
 from data_pipelines import bin_pairs, synthetic
 from data_pipelines.occlusion import occlude_deterministic
 from oaml_jax.evaluation import calibration, fusion, pairs, runner, verification
-from oaml_jax.inference import FaceModel
+from oaml_jax.evaluation.verdict import CalibratedFaceModel
 
 from test_inference import STEP, tiny_config, write_converted_checkpoint, write_training_checkpoint
 
@@ -85,7 +85,7 @@ def test_run_reports_every_set_and_variant(tmp_path, data_dir):
     # The calibration: thresholds of each score at each FAR on all clean pairs of both sets, the fused
     # score's statistics fitted on those same pairs; FaceModel.from_workdir reads it back for this step.
     assert result["files"]["calibration"].name == calibration.CALIBRATION_FILE
-    model = FaceModel.from_workdir(workdir, batch_size=16)
+    model = CalibratedFaceModel.from_workdir(workdir, batch_size=16)
     cal = model.calibration
     assert cal.step == STEP and cal.fitted_on == ("val", "lfw") and cal.num_pairs == 30 and cal.num_impostors == 15
     sets = [bin_pairs.load_bin(os.path.join(data_dir, f"{name}.bin")) for name in ("val", "lfw")]

@@ -10,7 +10,7 @@ import pytest
 from data_pipelines import synthetic
 from oaml_jax.evaluation import evaluators, fusion, ijb, pairs, runner
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
-from oaml_jax.inference import FaceModel, Features
+from oaml_jax.serving import FaceModel, Features
 
 from test_inference import tiny_config, write_converted_checkpoint, write_training_checkpoint
 

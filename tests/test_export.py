@@ -12,7 +12,7 @@ import pytest
 from absl import app, flags
 
 from oaml_jax import export
-from oaml_jax.inference import FaceModel
+from oaml_jax.serving import FaceModel
 from oaml_jax.models.backbone import build_backbone
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
@@ -202,7 +202,7 @@ def cli_exports(workdir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def embedded(workdir):
     """`FaceModel` features of a batch of 1 and a batch of 3 synthetic faces."""
-    model = FaceModel.from_workdir(workdir, batch_size=4)
+    model = FaceModel.from_checkpoint(workdir, batch_size=4)
     return {n: (faces(n, seed=n), model.extract(faces(n, seed=n))) for n in BATCH_SIZES}
 
 

@@ -33,7 +33,7 @@ def _worker(gs_root: str, local_dir: str) -> dict:
     from etils import epath
     from oaml_jax import train
     from oaml_jax.evaluation import runner
-    from oaml_jax.inference import FaceModel
+    from oaml_jax.evaluation.verdict import CalibratedFaceModel
 
     data = train_worker.make_tiny_data(f"{gs_root}/data")
     faces = bin_pairs.load_bin(f"{data}/val.bin")[0][:FACES]
@@ -46,7 +46,7 @@ def _worker(gs_root: str, local_dir: str) -> dict:
     local = train.train_and_evaluate(train_worker.tiny_config(local_data, max_steps=RESUMED_STEPS, eval_every=-1),
                                      os.path.join(local_dir, "run"))
     evaluated = runner.run(train_worker.tiny_config(data), run)
-    model = FaceModel.from_workdir(run)
+    model = CalibratedFaceModel.from_workdir(run)
     embeddings, _ = model.embed(faces)
     return {
         "steps": [first["step"], resumed["step"]],

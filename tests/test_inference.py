@@ -21,12 +21,14 @@ import optax
 import pytest
 
 from data_pipelines import synthetic
-from oaml_jax import checkpoint, inference
+from oaml_jax import checkpoint, serving
 from oaml_jax.evaluation import calibration, fusion, plots, verification
-from oaml_jax.inference import FaceModel
+from oaml_jax.evaluation import verdict as verdict_lib
+from oaml_jax.evaluation.verdict import CalibratedFaceModel
 from oaml_jax.models import factory, qaconv
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
+from oaml_jax.serving import FaceModel
 from oaml_jax.train_state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +135,7 @@ def test_match_agrees_with_pair_scores_and_fuses_with_given_stats(face_model):
 
 
 def test_converted_checkpoint_gives_adaface_only(tmp_path, face_model):
-    model = FaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=4)
+    model = CalibratedFaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=4)
     images = faces(3)
     assert isinstance(model.model, factory.EmbeddingModel) and not model.has_qaconv
     assert model.contract.channel_order == "BGR"
@@ -148,7 +150,7 @@ def test_checkpoint_saved_before_the_block_setting_existed_restores(tmp_path, fa
     saved = tiny_config().to_dict()
     del saved["model"]["qaconv_block_mb"]  # a run of the release before model.qaconv_block_mb
     old = write_training_checkpoint(str(tmp_path / "old"), config=ml_collections.ConfigDict(saved))
-    model = FaceModel.from_workdir(old, batch_size=4)
+    model = CalibratedFaceModel.from_workdir(old, batch_size=4)
     assert model.model.qaconv_block_bytes == qaconv.BLOCK_BYTES
     images = faces(3)
     np.testing.assert_allclose(model.embed(images)[0], face_model.embed(images)[0], atol=ATOL)
@@ -175,7 +177,7 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
         import sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r})
         import test_inference as t
         from oaml_jax import sharding
-        from oaml_jax.inference import FaceModel
+        from oaml_jax.serving import FaceModel
         assert jax.device_count() == 8
         import pickle
         with open({str(tmp_path / "variables.pkl")!r}, "rb") as f:
@@ -185,11 +187,11 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
         assert len(variables["params"]["head"]["kernel"].sharding.device_set) == 8
         t.write_training_checkpoint({str(out)!r}, variables)
         faces = np.load({str(tmp_path / "faces.npy")!r})
-        embeddings, _ = FaceModel.from_workdir({str(out)!r}, batch_size=16).embed(faces)
+        embeddings, _ = FaceModel.from_checkpoint({str(out)!r}, batch_size=16).embed(faces)
         np.save({str(out / "emb8.npy")!r}, embeddings)
     """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     assert jax.device_count() == 1
-    model = FaceModel.from_workdir(str(out), batch_size=4)
+    model = FaceModel.from_checkpoint(str(out), batch_size=4)
     np.testing.assert_allclose(model.embed(images)[0], np.load(out / "emb8.npy"), atol=ATOL)
 
 
@@ -206,17 +208,17 @@ def test_verdict_is_the_fused_decision_else_adaface(workdir, face_model):
     stats = fusion.FusionStats(mean={"adaface": 0.1, "qaconv": 0.2}, std={"adaface": 0.3, "qaconv": 0.4})
     raw = face_model.match(images[:1], images[2:3], stats=stats)
     scores = {name: float(value[0, 0]) for name, value in raw.items()}
-    model = FaceModel.from_workdir(workdir, batch_size=4)
+    model = CalibratedFaceModel.from_workdir(workdir, batch_size=4)
     assert model.calibration is None
     # No calibration: scores only, and one pair cannot have its own fusion statistics.
-    verdict = inference.verify_faces(model, images[0], images[2])
+    verdict = verdict_lib.verify_faces(model, images[0], images[2])
     assert verdict.thresholds == {} and verdict.is_same is None and verdict.scores["fused"] is None
     assert verdict.headline() == "no verdict: no calibration, scores only"
     assert verdict.lines()[2].split() == ["fused", "-"]
     # AdaFace above its threshold, QAConv and fused below theirs: the fused score decides.
     model.fusion_stats = stats
     model.calibration = _calibration(STEP, scores, {"adaface": 0.01, "qaconv": -0.01, "fused": -0.01}, stats=stats)
-    verdict = inference.verify_faces(model, images[0], images[2], far=1e-3)
+    verdict = verdict_lib.verify_faces(model, images[0], images[2], far=1e-3)
     assert verdict.scores == pytest.approx(scores, abs=1e-6)
     assert verdict.same("adaface") and not verdict.same("qaconv") and not verdict.same("fused")
     assert verdict.decided_by == "fused" and verdict.is_same is False
@@ -225,9 +227,10 @@ def test_verdict_is_the_fused_decision_else_adaface(workdir, face_model):
     assert verdict.lines()[2].endswith(f"<= {scores['fused'] + 0.01:.4f}: different")
     # Without fused thresholds (a converted backbone's calibration) AdaFace decides.
     model.calibration = _calibration(STEP, scores, {"adaface": 0.01})
-    assert inference.verify_faces(model, images[0], images[2]).headline() == "same person (adaface score at FAR 0.001)"
+    assert (verdict_lib.verify_faces(model, images[0], images[2]).headline()
+            == "same person (adaface score at FAR 0.001)")
     with pytest.raises(ValueError, match="far=0.05: no threshold at that FAR"):
-        inference.verify_faces(model, images[0], images[2], far=0.05)
+        verdict_lib.verify_faces(model, images[0], images[2], far=0.05)
 
 
 def test_from_workdir_takes_the_calibration_of_its_step_only(tmp_path, workdir, caplog):
@@ -236,17 +239,17 @@ def test_from_workdir_takes_the_calibration_of_its_step_only(tmp_path, workdir, 
     stats = fusion.FusionStats(mean={"adaface": 0.1, "qaconv": 0.2}, std={"adaface": 0.3, "qaconv": 0.4})
     weights = {"adaface": 0.25, "qaconv": 0.75}
     offsets = {"adaface": 0.0, "qaconv": 0.0, "fused": 0.0}
-    path = inference.calibration_path(run)
+    path = verdict_lib.calibration_path(run)
     calibration.save(_calibration(STEP, dict.fromkeys(offsets, 1.0), offsets, weights, stats), path)
-    model = FaceModel.from_workdir(run, batch_size=4)
+    model = CalibratedFaceModel.from_workdir(run, batch_size=4)
     assert model.calibration.thresholds["fused"][1e-3] == 1.0
     assert model.fusion_stats == stats and model.fusion_weights == weights
     # Other fusion weights than the calibration's: the fused thresholds do not apply to that score.
-    model = FaceModel.from_workdir(run, batch_size=4, fusion_weights={"adaface": 0.5, "qaconv": 0.5})
+    model = CalibratedFaceModel.from_workdir(run, batch_size=4, fusion_weights={"adaface": 0.5, "qaconv": 0.5})
     assert set(model.calibration.thresholds) == {"adaface", "qaconv"}
     assert "no fused threshold" in caplog.text
     calibration.save(_calibration(STEP + 1, dict.fromkeys(offsets, 1.0), offsets, weights, stats), path)
-    model = FaceModel.from_workdir(run, batch_size=4)
+    model = CalibratedFaceModel.from_workdir(run, batch_size=4)
     assert model.calibration is None and model.fusion_stats is None
     assert f"was fitted for step {STEP + 1}, not {STEP}: ignored" in caplog.text
 
@@ -254,10 +257,10 @@ def test_from_workdir_takes_the_calibration_of_its_step_only(tmp_path, workdir, 
 def test_pair_png_shows_both_faces_and_the_verdict(tmp_path, face_model):
     images = faces(4, seed=3)[0::2]  # two identities
     scores = {"adaface": 0.5, "qaconv": 0.2, "fused": None}
-    verdict = inference.Verdict(scores=scores, far=1e-3, thresholds={"adaface": 0.4, "qaconv": 0.3},
+    verdict = verdict_lib.Verdict(scores=scores, far=1e-3, thresholds={"adaface": 0.4, "qaconv": 0.3},
                                 calibration=_calibration(STEP, {"adaface": 0.5}, {"adaface": 0.1}))
     maps = face_model.occlusion_maps(images)
-    out = inference.plot_verdict(verdict, images[0], images[1], maps, str(tmp_path / "pair.png"), title="a vs b")
+    out = verdict_lib.plot_verdict(verdict, images[0], images[1], maps, str(tmp_path / "pair.png"), title="a vs b")
     png = cv2.cvtColor(cv2.imread(str(out), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     # Rebuild the same figure to learn where its top-row axes (plain faces A and B) were drawn.
     fig = plots.pair_verification_figure(images[0], images[1], maps[0], maps[1], verdict.lines(), "a vs b",
@@ -299,10 +302,10 @@ def test_forward_flip_is_adaface_flip_test(face_model):
 
 
 def test_progress_bar_only_for_long_runs_on_process_zero(face_model, capsys, monkeypatch):
-    short = faces(inference.PROGRESS_MIN_STEPS * face_model.batch_size)
+    short = faces(serving.PROGRESS_MIN_STEPS * face_model.batch_size)
     face_model.extract(short)
     assert capsys.readouterr().err == ""
-    long = faces((inference.PROGRESS_MIN_STEPS + 1) * face_model.batch_size - 1)
+    long = faces((serving.PROGRESS_MIN_STEPS + 1) * face_model.batch_size - 1)
     face_model.extract(long)
     err = capsys.readouterr().err
     assert "faces: 100%" in err and f"{long.shape[0]}/{long.shape[0]}" in err and "img/s" in err

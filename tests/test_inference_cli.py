@@ -15,6 +15,7 @@ from PIL import Image
 from data_pipelines.images import decode_image, encode_jpeg, encode_png
 from oaml_jax import align, inference
 from oaml_jax.evaluation import calibration, fusion
+from oaml_jax.evaluation import verdict as verdict_lib
 
 from test_inference import ATOL, REPO, STEP, faces
 
@@ -162,7 +163,7 @@ def test_verify_prints_the_verdict_at_the_chosen_far(photos, workdir, face_model
     calibration.save(calibration.Calibration(
         step=STEP, checkpoint="c", fitted_on=("lfw", "cfp_fp"), num_pairs=12000, num_impostors=6000,
         thresholds=thresholds, fusion_stats=stats, fusion_weights=fusion.DEFAULT_WEIGHTS),
-        inference.calibration_path(run))
+        verdict_lib.calibration_path(run))
     run_main("verify", f"--workdir={run}", hopper, astronaut, "--far=0.01", f"--out={tmp_path / 'pair.png'}")
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == ("thresholds at FAR 0.01 fitted on the clean pairs of lfw, cfp_fp (12000 pairs, 6000 impostors) "
@@ -177,12 +178,12 @@ def test_verify_prints_the_verdict_at_the_chosen_far(photos, workdir, face_model
 def test_describe_calibration_warns_below_the_measurable_far():
     cal = calibration.Calibration(step=1, checkpoint="c", fitted_on=("lfw",), num_pairs=6000, num_impostors=3000,
                                   thresholds={"adaface": {1e-3: 0.3, 1e-4: 0.4}})
-    verdict = inference.Verdict(scores={"adaface": 0.5}, far=1e-3, thresholds={"adaface": 0.3}, calibration=cal)
-    assert inference.describe_calibration(verdict) == (
+    verdict = verdict_lib.Verdict(scores={"adaface": 0.5}, far=1e-3, thresholds={"adaface": 0.3}, calibration=cal)
+    assert verdict_lib.describe_calibration(verdict) == (
         "thresholds at FAR 0.001 fitted on the clean pairs of lfw (6000 pairs, 3000 impostors) at step 1; same when "
         "the score is above its threshold")
-    verdict = inference.Verdict(scores={"adaface": 0.5}, far=1e-4, thresholds={"adaface": 0.4}, calibration=cal)
-    assert inference.describe_calibration(verdict).splitlines()[1] == (
+    verdict = verdict_lib.Verdict(scores={"adaface": 0.5}, far=1e-4, thresholds={"adaface": 0.4}, calibration=cal)
+    assert verdict_lib.describe_calibration(verdict).splitlines()[1] == (
         "note: 3000 impostor pairs measure FAR down to 3.3e-04 only; at 0.0001 each threshold is the highest "
         "impostor score")
 

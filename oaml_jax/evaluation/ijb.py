@@ -28,7 +28,7 @@ from etils import epath
 from data_pipelines.images import decode_image
 from oaml_jax import align
 from oaml_jax.evaluation import fusion, verification
-from oaml_jax.inference import FaceModel
+from oaml_jax.serving import FaceModel
 from oaml_jax.models.face_input import FACE_SIZE
 
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)

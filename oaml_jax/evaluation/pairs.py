@@ -26,7 +26,7 @@ from etils import epath
 from data_pipelines import bin_pairs
 from data_pipelines.occlusion import KINDS, occlude_deterministic
 from oaml_jax.evaluation import fusion, verification
-from oaml_jax.inference import FaceModel
+from oaml_jax.serving import FaceModel
 
 METHODS = (("AdaFace", "adaface"), ("QAConv", "qaconv"), ("fused", "fused"))
 METRICS = (("acc", "accuracy"), ("TAR@1e-3", "tar"), ("AUC", "auc"))

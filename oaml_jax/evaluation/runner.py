@@ -25,7 +25,7 @@ from etils import epath
 
 from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation import calibration, fusion, ijb, pairs, plots, verification
-from oaml_jax.inference import EVAL_SUBDIR, FaceModel
+from oaml_jax.evaluation.verdict import EVAL_SUBDIR, CalibratedFaceModel as FaceModel
 from oaml_jax.paths import user_path
 
 _GRID_FACES = 8
