@@ -8,30 +8,33 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from data_pipelines.images import READABLE_EXTENSIONS
 from oaml_jax.paths import is_remote
 
-# The file extensions read as images (any case), here and wherever a folder of faces is listed.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# Skipped entries named in a message before "and N more".
+NAMED_SKIPPED = 5
 
 
 def is_image_name(name: str) -> bool:
-    """Whether a file name is listed as an image: an image extension, and not hidden.
+    """Whether a file name is listed as an image: a readable extension (`images.READABLE_EXTENSIONS`, any
+    case), and not hidden.
 
     Hidden names (leading ".") cover macOS litter: `.DS_Store` and the AppleDouble `._x.jpg` files that
     copies to non-Mac file systems leave beside every image.
     """
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(READABLE_EXTENSIONS)
 
 
-def list_images(directory: epath.PathLike) -> list[epath.Path]:
-    """The image files directly in `directory`, sorted by name.
+def scan_images(directory: epath.PathLike) -> tuple[list[epath.Path], list[str]]:
+    """The image files directly in `directory`, and the names of every other entry.
 
     Args:
         directory: a folder (local, gs://, or any scheme `etils.epath` supports).
 
     Returns:
-        Paths of the files whose names pass `is_image_name`, sorted. Locally, directories are left out
-        too; on object stores, where telling one costs a request per entry, names alone decide.
+        (paths of the files whose names pass `is_image_name`, sorted; names of the other entries, sorted,
+        folders with a trailing "/"). Locally, folders are never images; on object stores, where telling
+        one costs a request per entry, names alone decide.
 
     Raises:
         FileNotFoundError: `directory` is not a folder.
@@ -40,18 +43,32 @@ def list_images(directory: epath.PathLike) -> list[epath.Path]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: image folder not found")
     if is_remote(directory):
-        names = [p.name for p in directory.iterdir()]
+        entries = [(p.name, False) for p in directory.iterdir()]
     else:
-        with os.scandir(os.fspath(directory)) as entries:
-            names = [e.name for e in entries if e.is_file()]
-    return [directory / name for name in sorted(names) if is_image_name(name)]
+        with os.scandir(os.fspath(directory)) as scanned:
+            entries = [(e.name, e.is_dir()) for e in scanned]
+    images = [directory / name for name, is_dir in sorted(entries) if not is_dir and is_image_name(name)]
+    skipped = [name + ("/" if is_dir else "") for name, is_dir in sorted(entries) if is_dir or not is_image_name(name)]
+    return images, skipped
+
+
+def list_images(directory: epath.PathLike) -> list[epath.Path]:
+    """The image files directly in `directory`, sorted by name (`scan_images`' first part)."""
+    return scan_images(directory)[0]
+
+
+def name_skipped(skipped: list[str]) -> str:
+    """Skipped entries for a message: the first `NAMED_SKIPPED` names and how many more, e.g. "a.txt, sub/"."""
+    more = len(skipped) - NAMED_SKIPPED
+    return ", ".join(skipped[:NAMED_SKIPPED]) + (f" and {more} more" if more > 0 else "")
 
 
 class ImageFolderSource:
     """Random-access source over `root/<identity>/<image>`.
 
     Labels are the positions of the identity names in sorted order, counting only identities that hold
-    at least one image (`class_names[label]` is the folder name). Images are what `list_images` lists;
+    at least one image (`class_names[label]` is the folder name). Images are what `list_images` lists
+    (other entries are counted and named in a warning);
     hidden folders and files directly under `root` are ignored.
 
     Items are `{"image": bytes (encoded file contents), "label": int}`.
@@ -75,8 +92,10 @@ class ImageFolderSource:
         paths: list[str] = []
         labels: list[int] = []
         empty: list[str] = []
+        skipped: list[str] = []
         for name in identities:
-            files = list_images(self.root / name)
+            files, others = scan_images(self.root / name)
+            skipped.extend(f"{name}/{other}" for other in others)
             if not files:
                 empty.append(name)
                 continue
@@ -88,8 +107,11 @@ class ImageFolderSource:
             logging.warning("%s: %d of %d identity folders hold no images (%s) and were skipped.",
                             self.root, len(empty), len(identities), ", ".join(empty[:5]) +
                             (", ..." if len(empty) > 5 else ""))
+        if skipped:
+            logging.warning("%s: %d entries of the identity folders are not readable images and were skipped "
+                            "(%s)", self.root, len(skipped), name_skipped(skipped))
         if not paths:
-            raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS} in any of the "
+            raise ValueError(f"{self.root}: no images with extensions {READABLE_EXTENSIONS} in any of the "
                              f"{len(identities)} identity folders")
         self.class_names = class_names
         self.num_classes = len(class_names)

@@ -1,20 +1,48 @@
-"""Image decoding and encoding for face crops, and the error a bad record raises.
+"""Image decoding and encoding for face crops and photos, and the error a bad record raises.
 
 JPEGs decode through libjpeg-turbo (simplejpeg) in strict mode, other formats through OpenCV; damaged
-data is an error (`CorruptImageError`), never a decoded image.
+data is an error (`CorruptImageError`), never a decoded image. Two readings of the same bytes:
+- `decode_image`: the pixels as stored. Dataset records (`.rec`, `.bin`, identity folders of aligned
+  crops, IJB images whose landmarks files are in stored pixels) are read so: an aligned crop was aligned
+  on its stored pixels, and a stale orientation tag copied into it would turn the face off the template.
+- `decode_photo`: the pixels as a viewer shows them, the EXIF orientation tag applied (a phone stores a
+  portrait sideways with a tag). Every photo a user gives a command (align, embed, verify) is read so.
+`READABLE_EXTENSIONS` is the one list of file names these decoders read; every folder walk uses it.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Union
 
 import cv2
 import numpy as np
 import simplejpeg
+from PIL import Image
 
 ImageBytes = Union[bytes, bytearray, memoryview, np.ndarray]
 
 _JPEG_SOI = b"\xff\xd8"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+# The formats `decode_image` reads (libjpeg-turbo for JPEG, OpenCV for the others), by Pillow's format
+# names; their file extensions are Pillow's registered ones. Not listed: formats OpenCV does not read
+# (AVIF, PSD, ...) or reads other than as 8-bit images (.pfm: float), and GIF (animations, not photos).
+_DECODED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM")
+READABLE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                                   if fmt in _DECODED_FORMATS and ext != ".pfm"))
+# EXIF orientation (tag 0x0112) -> the numpy view that shows the stored pixels as a viewer does
+# (Pillow's `ImageOps.exif_transpose`: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise,
+# 7 transverse, 8 rotate 90 counter-clockwise).
+_ORIENTATION_TAG = 0x0112
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, -1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 class CorruptRecordError(ValueError):
@@ -95,10 +123,46 @@ def decode_image(data: ImageBytes, where: str = "") -> np.ndarray:
             return simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
         except ValueError as e:
             raise CorruptImageError(where, f"corrupt JPEG ({len(buf)} bytes): {e}") from None
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    # Stored pixels: OpenCV would otherwise apply a PNG's or JPEG's orientation tag (not WebP's); its TIFF
+    # reader applies the tag whatever the flag (`decode_photo` knows).
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise CorruptImageError(where, f"undecodable image data ({len(buf)} bytes, starts with {buf[:8]!r})")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def exif_orientation(data: ImageBytes) -> int:
+    """The EXIF orientation tag of an encoded image (1..8), 1 when it has none or it cannot be read.
+
+    Only the headers are parsed (Pillow opens lazily), so a 48 MP photo costs no decoding here.
+    """
+    try:
+        with Image.open(io.BytesIO(_as_bytes(data, ""))) as image:
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError):
+        return 1
+    return orientation if orientation in _ORIENT else 1
+
+
+def decode_photo(data: ImageBytes, where: str = "") -> np.ndarray:
+    """Decodes a user's photo as a viewer shows it: `decode_image`, then its EXIF orientation applied.
+
+    Args:
+        data: the encoded image (see `decode_image`).
+        where: where the data came from, named in the error message.
+
+    Returns:
+        uint8 `[H, W, 3]` RGB, C-contiguous; H and W are swapped from the stored image for orientations 5-8.
+
+    Raises:
+        CorruptImageError: as `decode_image`.
+    """
+    buf = _as_bytes(data, where)
+    image = decode_image(buf, where)
+    orientation = exif_orientation(buf)
+    if orientation == 1 or buf.startswith(_TIFF_MAGIC):  # OpenCV has applied a TIFF's tag already.
+        return image
+    return np.ascontiguousarray(_ORIENT[orientation](image))
 
 
 def _check_rgb(img: np.ndarray, what: str) -> np.ndarray:

@@ -109,6 +109,11 @@ DEFAULT_MIN_SCORE = 0.9
 # 12 px input; the failing convolution is then reported as "no face". It is therefore always run at 20 px
 # and the image is resized by 20 / min_face_size instead, which gives the same pyramid.
 _MTCNN_MIN_FACE_SIZE = 20.0
+# Detection runs on a copy whose longest side is at most this many pixels (alignment uses the original):
+# MTCNN's memory grows with the pixels it sees (a 48 MP photo took 7 GiB at full size). At this bound a
+# face is found from `longest side / DETECTION_MAX_SIDE * 20` photo pixels on (100 px in an 8000 px photo),
+# whatever `min_face_size` asks below that.
+DETECTION_MAX_SIDE = 1600
 
 
 class DetectedFace(NamedTuple):
@@ -158,8 +163,9 @@ def detect_faces(image: np.ndarray, *, min_face_size: float = DEFAULT_MIN_FACE_S
     """Faces and their 5 landmarks in a photo, largest box first.
 
     Runs MTCNN (P-, R- and O-Net cascade) on the image resized by `20 / min_face_size` (see
-    `_MTCNN_MIN_FACE_SIZE`) and maps the results back to input pixels, where (0, 0) is the centre of the
-    top-left pixel, as `align_face` (OpenCV) reads them.
+    `_MTCNN_MIN_FACE_SIZE`), or less so that its longest side is at most `DETECTION_MAX_SIDE`, and maps
+    the results back to input pixels, where (0, 0) is the centre of the top-left pixel, as `align_face`
+    (OpenCV) reads them.
 
     Args:
         image: uint8 `[H, W, 3]` RGB photo of any size.
@@ -177,7 +183,7 @@ def detect_faces(image: np.ndarray, *, min_face_size: float = DEFAULT_MIN_FACE_S
     image = _check_photo(image)
     _check_thresholds(min_face_size, min_score)
     height, width = image.shape[:2]
-    scale = _MTCNN_MIN_FACE_SIZE / float(min_face_size)
+    scale = min(_MTCNN_MIN_FACE_SIZE / float(min_face_size), DETECTION_MAX_SIDE / max(height, width))
     resized_width, resized_height = max(1, round(width * scale)), max(1, round(height * scale))
     if (resized_width, resized_height) != (width, height):
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR

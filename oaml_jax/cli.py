@@ -48,17 +48,19 @@ def _run(main: Callable[[list[str]], None]) -> None:
 
 def _train_main(argv: list[str]) -> None:
     del argv
+    config = _config_value()
     from oaml_jax import train  # After flag parsing: the import pulls in the data stack and TensorFlow.
-    result = train.train_and_evaluate(_config_value(), flags.FLAGS.workdir)
+    result = train.train_and_evaluate(config, flags.FLAGS.workdir)
     if result["preempted"]:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def _eval_main(argv: list[str]) -> None:
     del argv
+    config = _config_value()
     from oaml_jax.evaluation import runner
     f = flags.FLAGS
-    result = runner.run(_config_value(), f.workdir, step=f.step, checkpoint=f.checkpoint)
+    result = runner.run(config, f.workdir, step=f.step, checkpoint=f.checkpoint)
     print(result["table"])
 
 

@@ -20,6 +20,8 @@ Exit status 0, except 1 when there is nothing to do: no face to embed, or no fac
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,7 +37,7 @@ from oaml_jax import logs
 from oaml_jax.evaluation import calibration as calibration_lib
 from oaml_jax.evaluation.verdict import (DEFAULT_FAR, CalibratedFaceModel, calibration_path, describe_calibration,
                                          plot_verdict, verify_faces)
-from oaml_jax.paths import user_path
+from oaml_jax.paths import is_remote, user_path
 from oaml_jax.photos import PhotoFaces, faces_from_folder, faces_from_photos
 
 COMMANDS = ("align", "embed", "verify")
@@ -72,7 +74,49 @@ _USAGE = """usage:
 def _require(flag_values: flags.FlagValues, command: str, *names: str) -> None:
     missing = [f"--{n}" for n in names if not flag_values[n].value]
     if missing:
-        raise app.UsageError(f"{command}: {' and '.join(missing)} required\n{_USAGE}")
+        raise app.UsageError(f"{command}: {' and '.join(missing)} required (see --help)")
+
+
+def _real(path: epath.Path) -> str:
+    """The path with symbolic links and "..", resolved locally (object stores: as written)."""
+    return os.fspath(path) if is_remote(path) else os.path.realpath(os.fspath(path))
+
+
+def _refuse_overwrite(command: str, outputs: Sequence[epath.Path], inputs: Sequence[epath.Path]) -> None:
+    """Refuses to write any of `outputs` when it is one of the `inputs` (no command writes over its input).
+
+    Raises:
+        app.UsageError: naming the output and the input it would replace.
+    """
+    real_inputs = {_real(p): p for p in inputs}
+    for out in outputs:
+        if _real(out) in real_inputs:
+            raise app.UsageError(f"{command}: {out} would be written over the input {real_inputs[_real(out)]}; "
+                                 "nothing written, choose another --out")
+
+
+def _photo_names(faces: PhotoFaces) -> list[str]:
+    """The names of every photo read: with faces, without, and unreadable."""
+    return sorted({name for name, _ in faces.sources} | set(faces.without_face) | {n for n, _ in faces.unreadable})
+
+
+def _check_far(f: flags.FlagValues) -> None:
+    """Refuses a `--far` the workdir's calibration (or, without one, eval.py) has no threshold at; reads
+    `calibration.json` only, before any model is loaded.
+
+    Raises:
+        app.UsageError: naming the calibrated rates.
+    """
+    _, step = checkpoint_lib.locate(f.workdir, f.step)
+    calibration = calibration_lib.load(calibration_path(f.workdir), step)
+    if calibration is not None:
+        try:
+            calibration.far_key(f.far)
+        except ValueError as e:
+            raise app.UsageError(f"--far: {e}") from e
+    elif not any(math.isclose(f.far, far, rel_tol=1e-6) for far in calibration_lib.FARS):
+        raise app.UsageError(f"--far: far={f.far:g}: eval.py calibrates at "
+                             f"{', '.join(f'{far:g}' for far in calibration_lib.FARS)} only")
 
 
 def _crop_names(faces: PhotoFaces, mode: str) -> list[str]:
@@ -92,39 +136,46 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
         SystemExit: status 1 when there is nothing to do (no face to embed, no face in a photo to verify).
     """
     if len(argv) < 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(_USAGE)
+        got = f"got {argv[1]!r}" if len(argv) > 1 else "got none"
+        raise app.UsageError(f"expected a command: align, embed or verify ({got}); {_USAGE}")
     command, args, f = argv[1], list(argv[2:]), flag_values
     detection = {"aligned": f.aligned, "mode": f.mode, "min_face_size": f.min_face_size, "min_score": f.min_score}
     if command == "verify":
         if len(args) != 2:
-            raise app.UsageError(f"verify: expected two photos, got {args}\n{_USAGE}")
+            raise app.UsageError(f"verify: expected two photos, got {args} (see --help)")
         if f.mode != "largest":
             raise app.UsageError("verify compares the largest face of each photo; --mode=all is for align and embed")
         _require(f, command, "workdir")
         _verify(f, args, detection)
         return
     if args:
-        raise app.UsageError(f"{command}: unexpected arguments {args}\n{_USAGE}")
+        raise app.UsageError(f"{command}: unexpected arguments {args} (see --help)")
     _require(f, command, "images", "out", *(("workdir",) if command == "embed" else ()))
     if command == "embed":
         checkpoint_lib.locate(f.workdir, f.step)  # a wrong --workdir is refused before detection runs
+    images, out = user_path(f.images, "--images"), user_path(f.out, "--out")
+    if command == "align" and _real(out) == _real(images):
+        raise app.UsageError(f"align: --out={f.out} is the --images folder: the crops would be written among the "
+                             "photos, over any of the same name; choose another folder")
     try:
-        photo_faces = faces_from_folder(f.images, **detection)
+        photo_faces = faces_from_folder(images, **detection)
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
-    model = CalibratedFaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size) if command == "embed" else None
-    out = user_path(f.out, "--out")
+    inputs = [images / name for name in _photo_names(photo_faces)]
     if command == "align":
         names = _crop_names(photo_faces, f.mode)
+        _refuse_overwrite(command, [out / name for name in names], inputs)
         out.mkdir(parents=True, exist_ok=True)
         for name, face in zip(names, photo_faces.faces):
             (out / name).write_bytes(encode_png(face))
         logging.info("wrote %d aligned faces to %s", len(names), out)
         print(photo_faces.summary())
         return
+    _refuse_overwrite(command, [out, out.with_suffix(".txt")], inputs)
     print(photo_faces.summary())
     if not photo_faces.sources:
         sys.exit(f"embed: no face in {f.images}; nothing written")
+    model = CalibratedFaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size)
     embeddings, _ = model.embed(photo_faces.faces)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as fh:
@@ -138,12 +189,10 @@ def _verify(f: flags.FlagValues, photos: Sequence[str], detection: Mapping[str, 
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"verify: no photo file {', '.join(missing)}")
+    if f.out:
+        _refuse_overwrite("verify", [user_path(f.out, "--out")], paths)
+    _check_far(f)
     model = CalibratedFaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size)
-    if model.calibration is not None:
-        try:
-            model.calibration.far_key(f.far)
-        except ValueError as e:
-            raise app.UsageError(f"--far: {e}") from e
     photo_faces = faces_from_photos(paths, **detection)
     print(photo_faces.summary())
     if len(photo_faces.sources) != 2:

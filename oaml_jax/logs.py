@@ -10,14 +10,18 @@ runtime prints two start-up lines before any filter can act; TF 2.21 ignores TF_
 (also for the console scripts, whose `__main__` is a generated wrapper), and an input the project's own code
 refuses (a ValueError or OSError raised in oaml_jax, data_pipelines or configs: a config field, a missing
 file, a busy workdir) ends in one line naming it, exit status 1, its traceback logged at `--verbosity=1`.
-Errors raised inside libraries keep their whole traceback.
+So do a flag or a `--config.field=value` override that cannot be parsed (a misspelt field with its "did you
+mean" hint) and a command's usage error (`app.UsageError`: a wrong `--config` path, a missing argument):
+one line, not the help text. Errors raised inside libraries keep their whole traceback.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import logging as std_logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -56,6 +60,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             quiet_libraries()
         try:
             main(argv)
+        except app.UsageError as e:
+            sys.exit(f"error: {e}")
         except _INPUT_ERRORS as e:
             if not _raised_by_the_project(e):
                 raise
@@ -64,7 +70,51 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
                 sys.exit(f"error: {e}")
             sys.exit(f"error: {e}\n(the traceback: --verbosity=1)")
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """`flags.FLAGS(argv)`, a flag or config override it cannot parse ending the program in one line.
+
+    Returns:
+        The arguments left after the flags (what `main` gets).
+
+    Raises:
+        SystemExit: with "error: <what is wrong>" (exit status 1); `--help` exits as absl makes it.
+    """
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as e:
+        sys.exit(f"error: {_one_line(str(e))} (--helpshort lists the flags)")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections' config_flags raise these from a `--config.a.b=v` override (a KeyError's text
+        # quoted once more inside an AttributeError for an unknown field).
+        sys.exit(f"error: {_override_problem(argv, e)}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _override_problem(argv: Sequence[str], error: Exception) -> str:
+    """One line naming the `--config.` override that `error` refuses, e.g. "--config.train.batchsize:
+    no field 'batchsize'; did you mean "batch_size" instead of "batchsize"?"."""
+    text = str(error)
+    for _ in range(2):  # unquote what KeyError and AttributeError quoted, down to "'field'[\nhint]"
+        if re.match(r"'[^'\\]+'(\n|$)", text) or text[:1] not in "'\"":
+            break
+        try:
+            text = str(ast.literal_eval(text))
+        except (SyntaxError, ValueError):
+            break
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    field = re.fullmatch(r"'([^']+)'", lines[0]) if lines else None
+    overrides = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
+    if field:
+        named = [arg for arg in overrides if field.group(1) in arg[len("--config."):].split(".")]
+        hint = "".join(f"; {line[0].lower()}{line[1:]}" for line in lines[1:])
+        return f"{named[0] if named else '--config'}: no field {lines[0]}{hint}"
+    return f"{overrides[0] if len(overrides) == 1 else '--config'}: {_one_line(text)}"
 
 
 def _raised_by_the_project(error: BaseException) -> bool:

@@ -18,8 +18,8 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from data_pipelines.folders import IMAGE_EXTENSIONS, list_images
-from data_pipelines.images import CorruptImageError, decode_image
+from data_pipelines.folders import name_skipped, scan_images
+from data_pipelines.images import READABLE_EXTENSIONS, CorruptImageError, decode_photo
 from oaml_jax import align
 from oaml_jax.models.face_input import FACE_SIZE
 from oaml_jax.paths import user_path
@@ -41,8 +41,8 @@ class PhotoFaces:
         without_face: names of the photos in which no face passed the detection thresholds.
         unreadable: (name, reason) of the files that are not decodable images, or (with `aligned`) not
             112x112 crops.
-        skipped: entries of the folder that are not listed as images (hidden, AppleDouble, other extensions,
-            folders).
+        skipped: names of the folder's entries that are not read as images (hidden, AppleDouble, other
+            extensions; subfolders with a trailing "/").
     """
 
     faces: np.ndarray
@@ -50,7 +50,7 @@ class PhotoFaces:
     photos: int
     without_face: list[str]
     unreadable: list[tuple[str, str]]
-    skipped: int = 0
+    skipped: Sequence[str] = ()
 
     def summary(self) -> str:
         """One line: photos, faces, photos without a face and unreadable files by name, skipped entries."""
@@ -62,8 +62,8 @@ class PhotoFaces:
         if self.unreadable:
             text += f", {len(self.unreadable)} unreadable ({'; '.join(f'{n}: {r}' for n, r in self.unreadable)})"
         if self.skipped:
-            entries = "1 other entry" if self.skipped == 1 else f"{self.skipped} other entries"
-            text += f", {entries} skipped (hidden, AppleDouble or not {'/'.join(IMAGE_EXTENSIONS)})"
+            entries = "1 other entry" if len(self.skipped) == 1 else f"{len(self.skipped)} other entries"
+            text += f", {entries} skipped ({name_skipped(list(self.skipped))})"
         return text
 
 
@@ -71,6 +71,8 @@ def faces_from_photos(paths: Sequence[epath.PathLike], *, aligned: bool = False,
                       min_face_size: float = align.DEFAULT_MIN_FACE_SIZE,
                       min_score: float = align.DEFAULT_MIN_SCORE) -> PhotoFaces:
     """Reads photos and aligns their faces: a 112x112 photo is taken as aligned, any other is detected.
+
+    Each photo is decoded as a viewer shows it (`images.decode_photo`: its EXIF orientation applied).
 
     Args:
         paths: image files (local or any epath URI).
@@ -96,7 +98,7 @@ def faces_from_photos(paths: Sequence[epath.PathLike], *, aligned: bool = False,
                           disable=len(paths) <= PROGRESS_MIN_PHOTOS):
         path = epath.Path(path)
         try:
-            image = decode_image(path.read_bytes(), where=str(path))
+            image = decode_photo(path.read_bytes(), where=str(path))
         except CorruptImageError as e:
             logging.warning("%s: not a readable image (%s)", path, e.reason)
             unreadable.append((path.name, e.reason))
@@ -127,8 +129,7 @@ def faces_from_folder(folder: epath.PathLike, **options: Any) -> PhotoFaces:
         FileNotFoundError: `folder` is not a folder, or holds no image file.
     """
     folder = user_path(folder, "--images")
-    paths = list_images(folder)
+    paths, skipped = scan_images(folder)
     if not paths:
-        raise FileNotFoundError(f"--images={folder}: no image files ({'/'.join(IMAGE_EXTENSIONS)}) in it")
-    skipped = sum(1 for _ in folder.iterdir()) - len(paths)
+        raise FileNotFoundError(f"--images={folder}: no image files ({'/'.join(READABLE_EXTENSIONS)}) in it")
     return dataclasses.replace(faces_from_photos(paths, **options), skipped=skipped)

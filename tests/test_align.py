@@ -263,3 +263,42 @@ def test_detection_errors(monkeypatch, hopper):
             align.detect_faces(hopper)
     finally:
         align._detector.cache_clear()
+
+
+def test_detection_runs_on_a_bounded_copy_and_maps_back_to_photo_pixels(monkeypatch):
+    """Known answer with a stand-in detector: a 3200x2400 photo is detected at 1600x1200 (factor 1/2), so a
+    point x seen there is `(x + 0.5) * 2 - 0.5` in the photo (pixel centres, as OpenCV resizes)."""
+    seen = []
+
+    class Recorder:
+        def detect_faces(self, image, **kwargs):
+            seen.append(image.shape)
+            # image index, box x1 y1 x2 y2, score, 5 x, 5 y (in the copy's pixels)
+            return np.array([[0, 100, 120, 300, 360, 0.99, 150, 250, 200, 160, 240, 200, 200, 260, 310, 310]])
+
+    monkeypatch.setattr(align, "_detector", lambda: Recorder())
+    boxes, landmarks, scores = align.detect_faces(np.zeros((2400, 3200, 3), np.uint8))
+    assert seen == [(1200, 1600, 3)] and max(seen[0]) == align.DETECTION_MAX_SIDE
+    np.testing.assert_allclose(boxes[0], [200.5, 240.5, 600.5, 720.5])
+    np.testing.assert_allclose(landmarks[0], [[300.5, 400.5], [500.5, 400.5], [400.5, 520.5], [320.5, 620.5],
+                                              [480.5, 620.5]])
+    assert scores.tolist() == [pytest.approx(0.99)]
+    # A photo within the bound is seen at its own size (min_face_size 20), a larger minimum shrinks it further.
+    seen.clear()
+    align.detect_faces(np.zeros((900, 1600, 3), np.uint8))
+    align.detect_faces(np.zeros((900, 1600, 3), np.uint8), min_face_size=40)
+    assert seen == [(900, 1600, 3), (450, 800, 3)]
+
+
+def test_a_large_photo_gives_the_same_face_from_its_original_pixels(hopper):
+    """Hopper enlarged 4x (2048x2400 > the bound): the landmarks are the portrait's, scaled, and the aligned
+    crop (warped from the large original, not from the detection copy) matches the portrait's."""
+    large = cv2.resize(hopper, (hopper.shape[1] * 4, hopper.shape[0] * 4), interpolation=cv2.INTER_CUBIC)
+    small, big = align.detect_and_align(hopper)[0], align.detect_and_align(large)[0]
+    expected = (small.landmarks + 0.5) * 4 - 0.5
+    eye_distance = np.linalg.norm(expected[1] - expected[0])
+    assert np.linalg.norm(big.landmarks - expected, axis=1).max() < 0.06 * eye_distance
+    # Same face, same place: the crops differ only in detail (sub-pixel landmark shifts, 4x the pixels).
+    blur = lambda face: cv2.GaussianBlur(face, (0, 0), 2).astype(int)
+    assert np.abs(blur(big.face) - blur(small.face)).mean() < 3
+    np.testing.assert_array_equal(big.face, align.align_face(large, big.landmarks))

@@ -64,10 +64,24 @@ def test_list_images_skips_hidden_appledouble_and_other_files(tmp_path):
     assert all(isinstance(p, epath.Path) for p in listed)
     assert [p.name for p in listed] == ["1.png", "10.JPEG", "2.jpg"]  # sorted by name; sub.jpg is a folder
     assert listed[0] == epath.Path(tmp_path / "a" / "1.png")
-    assert [folders.is_image_name(n) for n in ("x.Jpg", "._x.jpg", ".DS_Store", "x.webp")] == [
-        True, False, False, False]
+    assert [folders.is_image_name(n) for n in ("x.Jpg", "._x.jpg", ".DS_Store", "x.webp", "x.TIFF", "x.gif")] == [
+        True, False, False, True, True, False]
     with pytest.raises(FileNotFoundError, match=r"nope: image folder not found"):
         folders.list_images(tmp_path / "nope")
+
+
+def test_scan_names_every_skipped_entry_subfolders_included(tmp_path, caplog):
+    _tree(tmp_path, {**_LITTER, "a/photo.webp": b"w", "a/deeper/x.jpg": b"x"})
+    listed, skipped = folders.scan_images(tmp_path / "a")
+    assert [p.name for p in listed] == ["1.png", "10.JPEG", "2.jpg", "photo.webp"]
+    assert skipped == [".DS_Store", "._1.png", ".hidden.jpg", "deeper/", "notes.txt", "sub.jpg/", "x.gif"]
+    assert folders.name_skipped(skipped) == ".DS_Store, ._1.png, .hidden.jpg, deeper/, notes.txt and 2 more"
+    assert folders.name_skipped(skipped[:2]) == ".DS_Store, ._1.png"
+    caplog.set_level("WARNING")
+    src = folders.ImageFolderSource(str(tmp_path))
+    assert len(src) == 5 and src.class_names == ["a", "b"]
+    assert ("7 entries of the identity folders are not readable images and were skipped (a/.DS_Store, a/._1.png, "
+            "a/.hidden.jpg, a/deeper/, a/notes.txt and 2 more)") in caplog.text
 
 
 def test_gcs_image_folder(gcs, tmp_path, monkeypatch):

@@ -139,3 +139,54 @@ def test_check_size():
 def test_encode_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"encode_jpeg: expected a uint8 \[H, W, 3\]"):
         images.encode_jpeg(np.zeros((4, 4), np.uint8))
+
+
+def _pillow_bytes(img, fmt, orientation=None, **options):
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    pil = Image.fromarray(img)
+    if orientation is not None:
+        exif = pil.getexif()
+        exif[0x0112] = orientation
+        options["exif"] = exif
+    pil.save(out, fmt, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_decode_photo_shows_every_orientation_as_a_viewer_does(fmt):
+    """Against Pillow's `ImageOps.exif_transpose` (what viewers do); `decode_image` keeps the stored pixels."""
+    import io
+
+    from PIL import Image, ImageOps
+    stored = _face(24, 40)
+    options = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    for orientation in range(1, 9):
+        data = _pillow_bytes(stored, fmt, orientation, **options)
+        assert images.exif_orientation(data) == orientation
+        with Image.open(io.BytesIO(data)) as pil:
+            raw = np.asarray(pil.convert("RGB"))
+            shown = np.asarray(ImageOps.exif_transpose(pil).convert("RGB"))
+        photo = images.decode_photo(data, where="p")
+        assert photo.shape == shown.shape and photo.flags.c_contiguous, (fmt, orientation)
+        tolerance = 2 if fmt == "JPEG" else 0
+        assert np.abs(photo.astype(int) - shown).max() <= tolerance, (fmt, orientation)
+        if fmt != "TIFF":  # OpenCV's TIFF reader applies the tag itself (decode_photo does not add it twice)
+            assert np.abs(images.decode_image(data).astype(int) - raw).max() <= tolerance, (fmt, orientation)
+    assert images.exif_orientation(images.encode_png(stored)) == 1
+    assert images.exif_orientation(b"not an image") == 1
+
+
+@pytest.mark.parametrize("ext", images.READABLE_EXTENSIONS)
+def test_every_readable_extension_decodes(ext):
+    """The one list of readable names: a file Pillow writes under each extension decodes to its pixels."""
+    from PIL import Image
+    img = _face(16, 24)
+    fmt = Image.registered_extensions()[ext]
+    data = _pillow_bytes(img, fmt, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else
+                                      {"lossless": True} if fmt == "WEBP" else {}))
+    tolerance = 4 if fmt == "JPEG" else 0  # quality 100, 4:4:4: rounding only
+    assert np.abs(images.decode_photo(data, where=f"x{ext}").astype(int) - img).max() <= tolerance
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif"} <= set(images.READABLE_EXTENSIONS)

@@ -62,7 +62,7 @@ def expected_faces(portraits):
 
 
 SUMMARY = ("5 photos, 3 faces, 1 without a face (uniform.jpg), 1 unreadable (broken.jpg: ")
-SKIPPED = "3 other entries skipped (hidden, AppleDouble or not .jpg/.jpeg/.png/.bmp)"
+SKIPPED = "3 other entries skipped (.DS_Store, ._grace_hopper.jpg, notes.txt)"
 
 
 def run_main(*args):
@@ -130,7 +130,7 @@ def test_embed_without_any_face_writes_nothing(photos, workdir, tmp_path, capsys
         run_main("embed", f"--workdir={workdir}", f"--images={folder}", f"--out={tmp_path / 'f.npy'}")
     assert capsys.readouterr().out.startswith("1 photo, 0 faces, 1 without a face (uniform.jpg)")
     assert not os.path.exists(tmp_path / "f.npy")
-    with pytest.raises(app.UsageError, match=r"--images=.*empty: no image files \(.jpg/.jpeg/.png/.bmp\) in it"):
+    with pytest.raises(app.UsageError, match=r"--images=.*empty: no image files \(.*\.jpg/.*\.webp\) in it"):
         (tmp_path / "empty").mkdir()
         run_main("embed", f"--workdir={workdir}", f"--images={tmp_path / 'empty'}", f"--out={tmp_path / 'f.npy'}")
 
@@ -221,3 +221,143 @@ def test_command_line_exits_zero(photos, workdir, tmp_path):
     assert proc.stdout.startswith("2 photos, 1 face, 0 without a face, 1 unreadable (broken.jpg: ")
     assert np.load(tmp_path / "feats.npy").shape == (1, 32)
     assert (tmp_path / "feats.txt").read_text() == "aligned.png\t0\n"
+
+
+# Photos as phones and users make them (issue 21): orientation tags, other formats, large photos, outputs
+# that would replace inputs.
+
+
+def _phone_jpeg(upright, orientation=6):
+    """What a phone writes: the pixels stored sideways, and the EXIF tag that turns them upright."""
+    import io
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # a viewer turns it back by 90 degrees clockwise (6)
+    pil = Image.fromarray(stored)
+    exif = pil.getexif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    pil.save(out, "JPEG", quality=95, exif=exif)
+    return out.getvalue()
+
+
+def test_a_phone_portrait_stored_sideways_is_read_upright(portraits, expected_faces, tmp_path, capsys):
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    (folder / "portrait.jpg").write_bytes(_phone_jpeg(portraits["grace_hopper.jpg"]))
+    assert decode_image((folder / "portrait.jpg").read_bytes()).shape[:2] == (512, 600)  # stored sideways
+    run_main("align", f"--images={folder}", f"--out={tmp_path / 'crops'}")
+    assert capsys.readouterr().out.strip() == "1 photo, 1 face, 0 without a face"
+    crop = decode_image((tmp_path / "crops" / "portrait.png").read_bytes())
+    # The upright portrait's face, up to the detail a JPEG re-encoding and sub-pixel landmark shifts change.
+    blur = lambda face: cv2.GaussianBlur(face, (0, 0), 2).astype(int)
+    assert np.abs(blur(crop) - blur(expected_faces["grace_hopper.jpg"])).mean() < 3
+
+
+def test_every_readable_format_in_a_folder_is_read_and_the_rest_named(portraits, expected_faces, tmp_path, capsys):
+    folder = tmp_path / "formats"
+    (folder / "album").mkdir(parents=True)
+    Image.fromarray(portraits["grace_hopper.jpg"]).save(folder / "hopper.webp", lossless=True)
+    (folder / "aligned.png").write_bytes(encode_png(faces(1, seed=7)[0]))
+    for name in ("clip.mov", "notes.txt", "thumbs.db", ".DS_Store", "x.psd", "y.heic"):
+        (folder / name).write_bytes(b"junk")
+    run_main("align", f"--images={folder}", f"--out={tmp_path / 'crops'}")
+    assert capsys.readouterr().out.strip() == (
+        "2 photos, 2 faces, 0 without a face, 7 other entries skipped (.DS_Store, album/, clip.mov, notes.txt, "
+        "thumbs.db and 2 more)")
+    np.testing.assert_array_equal(decode_image((tmp_path / "crops" / "hopper.png").read_bytes()),
+                                  expected_faces["grace_hopper.jpg"])
+
+
+def _tree_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_no_command_writes_over_its_input(photos, workdir, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("aligned.png", "grace_hopper.jpg", "notes.txt"):
+        shutil.copy(photos / name, folder / name)
+    before = _tree_bytes(folder)
+    # --out equal to --images (also through a link or "..") is refused before detection, nothing written.
+    os.symlink(folder, tmp_path / "link")
+    for out in (folder, tmp_path / "link", folder / ".." / "photos"):
+        with pytest.raises(app.UsageError, match=r"align: --out=.* is the --images folder: the crops would be "
+                                                 r"written among the photos"):
+            run_main("align", f"--images={folder}", f"--out={out}")
+    # A crop whose path is an input file (here a link to it in --out) is refused before any crop is written.
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    os.symlink(folder / "aligned.png", crops / "aligned.png")
+    with pytest.raises(app.UsageError, match=r"align: .*crops/aligned.png would be written over the input "
+                                             r".*photos/aligned.png; nothing written"):
+        run_main("align", f"--images={folder}", f"--out={crops}")
+    assert os.listdir(crops) == ["aligned.png"]
+    # embed's .npy / .txt and verify's PNG: not over a photo either (verify: before the model loads).
+    monkeypatch.setattr(inference.CalibratedFaceModel, "from_workdir", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(app.UsageError, match=r"embed: .*photos/grace_hopper.jpg would be written over the input"):
+        run_main("embed", f"--workdir={workdir}", f"--images={folder}", f"--out={folder / 'grace_hopper.jpg'}")
+    with pytest.raises(app.UsageError, match=r"verify: .*grace_hopper.jpg would be written over the input"):
+        run_main("verify", f"--workdir={workdir}", str(folder / "aligned.png"), str(folder / "grace_hopper.jpg"),
+                 f"--out={folder / 'grace_hopper.jpg'}")
+    assert _tree_bytes(folder) == before
+
+
+def test_an_uncalibrated_far_is_refused_before_the_model_loads(photos, workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference.CalibratedFaceModel, "from_workdir", lambda *a, **k: pytest.fail("model loaded"))
+    hopper, astronaut = str(photos / "grace_hopper.jpg"), str(photos / "astronaut_head.jpg")
+    with pytest.raises(app.UsageError, match=r"^--far: far=0.05: eval.py calibrates at 0.01, 0.001, 0.0001 only$"):
+        run_main("verify", f"--workdir={workdir}", hopper, astronaut, "--far=0.05")
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    calibration.save(calibration.Calibration(step=STEP, checkpoint="c", fitted_on=("lfw",), num_pairs=10,
+                                             num_impostors=5, thresholds={"adaface": {1e-2: 0.3}}),
+                     verdict_lib.calibration_path(run))
+    with pytest.raises(app.UsageError, match=r"^--far: far=0.001: no threshold at that FAR; calibrated at 0.01$"):
+        run_main("verify", f"--workdir={run}", hopper, astronaut, "--far=0.001")
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "oaml_jax.inference", *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=timeout)
+
+
+def test_refusals_are_one_line_not_the_help(photos, workdir):
+    """What a user sees: `error: <the problem>` as the last and only line of the command's own, exit 1."""
+    hopper, astronaut = str(photos / "grace_hopper.jpg"), str(photos / "astronaut_head.jpg")
+    for args, line in [
+            (("verify", f"--workdir={workdir}", hopper),
+             f"error: verify: expected two photos, got ['{hopper}'] (see --help)"),
+            (("verify", f"--workdir={workdir}", hopper, astronaut, "--far=0.05"),
+             "error: --far: far=0.05: eval.py calibrates at 0.01, 0.001, 0.0001 only"),
+            (("align", "--images=x", "--min_score=1.5"),
+             "error: flag --min_score=1.5: 1.5 is not a number in the range [0.0, 1.0] (--helpshort lists the "
+             "flags)")]:
+        proc = _cli(*args)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        own = [text for text in proc.stderr.splitlines() if not _library_startup(text)]
+        assert own == [line], proc.stderr[-2000:]
+
+
+def _library_startup(line):
+    """TensorFlow's C++ start-up lines, printed before any Python code can filter them (see oaml_jax/logs.py)."""
+    return "absl::InitializeLog()" in line or "oneDNN custom operations" in line
+
+
+def test_photos_of_48_megapixels_peak_under_1_5_gib(portraits, tmp_path):
+    """An 8000x6000 photo with Hopper's face (600 px wide) in it: the face found, the process's peak
+    resident memory (TensorFlow and JAX loaded included) under 1.5 GiB (7 GiB detecting at full size)."""
+    photo = np.full((6000, 8000, 3), 128, np.uint8)
+    face = cv2.resize(portraits["grace_hopper.jpg"], (1024, 1200), interpolation=cv2.INTER_CUBIC)
+    photo[2000:3200, 3000:4024] = face
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "big.jpg").write_bytes(encode_jpeg(photo, quality=90))
+    del photo
+    code = (f"import resource\nfrom oaml_jax import photos\n"
+            f"found = photos.faces_from_folder({str(tmp_path / 'big')!r})\n"
+            f"print(found.summary())\n"
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, peak_kib = proc.stdout.splitlines()
+    assert summary == "1 photo, 1 face, 0 without a face"
+    assert int(peak_kib) < 1.5 * 2 ** 20, f"peak {int(peak_kib) / 2 ** 20:.2f} GiB"
