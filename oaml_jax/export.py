@@ -1,6 +1,6 @@
 """Export a face model for serving: TensorFlow SavedModel, ONNX and StableHLO (`jax.export`).
 
-    python -m oaml_jax.export --workdir=W [--step=N] --format=savedmodel|onnx|stablehlo --out=D [--flip]
+    python -m oaml_jax.export --workdir=W [--step=N] --format=savedmodel|onnx|stablehlo --out=D [--noflip]
 
 Every artefact takes raw uint8 RGB aligned faces `[N, 112, 112, 3]` (any N: the batch dimension is
 symbolic) and returns
@@ -10,9 +10,12 @@ symbolic) and returns
              have it: a converted AdaFace backbone is exported with the first two outputs only.
 The model's input contract (channel order, scaling) is inside the graph, so a server never has to know
 it. What is exported is `FaceModel.forward` (the forward `FaceModel.extract` runs) with the checkpoint's
-variables (`export_checkpoint`); `--flip` builds AdaFace's flip test in (`embedding = normalize(e n +
-e_flip n_flip)`, `norm = ||e n + e_flip n_flip|| / 2`, what `FaceModel.embed` returns), at twice the
-compute. `export` takes any such forward:
+variables (`export_checkpoint`), by default with AdaFace's flip test built in (`embedding = normalize(e n +
+e_flip n_flip)`, `norm = ||e n + e_flip n_flip|| / 2`): exactly the embeddings `FaceModel.embed` returns and
+eval.py calibrated its thresholds on, so the thresholds of `<workdir>/eval/calibration.json` hold for the
+cosine of two exported embeddings and are copied into `export.<format>.json`. `--noflip` exports the
+images alone at half the compute; its embeddings are not the calibrated ones, and it carries no
+thresholds. `export` takes any such forward:
 
     def forward(variables, images):                       # pure JAX, images uint8 [N, 112, 112, 3] RGB
         ...
@@ -30,7 +33,9 @@ Formats, what each writes in `out_dir`, and the runtime it is loaded with:
   load with `jax.export.deserialize(path.read_bytes())` and `.call(images)` (a dict of outputs) with any
   JAX of the same or a newer release, on one of the platforms it was lowered for.
 `export_checkpoint` also writes `export.<format>.json` beside the artefact (so the three formats can share
-one folder): format, artefact, checkpoint, step, flip, outputs.
+one folder): format, artefact, checkpoint, step, flip, outputs, and "calibration": the AdaFace thresholds
+of the workdir's calibration for the same step, by FAR, for the cosine of two `embedding` outputs ("same"
+above the threshold); null for a `--noflip` export or without a calibration.
 """
 
 from __future__ import annotations
@@ -234,7 +239,7 @@ def export(forward: Forward, variables: Any, *, fmt: str, out_dir: epath.PathLik
 
 
 def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: str, out_dir: epath.PathLike,
-                      flip: bool = False, **kwargs: Any) -> epath.Path:
+                      flip: bool = True, **kwargs: Any) -> epath.Path:
     """Exports the embedding model of a checkpoint (training or converted) with its input contract.
 
     Args:
@@ -242,7 +247,8 @@ def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: 
         step: the step; None = the latest (or the one `path` names).
         fmt: one of `FORMATS`.
         out_dir: where the artefact and `export.<fmt>.json` go (any epath).
-        flip: build AdaFace's flip test into the graph (what `FaceModel.embed` computes).
+        flip: build AdaFace's flip test into the graph (what `FaceModel.embed` computes and eval.py
+            calibrates); without it the calibration's thresholds are not written (they do not hold).
         **kwargs: `platforms` / `opset`, see `export`.
 
     Returns:
@@ -251,21 +257,37 @@ def export_checkpoint(path: epath.PathLike, step: Optional[int] = None, *, fmt: 
     Raises:
         FileNotFoundError / ValueError: see `checkpoint.restore`; ValueError: unknown `fmt`.
     """
-    from oaml_jax.serving import FaceModel  # pylint: disable=g-import-not-at-top  (restoring needs Orbax)
-    from oaml_jax.paths import user_path  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top  (restoring needs Orbax)
+    from oaml_jax.evaluation import calibration as calibration_lib
+    from oaml_jax.evaluation.verdict import calibration_path
+    from oaml_jax.paths import user_path
+    from oaml_jax.serving import FaceModel
 
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
     model = FaceModel.from_checkpoint(path, step)
     forward = model.forward(flip=flip)
     out_dir = user_path(out_dir, "out")
+    calibration = calibration_lib.load(calibration_path(path), model.step)
+    if calibration is not None and not flip:
+        logging.warning("an export without the flip test gives other embeddings than eval.py calibrated on: "
+                        "the thresholds of %s are not written into %s", calibration_path(path), METADATA_FILES[fmt])
     written = export(forward, model.variables, fmt=fmt, out_dir=out_dir, **kwargs)
     (out_dir / METADATA_FILES[fmt]).write_text(json.dumps(
         {"format": fmt, "artefact": ARTEFACTS[fmt], "checkpoint": str(model.directory), "step": model.step,
          "flip": flip, "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [_BATCH, FACE_SIZE, FACE_SIZE, 3],
                                  "channels": "RGB"},
-         "outputs": list(check_forward(forward, model.variables))}, indent=2))
+         "outputs": list(check_forward(forward, model.variables)),
+         "calibration": _cosine_thresholds(calibration) if flip and calibration is not None else None}, indent=2))
     return written
+
+
+def _cosine_thresholds(calibration: Any) -> dict[str, Any]:
+    """The AdaFace thresholds of a `calibration.Calibration`, for `export.<format>.json`."""
+    return {"score": "cosine of two embedding outputs; same person when above the threshold",
+            "thresholds": {repr(far): threshold for far, threshold in calibration.thresholds["adaface"].items()},
+            "step": calibration.step, "fitted_on": list(calibration.fitted_on),
+            "num_pairs": calibration.num_pairs, "num_impostors": calibration.num_impostors}
 
 
 def load(*, fmt: str, out_dir: epath.PathLike) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
@@ -328,8 +350,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.", **fv)
     flags.DEFINE_enum("format", None, FORMATS, "Artefact format.", **fv)
     flags.DEFINE_string("out", None, "Output directory (any epath).", **fv)
-    flags.DEFINE_bool("flip", False, "Build the flip test into the graph (what FaceModel.embed returns; twice "
-                      "the compute).", **fv)
+    flags.DEFINE_bool("flip", True, "Build the flip test into the graph: what FaceModel.embed returns and eval.py "
+                      "calibrated its thresholds on (copied into export.<format>.json). --noflip halves the compute; "
+                      "its embeddings are not the calibrated ones and carry no thresholds.", **fv)
     flags.mark_flags_as_required(["workdir", "format", "out"], flag_values=flag_values)
 
 

@@ -3,6 +3,7 @@ through `export` (a hand-written forward) and through the command line (tiny che
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -12,10 +13,12 @@ import pytest
 from absl import app, flags
 
 from oaml_jax import export
-from oaml_jax.serving import FaceModel
+from oaml_jax.evaluation import calibration
+from oaml_jax.evaluation.verdict import calibration_path
 from oaml_jax.models.backbone import build_backbone
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
+from oaml_jax.serving import FaceModel
 from test_backbone import random_variables
 
 from test_inference import STEP, faces, write_converted_checkpoint, write_training_checkpoint
@@ -195,7 +198,7 @@ def cli_exports(workdir, tmp_path_factory):
     out = {}
     for fmt in export.FORMATS:
         out[fmt] = tmp_path_factory.mktemp(f"cli_{fmt}")
-        run_main(f"--workdir={workdir}", f"--format={fmt}", f"--out={out[fmt]}", "--flip")
+        run_main(f"--workdir={workdir}", f"--format={fmt}", f"--out={out[fmt]}")  # the default: flip test in
     return out
 
 
@@ -219,7 +222,7 @@ def test_command_line_export_matches_face_model_embed(fmt, cli_exports, embedded
     assert metadata == {"format": fmt, "artefact": export.ARTEFACTS[fmt], "step": STEP, "flip": True,
                         "checkpoint": os.path.join(workdir, "checkpoints"),
                         "input": {"name": "images", "dtype": "uint8", "shape": ["N", 112, 112, 3], "channels": "RGB"},
-                        "outputs": ["embedding", "norm", "occlusion"]}
+                        "outputs": ["embedding", "norm", "occlusion"], "calibration": None}
 
 
 def test_converted_backbone_exports_without_occlusion(tmp_path, embedded, capsys):
@@ -234,6 +237,32 @@ def test_converted_backbone_exports_without_occlusion(tmp_path, embedded, capsys
         np.testing.assert_allclose(out["embedding"], features.embeddings, atol=1e-4, rtol=0)
     metadata = json.loads((tmp_path / "out" / export.METADATA_FILES["stablehlo"]).read_text())
     assert metadata["outputs"] == ["embedding", "norm"]
+
+
+def test_the_default_export_is_what_eval_calibrated(workdir, tmp_path):
+    """The calibration's AdaFace thresholds (fitted on `FaceModel` cosines, as eval.py fits them) are in
+    export.<format>.json and hold for the default export's outputs: its cosines are the calibrated scores."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    images = faces(12, seed=5)
+    model = FaceModel.from_checkpoint(str(run), batch_size=4)
+    embeddings = model.embed(images)[0].astype(np.float64)
+    scores = np.sum(embeddings[0::2] * embeddings[1::2], axis=1)
+    fitted = calibration.fit({"adaface": scores}, np.arange(6) % 2 == 0, step=STEP, checkpoint="c", fitted_on=["s"])
+    calibration.save(fitted, calibration_path(run))
+    run_main(f"--workdir={run}", "--format=stablehlo", f"--out={tmp_path / 'out'}")
+    metadata = json.loads((tmp_path / "out" / export.METADATA_FILES["stablehlo"]).read_text())
+    assert metadata["flip"] is True
+    thresholds = {float(far): t for far, t in metadata["calibration"]["thresholds"].items()}
+    assert thresholds == fitted.thresholds["adaface"] and set(thresholds) == set(calibration.FARS)
+    exported = export.load(fmt="stablehlo", out_dir=tmp_path / "out")(images)["embedding"].astype(np.float64)
+    np.testing.assert_allclose(np.sum(exported[0::2] * exported[1::2], axis=1), scores, atol=1e-5)
+    # Without the flip test the outputs are other embeddings: no thresholds are written for them.
+    run_main(f"--workdir={run}", "--format=stablehlo", f"--out={tmp_path / 'plain'}", "--noflip")
+    metadata = json.loads((tmp_path / "plain" / export.METADATA_FILES["stablehlo"]).read_text())
+    assert metadata["flip"] is False and metadata["calibration"] is None
+    plain = export.load(fmt="stablehlo", out_dir=tmp_path / "plain")(images)["embedding"]
+    assert np.abs(plain - exported).max() > 1e-3
 
 
 def test_command_line_errors(workdir, tmp_path):
