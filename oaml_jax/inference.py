@@ -5,9 +5,12 @@ Photos are detected and aligned (`oaml_jax.photos`, `align.detect_and_align`) un
     python -m oaml_jax.inference align --images=PHOTOS --out=CROPS [--mode=largest|all]
     python -m oaml_jax.inference embed --workdir=W --images=PHOTOS --out=feats.npy
     python -m oaml_jax.inference verify --workdir=W A.jpg B.jpg [--far=1e-3] [--out=pair.png]
-Folders are listed by `data_pipelines.folders.list_images` (hidden and AppleDouble files skipped); a
-photo without a face (or an undecodable one) is reported by name and counted in the summary line that
-ends every command, never fatal.
+Photos are read as a viewer shows them (EXIF orientation applied). Folders are listed by
+`data_pipelines.folders.scan_images` (the extensions the decoder reads; hidden and AppleDouble files, other
+files and subfolders are counted and named); a photo without a face (or an undecodable one) is reported by
+name and counted in the summary line that ends every command, never fatal. No command writes over an input:
+an `--out` that is the `--images` folder, or an output path that is an input photo, is refused before
+anything is written.
 - `align` writes `<stem>.png` per photo (`<stem>_<k>.png`, k = 0 for the largest face, with `--mode=all`).
 - `embed` writes `[F, E]` float32 flip-fused embeddings of the F faces to `--out` and `<out>.txt`, one
   line per row: `<photo name>\\t<face index>` (faces of a photo largest first).
@@ -15,7 +18,8 @@ ends every command, never fatal.
   `--far` (1e-2, 1e-3 or 1e-4), the overall verdict, or says that the workdir has no calibration yet; with
   `--out` it writes a PNG of both faces, their occlusion maps, the scores and the verdict
   (`oaml_jax.evaluation.verdict`).
-Exit status 0, except 1 when there is nothing to do: no face to embed, or no face in a photo to verify.
+Exit status 0, except 1 when there is nothing to do (no face to embed, no face in a photo to verify) and for a
+refusal, which is one line `error: ...`.
 """
 
 from __future__ import annotations

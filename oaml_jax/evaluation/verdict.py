@@ -42,7 +42,6 @@ def calibration_path(workdir: epath.PathLike) -> epath.Path:
     return user_path(workdir, "workdir") / EVAL_SUBDIR / calibration_lib.CALIBRATION_FILE
 
 
-
 class CalibratedFaceModel(FaceModel):
     """A `FaceModel` with the fused score's weights and statistics and the checkpoint's calibration."""
 
