@@ -14,6 +14,7 @@ from data_pipelines import synthetic
 from oaml_jax import demo
 
 
+@pytest.mark.slow
 def test_demo_command_writes_data_trains_evaluates_and_refuses_other_data_flags(tmp_path):
     cmd = [sys.executable, "-m", "oaml_jax.demo", "--config=configs/default.py:test", f"--workdir={tmp_path}",
            "--identities=8", "--images=8", "--pairs=20", "--config.train.max_steps=2",

@@ -10,6 +10,8 @@ CPU-only custom call, a GPU-only kernel) makes `jax.export` raise here, naming t
 import json
 import textwrap
 
+import pytest
+
 import train_worker
 
 DEVICES = 8
@@ -67,6 +69,7 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
+@pytest.mark.slow
 def test_train_step_embedding_model_and_export_lower_for_tpu_and_cuda():
     proc = train_worker.run_script_on_devices(SCRIPT, devices=DEVICES)
     assert proc.returncode == 0, proc.stderr[-6000:]
