@@ -119,8 +119,9 @@ def _override_problem(argv: Sequence[str], error: Exception) -> str:
 
 def _raised_by_the_project(error: BaseException) -> bool:
     """Whether the innermost frame of `error`'s traceback is in one of `_OWN_PACKAGES`."""
-    folders = tuple(os.path.join(folder, "") for name in _OWN_PACKAGES
-                    for folder in (importlib.util.find_spec(name).submodule_search_locations or ()))
+    specs = [importlib.util.find_spec(name) for name in _OWN_PACKAGES]  # "configs" only in a checkout
+    folders = tuple(os.path.join(folder, "") for spec in specs if spec is not None
+                    for folder in (spec.submodule_search_locations or ()))
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next

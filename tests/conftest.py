@@ -1,14 +1,19 @@
-"""Shared pytest set-up: the fake GCS fixture `gcs` (tests/fake_gcs.py) and the tiny checkpoint fixtures."""
+"""Shared pytest set-up: the fake GCS fixture `gcs` (tests/fake_gcs.py), the tiny checkpoint fixtures, and
+the persistent compilation cache for the whole session (the same tiny programs are compiled by many
+tests, and by the subprocesses that get `train_worker.CACHE_ENV`)."""
 
 import pytest
 
+import train_worker
+from tiny_checkpoint import write_training_checkpoint
+
 pytest_plugins = ["fake_gcs"]
+train_worker.enable_compilation_cache()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
-    """A tiny training checkpoint (tests/test_inference.py's `write_training_checkpoint`)."""
-    from test_inference import write_training_checkpoint
+    """One tiny training checkpoint (tests/tiny_checkpoint.py) for the whole session: tests only read it."""
     return write_training_checkpoint(str(tmp_path_factory.mktemp("run")))
 
 

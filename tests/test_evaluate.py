@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from data_pipelines.occlusion import occlude_deterministic
 from oaml_jax.evaluation import calibration, fusion, pairs, runner, verification
 from oaml_jax.evaluation.verdict import CalibratedFaceModel
 
-from test_inference import STEP, tiny_config, write_converted_checkpoint, write_training_checkpoint
+from tiny_checkpoint import STEP, tiny_config, write_converted_checkpoint
 
 VARIANTS = ("clean", "mask", "sunglasses", "blocks")
 
@@ -61,8 +62,8 @@ def test_occluded_variants_are_deterministic_and_touch_only_second_images():
         runner.run(config, "/nonexistent")
 
 
-def test_run_reports_every_set_and_variant(tmp_path, data_dir):
-    workdir = write_training_checkpoint(str(tmp_path / "run"))
+def test_run_reports_every_set_and_variant(tmp_path, data_dir, workdir):
+    workdir = str(shutil.copytree(workdir, tmp_path / "run"))  # the evaluation writes into the run
     result = runner.run(eval_config(data_dir, tensorboard=True), workdir)
     assert result["step"] == STEP and result["has_qaconv"]
     expected_rows = [f"{s} {v}" for s in ("val", "lfw") for v in VARIANTS]

@@ -12,7 +12,7 @@ from oaml_jax.evaluation import evaluators, fusion, ijb, pairs, runner
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 from oaml_jax.serving import FaceModel, Features
 
-from test_inference import tiny_config, write_converted_checkpoint, write_training_checkpoint
+from tiny_checkpoint import tiny_config, write_converted_checkpoint, write_training_checkpoint
 
 # template -> (identity, [media of each face]): identity 0 has three templates, the others two; some
 # templates hold one media of two frames, some two single-photo medias, some one photo.

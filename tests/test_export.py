@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app, flags
+from test_backbone import random_variables
+from test_inference import faces
+from tiny_checkpoint import STEP, write_converted_checkpoint, write_training_checkpoint
 
 from oaml_jax import export
 from oaml_jax.evaluation import calibration
@@ -19,9 +22,6 @@ from oaml_jax.models.backbone import build_backbone
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
 from oaml_jax.serving import FaceModel
-from test_backbone import random_variables
-
-from test_inference import STEP, faces, write_converted_checkpoint, write_training_checkpoint
 
 # configs/default.py:test's narrow IR-18.
 TINY = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=32)

@@ -1,10 +1,9 @@
 """FaceModel: restore (training / converted / other device count), embeddings, match, the pair PNG.
 
-Helpers here (tiny checkpoints, faces, subprocess runner) are shared with tests/test_evaluate.py.
+Helpers here (faces, subprocess runner) are shared with other test files; the tiny checkpoints are in
+tests/tiny_checkpoint.py.
 """
 
-import functools
-import importlib.util
 import os
 import pickle
 import shutil
@@ -17,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from data_pipelines import synthetic
-from oaml_jax import checkpoint, serving
+from oaml_jax import serving
 from oaml_jax.evaluation import calibration, fusion, plots, verification
 from oaml_jax.evaluation import verdict as verdict_lib
 from oaml_jax.evaluation.verdict import CalibratedFaceModel
@@ -29,57 +27,12 @@ from oaml_jax.models import factory, qaconv
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
 from oaml_jax.serving import FaceModel
-from oaml_jax.train_state import TrainState
+
+from tiny_checkpoint import STEP, tiny_config, tiny_variables, write_converted_checkpoint, write_training_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 8
-STEP = 3
 # Float32 end to end; only the summation order of reductions can differ between device layouts/batches.
 ATOL = 1e-5
-
-
-def tiny_config():
-    """configs/default.py:test (narrow IR backbone: stages (1,1,1,1), widths (8,16,16,32), E=32)."""
-    spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("test")
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_variables(seed: int = 0):
-    """Initialized OAML variables with BN statistics moved off their defaults (so eval-mode BN matters)."""
-    config = tiny_config()
-    model = factory.build_model(config.model, NUM_CLASSES)
-    init = jax.jit(lambda rng: model.init({"params": rng, "dropout": rng}, jnp.zeros((2, 112, 112, 3)),
-                                          jnp.zeros((2,), jnp.int32), jnp.ones((2, 7, 7)), train=False))
-    variables = init(jax.random.PRNGKey(seed))
-    leaves, treedef = jax.tree.flatten(variables["batch_stats"])
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    stats = [x + 0.1 * jax.random.uniform(k, x.shape) for x, k in zip(leaves, keys)]
-    return config, model, {"params": variables["params"], "batch_stats": jax.tree.unflatten(treedef, stats)}
-
-
-def write_training_checkpoint(workdir: str, variables=None, step: int = STEP, config=None):
-    """A training checkpoint through `checkpoint.Checkpointer` (the layout train.py writes)."""
-    if variables is None:
-        config, _, variables = tiny_variables()
-    tx = optax.sgd(0.1, momentum=0.9)
-    state = TrainState(step=jnp.int32(step), params=variables["params"], batch_stats=variables["batch_stats"],
-                       opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
-    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False)
-    ckpt.save(step, state, data_iter=None, meta={"epoch": 0, "num_model_classes": NUM_CLASSES},
-              config=(config or tiny_config()).to_dict(), force=True)
-    ckpt.wait_until_finished()
-    ckpt.close()
-    return workdir
-
-
-def write_converted_checkpoint(out_dir: str):
-    """The backbone of `tiny_variables()` written the way `oaml_jax.convert` writes AdaFace weights."""
-    config, _, variables = tiny_variables()
-    backbone = {k: v["backbone"] for k, v in variables.items()}
-    return checkpoint.write_converted(backbone, config.model, out_dir, "test")
 
 
 def faces(n: int, seed: int = 0) -> np.ndarray:

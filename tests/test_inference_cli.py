@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from absl import app, flags
 from PIL import Image
+from test_inference import ATOL, REPO, faces
+from tiny_checkpoint import STEP
 
 from data_pipelines.images import decode_image, encode_jpeg, encode_png
 from oaml_jax import align, inference
 from oaml_jax.evaluation import calibration, fusion
 from oaml_jax.evaluation import verdict as verdict_lib
-
-from test_inference import ATOL, REPO, STEP, faces
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 PHOTOS = ("aligned.png", "astronaut_head.jpg", "broken.jpg", "grace_hopper.jpg", "uniform.jpg")

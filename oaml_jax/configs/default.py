@@ -49,8 +49,7 @@ def get_model_config() -> ml_collections.ConfigDict:
     # consecutive images (a divisor of the per-device batch and a multiple of data.k); 0 = the whole batch.
     model.qaconv_group_size = 0
     # Memory bound of the QAConv matcher, MiB of float32 similarities per block of a group (the gallery is
-    # matched block by block). Smaller saves memory, larger can be faster: one H200, B = G = 512 at 7x7x512
-    # bf16, fwd + bwd: 12.6 ms and 438 MiB temporary memory at 256; 8.0 ms and 2,548 MiB at 4096 (one block).
+    # matched block by block). Smaller saves memory, larger can be faster (timings: README, Performance).
     model.qaconv_block_mb = 256
     # Weight QAConv's similarities by the predicted occlusion maps (False = all-ones maps).
     model.qaconv_occlusion_weighting = True
@@ -148,7 +147,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.eval.ijb_root = ""
     config.eval.ijb_names = ("ijbb", "ijbc")
     # QAConv and fused template scores: the mean over every image pair of every template pair, billions
-    # of pair scores on IJB-C; feature maps are then kept on the host in float16 (~23.5 GB for IJB-C).
+    # of pair scores on IJB-C; feature maps are then kept on the host in float16 (7x7x512 x 2 bytes x 469,375
+    # IJB-C images: about 23.5 GB).
     config.eval.ijb_qaconv = False
     config.eval.ijb_batch_size = 0  # faces per extraction call; 0 = eval.batch_size
     config.eval.ijb_qaconv_chunk = 4096  # image pairs per QAConv call

@@ -1,13 +1,7 @@
-"""Demo: trains a narrow OAML model on the embedded synthetic identities in a few minutes on a CPU.
+"""Demo: a narrow OAML model on the embedded synthetic identities, trained in minutes on a CPU.
 
-    python -m oaml_jax.demo --workdir demo_workdir       # writes the data, trains, evaluates
-or step by step:
-    python -m data_pipelines.synthetic --out demo_workdir/data --identities 128 --images 16 --pairs 600
-    python train.py --config=configs/demo.py --workdir=demo_workdir/train
-    python eval.py --config=configs/demo.py --workdir=demo_workdir/train
-
-The held-out pair accuracy (validation on demo_workdir/data/lfw.bin, identities never seen in training)
-is logged to TensorBoard in the workdir and returned by `train_and_evaluate`.
+`python -m oaml_jax.demo` writes the data, trains with this config and evaluates (its --help; the README's
+Quick start shows the same run step by step and the table it prints).
 """
 
 from typing import Optional
@@ -27,16 +21,14 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
         stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), embedding_size=64))
     config.data.path = "demo_workdir/data"
     config.data.augment.lowres_prob = 0.0
-    # Milder crops than AdaFace's 0.2-1 of the area: in 384 steps the narrow model cannot learn the faces
-    # that heavy crops leave (held-out AdaFace accuracy 68.8% with 0.2-1, 81.0% with 0.6-1).
+    # Milder crops than AdaFace's 0.2-1 of the area: in a few hundred steps the narrow model cannot learn
+    # the faces that heavy crops leave (its held-out accuracy was clearly lower with 0.2-1).
     config.data.augment.crop_scale = (0.6, 1.0)
     # AdaFace's s = 64 is scaled for 512-d embeddings (initial logit spread s / sqrt(512) = 2.8); on this 64-d
     # embedding the spread is 8, the hardest of the 127 wrong classes dominates the loss, and the loss falls
     # fastest by turning every embedding away from all class centres (all cosines ~0, the loss stuck at
-    # s m + ln 128 = 30.5), which carries no identity. AdaFace alone (lam_ada 1), held-out accuracy after these
-    # 384 steps on faces whose hair carried identity: 52.7% with s 64, 51.3 with 32, 59.8 with 22.6, 72.7 with
-    # 16, 84.2 with 8, about the AdaCos scale for 128 classes (sqrt(2) ln 127 = 6.9). On the embedded faces
-    # (identity only in the inner face), full OAML's AdaFace branch: 54.3% with s 64, 70.7 with 8.
+    # s m + ln 128 = 30.5), which carries no identity. Held-out accuracy rose as s fell from 64 to 8, about the
+    # AdaCos scale for 128 classes (sqrt(2) ln 127 = 6.9).
     config.model.head_kwargs.s = 8.0
     config.optim.lr = 1.6  # per 512 images: 0.1 for the batch of 32
     config.optim.schedule = "cosine"

@@ -1,7 +1,7 @@
 """Decision thresholds at fixed false accept rates, and the one file that carries them to inference.
 
 eval.py fits a `Calibration` on all clean pairs of all its `.bin` sets and writes it to
-`<workdir>/eval/calibration.json`; `FaceModel.from_workdir` reads it back for the same checkpoint step, so
+`<workdir>/eval/calibration.json`; `CalibratedFaceModel.from_workdir` reads it back for the same checkpoint step, so
 `python -m oaml_jax.inference verify` can say "same" or "different" at a chosen FAR:
 
     cal = fit({"adaface": s_ada, "qaconv": s_qa}, issame, step=1000, fitted_on=["lfw", "cfp_fp"],

@@ -4,7 +4,7 @@
 
 The statistics are fitted on scores the decision may see: the training folds only inside the 10-fold
 protocol (`ten_fold_fused_accuracy`), all clean pairs of the validation sets for the calibration eval.py
-writes (`calibration.fit`, `<workdir>/eval/calibration.json`, read back by `FaceModel.from_workdir` for
+writes (`calibration.fit`, `<workdir>/eval/calibration.json`, read back by `CalibratedFaceModel.from_workdir` for
 the same checkpoint step).
 """
 

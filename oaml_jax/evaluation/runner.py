@@ -7,7 +7,7 @@ The model comes from the checkpoint itself (`checkpoint.restore`: arch, channel 
 saved); `config` gives the evaluation fields (`eval.*`, and `data.path` where the `.bin` sets are).
 Outputs under `<workdir>/eval/`: results.txt (the table), results.json, roc_<set>_<variant>.png,
 occlusion_grid.png, calibration.json (thresholds at FAR 1e-2, 1e-3, 1e-4 of each score and the fused
-score's statistics, fitted on all clean pairs of all sets; `FaceModel.from_workdir` and `inference verify`
+score's statistics, fitted on all clean pairs of all sets; `CalibratedFaceModel.from_workdir` and `inference verify`
 use it), ijb_<name>.png, and TensorBoard summaries (process 0; `config.eval.tensorboard = False` skips them and
 the tensorflow import).
 """
