@@ -33,9 +33,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from oaml_jax.configs import default  # noqa: E402  (needs the repo root on sys.path)
-from data_pipelines import pipeline, synthetic  # noqa: E402
+from data_pipelines import pipeline  # noqa: E402
+from data_pipelines.synthetic_faces import identity_params, render_face  # noqa: E402
 from data_pipelines.images import encode_jpeg  # noqa: E402
-from data_pipelines.recordio import RecordIOSource, write_recordio  # noqa: E402
+from data_pipelines.recordio import RecordIOSource  # noqa: E402
+from data_pipelines.recordio_format import write_recordio  # noqa: E402
 from oaml_jax.models.face_input import grid_size  # noqa: E402
 
 GRID = grid_size(4)  # the 7x7 visibility maps of the training recipe
@@ -63,8 +65,8 @@ def _encode(image: np.ndarray) -> bytes:
 def _write_synthetic(folder: str, num_records: int) -> None:
     """Enough identities of --images images each for `num_records` records and P = batch / 4 ids."""
     identities = max(math.ceil(num_records / _IMAGES.value), _BATCH.value // 4)
-    items = ((_encode(synthetic.render_face(synthetic.identity_params(0, i // _IMAGES.value),
-                                            i % _IMAGES.value, 0)), i // _IMAGES.value)
+    items = ((_encode(render_face(identity_params(0, i // _IMAGES.value),
+                                  i % _IMAGES.value, 0)), i // _IMAGES.value)
              for i in range(identities * _IMAGES.value))
     write_recordio(folder, items, num_classes=identities)
 

@@ -90,7 +90,8 @@ def _run_child(config: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from oaml_jax.models.qaconv import QAConv, match_features, match_features_einsum, qaconv_loss
+    from oaml_jax.models.qaconv import QAConv, qaconv_loss
+    from oaml_jax.models.qaconv_matcher import match_features, match_features_einsum
 
     per_device, global_batch, group = _parse(config.rsplit(":", 1)[0])
     old = config.rsplit(":", 1)[1] == "einsum"

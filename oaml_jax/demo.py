@@ -21,7 +21,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
-from data_pipelines import recordio
+from data_pipelines import recordio_format
 from data_pipelines import synthetic
 from oaml_jax import logs
 from oaml_jax import train
@@ -66,7 +66,7 @@ def ensure_data(data_dir: epath.Path, identities: int = 128, images: int = 16, p
         ValueError: the data there was written with other arguments or by another generator version (named),
             so a changed flag is never ignored.
     """
-    needed = [recordio.REC_NAME, recordio.IDX_NAME, recordio.PROPERTY_NAME, "lfw.bin"]
+    needed = [recordio_format.REC_NAME, recordio_format.IDX_NAME, recordio_format.PROPERTY_NAME, "lfw.bin"]
     asked = synthetic.record(identities, images, pairs, seed)
     if all((data_dir / name).exists() for name in needed):
         path = data_dir / synthetic.RECORD_NAME

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipelines import bin_pairs, synthetic
+from data_pipelines import bin_pairs
+from data_pipelines.synthetic_faces import identity_params, render_face
 from data_pipelines.occlusion import occlude_deterministic
 from oaml_jax.evaluation import calibration, fusion, pairs, runner, verification
 from oaml_jax.evaluation.verdict import CalibratedFaceModel
@@ -22,8 +23,8 @@ def pair_set(num_pairs: int, seed: int):
     images, issame = [], []
     for i in range(num_pairs):
         same = i % 2 == 0
-        images.append(synthetic.render_face(synthetic.identity_params(seed, i), 0, seed))
-        images.append(synthetic.render_face(synthetic.identity_params(seed, i if same else i + 1000), 1, seed))
+        images.append(render_face(identity_params(seed, i), 0, seed))
+        images.append(render_face(identity_params(seed, i if same else i + 1000), 1, seed))
         issame.append(same)
     return np.stack(images), np.array(issame)
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from data_pipelines.synthetic_faces import identity_params, render_face
 from oaml_jax.evaluation import evaluators, fusion, ijb, pairs, runner
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 from oaml_jax.serving import FaceModel, Features
@@ -38,7 +38,7 @@ def write_tiny_ijb(root: str, name: str = "ijbc") -> list[tuple[str, int, int]]:
     for template, (identity, medias) in _TEMPLATES.items():
         for media in medias:
             i = len(faces)
-            face = synthetic.render_face(synthetic.identity_params(_SEED, identity), i, _SEED)
+            face = render_face(identity_params(_SEED, identity), i, _SEED)
             dx, dy = 3 + i % 5, 2 + i % 3
             canvas = rng.integers(0, 256, size=(112 + 8, 112 + 8, 3), dtype=np.uint8)
             canvas[dy:dy + 112, dx:dx + 112] = face

@@ -18,12 +18,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from data_pipelines.synthetic_faces import identity_params, render_face
 from oaml_jax import serving
 from oaml_jax.evaluation import calibration, fusion, plots, verification
 from oaml_jax.evaluation import verdict as verdict_lib
 from oaml_jax.evaluation.verdict import CalibratedFaceModel
-from oaml_jax.models import factory, qaconv
+from oaml_jax.models import factory, qaconv_matcher
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
 from oaml_jax.serving import FaceModel
@@ -37,7 +37,7 @@ ATOL = 1e-5
 
 def faces(n: int, seed: int = 0) -> np.ndarray:
     """uint8 `[n, 112, 112, 3]` synthetic faces, two samples per identity (pairs (2i, 2i+1) are genuine)."""
-    return np.stack([synthetic.render_face(synthetic.identity_params(seed, i // 2), i % 2, seed)
+    return np.stack([render_face(identity_params(seed, i // 2), i % 2, seed)
                      for i in range(n)])
 
 
@@ -104,7 +104,7 @@ def test_checkpoint_saved_before_the_block_setting_existed_restores(tmp_path, fa
     del saved["model"]["qaconv_block_mb"]  # a run of the release before model.qaconv_block_mb
     old = write_training_checkpoint(str(tmp_path / "old"), config=ml_collections.ConfigDict(saved))
     model = CalibratedFaceModel.from_workdir(old, batch_size=4)
-    assert model.model.qaconv_block_bytes == qaconv.BLOCK_BYTES
+    assert model.model.qaconv_block_bytes == qaconv_matcher.BLOCK_BYTES
     images = faces(3)
     np.testing.assert_allclose(model.embed(images)[0], face_model.embed(images)[0], atol=ATOL)
 

@@ -14,7 +14,8 @@ from absl import flags
 from data_pipelines import pipeline
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptImageError, CorruptRecordError, decode_image, encode_jpeg
-from data_pipelines.recordio import RecordIOSource, write_recordio
+from data_pipelines.recordio import RecordIOSource
+from data_pipelines.recordio_format import write_recordio
 from test_images import damage_scan
 
 NUM_IDS, PER_ID = 8, 6

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oaml_jax.models.qaconv import (QAConv, hard_triplet_loss, l2_normalize_channels, match_features,
-                                    match_features_einsum, pairwise_matching_loss, plan_blocks, qaconv_loss,
-                                    qaconv_pair_scores, qaconv_scores_chunked, retrieval_accuracy)
+from oaml_jax.models.qaconv import (QAConv, hard_triplet_loss, pairwise_matching_loss, qaconv_loss, qaconv_pair_scores,
+                                    qaconv_scores_chunked, retrieval_accuracy)
+from oaml_jax.models.qaconv_matcher import l2_normalize_channels, match_features, match_features_einsum, plan_blocks
 
 H, W, C = 2, 2, 5
 HW = H * W

@@ -13,8 +13,8 @@ import train_worker
 from test_oaml import PassThrough, numpy_variables
 
 from oaml_jax.models.oaml import OAML, check_group_size
-from oaml_jax.models.qaconv import (hard_triplet_loss, match_features_einsum, pairwise_matching_loss,
-                                    retrieval_accuracy)
+from oaml_jax.models.qaconv import hard_triplet_loss, pairwise_matching_loss, retrieval_accuracy
+from oaml_jax.models.qaconv_matcher import match_features_einsum
 
 B, HW_SIDE, C, E = 12, 3, 8, 8
 # Groups of 4: identity 0 appears in groups 0 and 2 (never compared across them); group 1 has no negative.

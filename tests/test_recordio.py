@@ -1,4 +1,4 @@
-"""Tests for data_pipelines.recordio: round trips, header layout, pickling, clear errors."""
+"""Tests for data_pipelines.recordio and recordio_format: round trips, header layout, pickling, clear errors."""
 
 import os
 import pickle
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from absl import logging
 
-from data_pipelines import images, recordio
+from data_pipelines import images, recordio, recordio_format
 
 
 def _jpeg(seed):
@@ -25,7 +25,7 @@ LABELS = [0, 0, 1, 2, 2, 2]
 @pytest.fixture
 def rec_folder(tmp_path):
     items = [(_jpeg(i), lab) for i, lab in enumerate(LABELS)]
-    assert recordio.write_recordio(str(tmp_path), items, num_classes=3) == len(LABELS)
+    assert recordio_format.write_recordio(str(tmp_path), items, num_classes=3) == len(LABELS)
     return tmp_path, items
 
 
@@ -83,7 +83,7 @@ def test_label_vector_records_without_header(tmp_path):
         offsets = []
         for i, (img, vec) in enumerate(zip(images_, ([4.0, 7.0], [1.0], [3.0, 0.5, 9.0]))):
             offsets.append(fh.tell())
-            recordio.write_record(fh, recordio.pack_image_record(0, img, label_vector=vec, record_id=i))
+            recordio_format.write_record(fh, recordio_format.pack_image_record(0, img, label_vector=vec, record_id=i))
     (tmp_path / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(offsets)))
     (tmp_path / "property").write_text("10,112,112")
     src = recordio.RecordIOSource(str(tmp_path))
@@ -95,8 +95,8 @@ def test_label_vector_records_without_header(tmp_path):
 
 def test_unsorted_labels_and_no_header(tmp_path):
     items = [(_jpeg(i), lab) for i, lab in enumerate([2, 0, 1, 0])]
-    recordio.write_recordio(str(tmp_path / "h"), items, num_classes=3)
-    recordio.write_recordio(str(tmp_path / "n"), items, num_classes=3, header=False)
+    recordio_format.write_recordio(str(tmp_path / "h"), items, num_classes=3)
+    recordio_format.write_recordio(str(tmp_path / "n"), items, num_classes=3, header=False)
     for name in ("h", "n"):
         src = recordio.RecordIOSource(str(tmp_path / name))
         np.testing.assert_array_equal(src.labels(), [2, 0, 1, 0])
@@ -105,10 +105,10 @@ def test_unsorted_labels_and_no_header(tmp_path):
 
 
 def test_payload_containing_magic_is_split_and_rejoined(tmp_path):
-    magic = struct.pack("<I", recordio.MAGIC)
+    magic = struct.pack("<I", recordio_format.MAGIC)
     # IRHeader is 24 bytes, so magic at image offsets 0 and 8 is 4-byte aligned in the payload.
     image = magic + b"abcd" + magic + b"tail!"
-    recordio.write_recordio(str(tmp_path), [(image, 1), (_jpeg(0), 0)], num_classes=2, header=False)
+    recordio_format.write_recordio(str(tmp_path), [(image, 1), (_jpeg(0), 0)], num_classes=2, header=False)
     raw = (tmp_path / "train.rec").read_bytes()
     lrecs = [struct.unpack_from("<I", raw, 4)[0] >> 29]
     assert lrecs == [1]  # first part of a split record, as dmlc's writer does.
@@ -160,13 +160,13 @@ def test_unlabelled_records_lend_a_neighbours_label_under_skip(rec_folder):
 def _write_labels(folder, labels, split_at=None):
     """A header-less RecordIO whose records carry the given float labels (record `split_at` is split in
     two parts, so the label scan reads it on its slow path)."""
-    magic = struct.pack("<I", recordio.MAGIC)
+    magic = struct.pack("<I", recordio_format.MAGIC)
     with open(folder / "train.rec", "wb") as fh:
         offsets = []
         for i, label in enumerate(labels):
             offsets.append(fh.tell())
             image = (magic + b"abcd" if i == split_at else b"") + _jpeg(i)
-            recordio.write_record(fh, recordio.pack_image_record(label, image, record_id=i))
+            recordio_format.write_record(fh, recordio_format.pack_image_record(label, image, record_id=i))
     (folder / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(offsets)))
     (folder / "property").write_text("30,112,112")
 
@@ -201,12 +201,12 @@ def test_identity_boundary_exact_past_float32_range():
     # record would be taken for an image, with label 1. Past 2**25 the error grows to 2 keys.
     for first in (2**24 + 3, 2**24 + 1, 2**24 + 2, 2**25 + 5, 2**25 + 6, 2**26 + 3, 17_091_658, 123, 1):
         stored = float(np.float32(first))
-        assert recordio.identity_boundary(stored, probe(first), "h") == first
+        assert recordio_format.identity_boundary(stored, probe(first), "h") == first
         if first in (2**24 + 3, 2**25 + 5, 2**26 + 3):
             assert int(stored) != first
     # No identity records at all: the end of the image keys is the end of the index.
     no_identities = lambda key: True if 1 <= key < 2**24 + 3 else None  # noqa: E731
-    assert recordio.identity_boundary(float(np.float32(2**24 + 3)), no_identities, "h") == 2**24 + 3
+    assert recordio_format.identity_boundary(float(np.float32(2**24 + 3)), no_identities, "h") == 2**24 + 3
 
 
 def test_identity_boundary_refuses_what_it_cannot_pin():
@@ -215,17 +215,17 @@ def test_identity_boundary_refuses_what_it_cannot_pin():
                 r"in \[16777219, 16777221\]\), but the records there show 0 image/identity boundaries, "
                 r"expected 1 \(key 16777218: image, .*key 16777221: image\)")
     with pytest.raises(ValueError, match=expected):
-        recordio.identity_boundary(float(np.float32(2**24 + 3)), all_images, "rec record 0")
+        recordio_format.identity_boundary(float(np.float32(2**24 + 3)), all_images, "rec record 0")
     for value in (7.5, 0.0, float("nan"), 3e38):
         with pytest.raises(ValueError, match=rf"h: header gives {re.escape(f'{value:g}')} as the end of the "
                                              r"image keys, expected an integer key in \[1, 2147483648\]"):
-            recordio.identity_boundary(value, all_images, "h")
+            recordio_format.identity_boundary(value, all_images, "h")
 
 
 def test_header_disagreeing_with_the_records_is_refused(rec_folder):
     folder, _ = rec_folder
     # The header claims images are keys [1, 8), but key 7 is the first identity record.
-    _corrupt(folder, 0, 8, recordio.pack_image_record(0, b"", label_vector=(8, 10)))
+    _corrupt(folder, 0, 8, recordio_format.pack_image_record(0, b"", label_vector=(8, 10)))
     expected = (r"train\.rec record 0: header gives the end of the image keys as 8 .*show 0 image/identity "
                 r"boundaries, expected 1 \(key 7: no image, key 8: no image\)")
     with pytest.raises(ValueError, match=expected):
@@ -297,7 +297,7 @@ def test_missing_image_keys_in_index(rec_folder):
 
 def test_write_rejects_bad_labels(tmp_path):
     with pytest.raises(ValueError, match=r"item 1 has label 5, expected \[0, 3\)"):
-        recordio.write_recordio(str(tmp_path), [(b"x", 0), (b"y", 5)], num_classes=3)
+        recordio_format.write_recordio(str(tmp_path), [(b"x", 0), (b"y", 5)], num_classes=3)
 
 
 def test_gcs_folder_reads_through_epath(gcs, rec_folder, tmp_path, monkeypatch):
@@ -306,7 +306,7 @@ def test_gcs_folder_reads_through_epath(gcs, rec_folder, tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    assert recordio.write_recordio(gcs.url("rec"), items, num_classes=3) == len(items)
+    assert recordio_format.write_recordio(gcs.url("rec"), items, num_classes=3) == len(items)
     files = {name: (folder / name).stat().st_size for name in ("train.rec", "train.idx", "property")}
     assert gcs.objects() == {"rec/": 0, **{f"rec/{name}": size for name, size in files.items()}}
     src = recordio.RecordIOSource(gcs.url("rec"))

@@ -1,4 +1,5 @@
-"""Tests for data_pipelines/synthetic.py: determinism, identity information, dataset round trip, CLI."""
+"""Tests for data_pipelines/synthetic.py and synthetic_faces.py: determinism, identity information, dataset
+round trip, CLI."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import bin_pairs, recordio, synthetic
+from data_pipelines.synthetic_faces import identity_params, render_face
 from data_pipelines.images import decode_image
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,31 +18,31 @@ _SEED = 3
 
 
 def test_render_is_deterministic_and_varies():
-    params = synthetic.identity_params(_SEED, 7)
-    assert params == synthetic.identity_params(_SEED, 7)
-    a = synthetic.render_face(params, 4, _SEED)
+    params = identity_params(_SEED, 7)
+    assert params == identity_params(_SEED, 7)
+    a = render_face(params, 4, _SEED)
     assert a.dtype == np.uint8 and a.shape == (112, 112, 3)
-    np.testing.assert_array_equal(a, synthetic.render_face(synthetic.identity_params(_SEED, 7), 4, _SEED))
+    np.testing.assert_array_equal(a, render_face(identity_params(_SEED, 7), 4, _SEED))
 
     def diff(x, y):
         return np.abs(x.astype(np.int16) - y).mean()
 
-    assert diff(a, synthetic.render_face(params, 5, _SEED)) > 5.0
-    assert diff(a, synthetic.render_face(params, 4, _SEED + 1)) > 5.0
-    assert diff(a, synthetic.render_face(synthetic.identity_params(_SEED, 8), 4, _SEED)) > 5.0
-    assert synthetic.identity_params(_SEED, 8) != params
+    assert diff(a, render_face(params, 5, _SEED)) > 5.0
+    assert diff(a, render_face(params, 4, _SEED + 1)) > 5.0
+    assert diff(a, render_face(identity_params(_SEED, 8), 4, _SEED)) > 5.0
+    assert identity_params(_SEED, 8) != params
 
 
 def test_bad_sample_and_identity_are_rejected():
     with pytest.raises(ValueError, match="sample must be >= 0, got -1"):
-        synthetic.render_face(synthetic.identity_params(0, 0), -1, 0)
+        render_face(identity_params(0, 0), -1, 0)
     with pytest.raises(ValueError, match="identity=-2"):
-        synthetic.identity_params(0, -2)
+        identity_params(0, -2)
 
 
 def _render(num_ids, per_id):
     """Samples 0..per_id-1 of identities 0..num_ids-1 -> uint8 [num_ids, per_id, 112, 112, 3]."""
-    return np.stack([[synthetic.render_face(synthetic.identity_params(_SEED, i), j, _SEED) for j in range(per_id)]
+    return np.stack([[render_face(identity_params(_SEED, i), j, _SEED) for j in range(per_id)]
                      for i in range(num_ids)])
 
 
@@ -125,8 +127,8 @@ def _assert_same_render(decoded, params, sample):
     def err(x):
         return np.abs(decoded.astype(np.int16) - x).mean()
 
-    own = err(synthetic.render_face(params, sample, _SEED))
-    assert own < 6.0 and own < 0.3 * err(synthetic.render_face(params, sample + 1, _SEED))
+    own = err(render_face(params, sample, _SEED))
+    assert own < 6.0 and own < 0.3 * err(render_face(params, sample + 1, _SEED))
 
 
 def test_write_dataset_round_trip(tmp_path):
@@ -143,7 +145,7 @@ def test_write_dataset_round_trip(tmp_path):
     np.testing.assert_array_equal(src.labels(), np.repeat(np.arange(6), 3))
     item = src[4]
     assert item["label"] == 1
-    _assert_same_render(decode_image(item["image"]), synthetic.identity_params(_SEED, 1), 1)
+    _assert_same_render(decode_image(item["image"]), identity_params(_SEED, 1), 1)
 
     for k, name in enumerate(("lfw", "cfp_fp")):
         info = summary["bins"][name]
@@ -154,7 +156,7 @@ def test_write_dataset_round_trip(tmp_path):
         np.testing.assert_array_equal(issame, expected_same)
         assert np.all((ids >= hold_lo) & (ids < hold_hi))
         for j in (0, 5):
-            _assert_same_render(pair_images[j], synthetic.identity_params(_SEED, int(ids[j])), int(samples[j]))
+            _assert_same_render(pair_images[j], identity_params(_SEED, int(ids[j])), int(samples[j]))
 
 
 def test_write_dataset_to_object_storage(gcs, tmp_path, monkeypatch):

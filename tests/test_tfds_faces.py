@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from data_pipelines import images, recordio, tfds_faces
+from data_pipelines import images, recordio, recordio_format, tfds_faces
 
 LABELS = [1, 0, 2, 1, 0, 2, 2]
 
@@ -19,7 +19,7 @@ def _jpeg(i):
 
 def test_recordio_to_tfds_same_bytes_and_labels(tmp_path):
     rec = str(tmp_path / "rec")
-    recordio.write_recordio(rec, [(_jpeg(i), lab) for i, lab in enumerate(LABELS)], num_classes=3)
+    recordio_format.write_recordio(rec, [(_jpeg(i), lab) for i, lab in enumerate(LABELS)], num_classes=3)
     source = recordio.RecordIOSource(rec)
     builder = tfds_faces.build_tfds(rec, str(tmp_path / "tfds"), source="recordio")
 
@@ -65,7 +65,7 @@ def test_errors(tmp_path):
 def test_gcs_dataset_folder_is_read_through_the_gcs_clients(gcs, tmp_path, monkeypatch):
     rec = str(tmp_path / "rec")
     items = [(_jpeg(i), lab) for i, lab in enumerate(LABELS)]
-    recordio.write_recordio(rec, items, num_classes=3)
+    recordio_format.write_recordio(rec, items, num_classes=3)
     # ArrayRecord writes local files only: the dataset is prepared here, then uploaded.
     tfds_faces.build_tfds(rec, str(tmp_path / "tfds"))
     dataset = "tfds/face_records/1.0.0"

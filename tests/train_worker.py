@@ -63,7 +63,7 @@ def run_worker(data: str, workdir: str, out: str, devices: int = 1, **flags) -> 
 
 def make_tiny_data(folder: str) -> str:
     """8 identities x 8 images (a per-identity colour pattern plus noise) and a 20-pair val.bin."""
-    from data_pipelines import bin_pairs, recordio
+    from data_pipelines import bin_pairs, recordio_format
     from data_pipelines.images import encode_jpeg
 
     rng = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def make_tiny_data(folder: str) -> str:
         return np.clip(big + rng.normal(0, 20, big.shape), 0, 255).astype(np.uint8)
 
     items = [(encode_jpeg(image(i)), i) for i in range(IDENTITIES) for _ in range(IMAGES_PER_IDENTITY)]
-    recordio.write_recordio(folder, items, num_classes=IDENTITIES)
+    recordio_format.write_recordio(folder, items, num_classes=IDENTITIES)
     pairs, issame = [], []
     for p in range(VAL_PAIRS):
         a = p % IDENTITIES

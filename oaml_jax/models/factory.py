@@ -22,7 +22,7 @@ from absl import logging
 from oaml_jax.models import face_input
 from oaml_jax.models.backbone import ARCHS, OVERRIDES, IResNet, build_backbone
 from oaml_jax.models.oaml import HEADS, OCC_LOSSES, OAML
-from oaml_jax.models.qaconv import BLOCK_BYTES, l2_normalize_channels
+from oaml_jax.models.qaconv_matcher import BLOCK_BYTES, l2_normalize_channels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `model.backbone` overrides; the other backbone fields have model-level config fields of their own.

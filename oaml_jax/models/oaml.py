@@ -22,7 +22,8 @@ import optax
 
 from oaml_jax.models.heads import AdaFace, ArcFace, CosFace
 from oaml_jax.models.occlusion import OcclusionHead
-from oaml_jax.models.qaconv import BLOCK_BYTES, QAConv, l2_normalize_channels, qaconv_loss, retrieval_accuracy
+from oaml_jax.models.qaconv import QAConv, qaconv_loss, retrieval_accuracy
+from oaml_jax.models.qaconv_matcher import BLOCK_BYTES, l2_normalize_channels
 
 Array = jax.Array
 
@@ -96,7 +97,7 @@ class OAML(nn.Module):
         qaconv_occlusion_weighting: weight QAConv's similarities by the occlusion maps; False is the same as
             all-ones maps (and then QAConv gives the occlusion head no gradient).
         qaconv_block_bytes: float32 similarities the QAConv matcher holds at once per group
-            (`qaconv.match_features`); trades memory for speed (results equal up to float rounding).
+            (`qaconv_matcher.match_features`); trades memory for speed (results equal up to float rounding).
         dtype: compute dtype of the occlusion head and of the QAConv GEMMs.
     """
 
