@@ -406,6 +406,10 @@ def convert_to_array_record(root: epath.PathLike, out_file: epath.PathLike) -> i
     return len(source)
 
 
+def _canonical(path: epath.Path) -> str:
+    return os.fspath(path) if "://" in os.fspath(path) else os.path.realpath(os.fspath(path))
+
+
 def align_set(images: epath.PathLike, masks: epath.PathLike, out: epath.PathLike, **detection: Any) -> dict:
     """Aligns an unaligned set once, offline: `out/kept_faces/{name}.png` + `out/masks/{name}_mask.png`.
 
@@ -425,7 +429,7 @@ def align_set(images: epath.PathLike, masks: epath.PathLike, out: epath.PathLike
     """
     images, masks, out = (user_path(images, "--images"), user_path(masks, "--masks"), user_path(out, "--out"))
     outputs = (out / IMAGE_DIRS[0], out / MASK_DIR)
-    if {os.fspath(p) for p in outputs} & {os.fspath(images), os.fspath(masks)}:
+    if {_canonical(p) for p in outputs} & {_canonical(images), _canonical(masks)}:
         raise ValueError(f"--out={out}: its {IMAGE_DIRS[0]}/ or {MASK_DIR}/ folder is an input folder; "
                          "choose a new folder (inputs are never written over)")
     listing = pair_folders(images, masks)

@@ -23,12 +23,15 @@ from ml_collections import config_flags
 
 from data_pipelines import recordio
 from data_pipelines import synthetic
+from data_pipelines import synthetic_occlusion
 from oaml_jax import logs
 from oaml_jax import train
 from oaml_jax.evaluation import runner
 from oaml_jax.paths import user_path
 
 DEMO_CONFIG = epath.resource_path("oaml_jax") / "configs" / "demo.py"
+# The synthetic occlusion set (OAML's second stream) in <data>/occlusion.
+OCCLUSION_SET, OCCLUSION_SET_IMAGES = "occlusion", 320
 
 
 
@@ -52,6 +55,7 @@ def prepare(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[epath.Path, ml
     config = f.config.copy_and_resolve_references()
     with config.unlocked():
         config.data.path = str(data_dir)
+        config.data.occlusion_sets = (str(data_dir / OCCLUSION_SET),)
     return workdir, config
 
 
@@ -66,7 +70,8 @@ def ensure_data(data_dir: epath.Path, identities: int = 128, images: int = 16, p
         ValueError: the data there was written with other arguments or by another generator version (named),
             so a changed flag is never ignored.
     """
-    needed = [recordio.REC_NAME, recordio.IDX_NAME, recordio.PROPERTY_NAME, "lfw.bin"]
+    needed = [recordio.REC_NAME, recordio.IDX_NAME, recordio.PROPERTY_NAME, "lfw.bin",
+              f"{OCCLUSION_SET}/{synthetic_occlusion.RECORD_NAME}"]
     asked = synthetic.record(identities, images, pairs, seed)
     if all((data_dir / name).exists() for name in needed):
         path = data_dir / synthetic.RECORD_NAME
@@ -81,6 +86,7 @@ def ensure_data(data_dir: epath.Path, identities: int = 128, images: int = 16, p
                  identities, images, pairs, data_dir)
     synthetic.write_dataset(str(data_dir), num_identities=identities, images_per_identity=images,
                             num_pairs=pairs, seed=seed, bin_names=("lfw",))
+    synthetic_occlusion.write_occlusion_set(str(data_dir / OCCLUSION_SET), OCCLUSION_SET_IMAGES, seed)
 
 
 def main(argv):

@@ -36,6 +36,7 @@ from oaml_jax import optim
 from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
+from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
 from oaml_jax.evaluation.pairs import PairSetEvaluator
 from oaml_jax.inference import FaceModel
 from oaml_jax.models import factory
@@ -356,6 +357,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, 
         # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
         validator = (FaceModel(model, state.variables(), contract, batch_size=config.eval.batch_size)
                      if evaluator else None)
+        occlusion_evaluator = OcclusionSetEvaluator.from_config(config, contract.grid) if evaluator else None
         _sync_processes("oaml_train_ready")
         # The progress report's clock counts training time only, so its ETA ignores validation and saving.
         progress = periodic_actions.ReportProgress(num_train_steps=stop_step, every_steps=config.train.log_every)
@@ -419,6 +421,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, 
                 if evaluate:
                     validation = _validate_or_save(validator, evaluator, state, step, ckpt, data_iter, spe,
                                                    step_meta, config_dict, neighbours)
+                    if occlusion_evaluator is not None:
+                        validation.update({f"val/{k}": v for k, v in occlusion_evaluator.run(validator)})
                     writer.write_scalars(step, validation)
                     logging.info("step %d validation: %s", step, validation)
                     result["validation"] = validation

@@ -164,6 +164,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # Score fusion and occluded variants (used by eval.py, not by train-time validation).
     config.eval.fusion_weights = (0.5, 0.5)
     config.eval.occlusion_variants = ("clean", "blocks", "mask", "sunglasses")
+    # Occlusion sets to score the occlusion head on, whole (oaml_jax/evaluation/occlusion_sets.py); () = the
+    # held-out part (data.occlusion_holdout) of data.occlusion_sets. Train-time validation and eval.py.
+    config.eval.occlusion_sets = ml_collections.FieldReference((), field_type=object)
     # Folder of the .bin sets for eval.py; "" = data.path.
     config.eval.data_dir = ""
     # Also write eval.py's scalars and figures to TensorBoard (needs tensorflow).
