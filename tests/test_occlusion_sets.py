@@ -128,7 +128,7 @@ def test_set_on_gcs(gcs, tmp_path):
     np.testing.assert_array_equal(s[0][1], OcclusionSet(local, 14)[0][1])
 
 
-def test_unaligned_photo_mask_follows_the_face(tmp_path):
+def test_unaligned_photo_mask_follows_the_face(tmp_path, capsys):
     """A real photo (tests/data/astronaut_head.jpg) with a mask over the mouth, drawn at half the photo's
     size: aligned, the mask still covers the template's mouth corners and leaves the eyes visible."""
     from oaml_jax import align
@@ -145,8 +145,9 @@ def test_unaligned_photo_mask_follows_the_face(tmp_path):
     _png(raw / "masks" / "astro_mask.png", half)
     with pytest.raises(ValueError, match="is an input folder"):
         occlusion_sets.align_set(raw / "kept_faces", raw / "masks", raw / "masks" / "..")
-    counts = occlusion_sets.align_set(raw / "kept_faces", raw / "masks", tmp_path / "aligned")
-    assert counts == {"written": 1, "without_face": 0, "unpaired_images": 0, "unpaired_masks": 0}
+    from test_inference_cli import run_main  # `oaml-inference align --images --masks --out`
+    run_main("align", f"--images={raw / 'kept_faces'}", f"--masks={raw / 'masks'}", f"--out={tmp_path / 'aligned'}")
+    assert capsys.readouterr().out.strip() == "1 written, 0 without face, 0 unpaired images, 0 unpaired masks"
     warped = cv2.imread(str(tmp_path / "aligned" / "masks" / "astro_mask.png"), cv2.IMREAD_GRAYSCALE)
     assert warped.shape == (448, 448)
     scale = occlusion_sets.MASK_WARP_SCALE
@@ -325,10 +326,11 @@ def test_evaluator_scores_and_report(tiny, tmp_path, face_model):
     assert "all-visible MAE" in evaluator.table(results)
     # Known answers: a perfect map, and the all-visible map.
     targets = np.stack([np.eye(7), np.ones((7, 7))]).astype(np.float32)
-    assert score(targets, targets) == {"mae": 0.0, "iou": 1.0, "all_visible_mae": pytest.approx(42 / 98), "all_visible_iou": 0.0,
-                                       "faces": 2.0}
+    assert score(targets, targets) == {"mae": 0.0, "iou": 1.0, "all_visible_mae": pytest.approx(42 / 98),
+                                       "all_visible_iou": 0.0, "faces": 2.0}
     half = score(np.full_like(targets, 0.25), targets)
-    assert half["mae"] == pytest.approx((7 * 0.75 + 42 * 0.25 + 49 * 0.75) / 98) and half["iou"] == pytest.approx(42 / 98)
+    assert half["mae"] == pytest.approx((7 * 0.75 + 42 * 0.25 + 49 * 0.75) / 98)
+    assert half["iou"] == pytest.approx(42 / 98)
 
 
 def test_items_index_all_sets(tiny, tmp_path):
