@@ -15,6 +15,11 @@ Every element's randomness comes from Philox generators keyed by (seed, epoch) a
 global position), one stream for its augmentation and one for its occlusion, so a batch is bitwise the
 same whatever the number of workers or processes (Grain's own `random_map` generator is keyed by the
 index inside this process's dataset, which depends on the process count).
+
+With `data.occlusion_batch` > 0 each element also carries this process's part of the step's occlusion
+batch (OAML's second stream: faces of `data.occlusion_sets` with their mask targets, and clean training
+faces with all-visible ones; `BatchLoader.occlusion_stream`), drawn from a third stream keyed the same way,
+so the checkpointed iterator state covers it and resuming is bitwise.
 """
 
 from __future__ import annotations
