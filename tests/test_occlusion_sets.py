@@ -21,6 +21,7 @@ from data_pipelines.occlusion_sets import OcclusionItems, OcclusionSet
 from oaml_jax import step as step_lib
 from oaml_jax import train
 from oaml_jax.configs import default
+from oaml_jax.evaluation import runner
 from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator, score
 from oaml_jax.models import factory
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE, InputContract
@@ -312,6 +313,13 @@ def test_training_with_an_occlusion_set_learns_and_resumes_bitwise(tiny, tmp_pat
     assert validation[f"{name}/iou"] > validation[f"{name}/all_visible_iou"] == 0.0
     # Its loss falls.
     assert resumed["metrics"]["loss_occ_set"] < 0.8 * first["metrics"]["loss_occ_set"]
+    # eval.py: the same scores in its table, and the grid of faces with predicted and true maps.
+    config = _run_config(data, occ, 16)
+    config.eval.tensorboard = False
+    config.eval.occlusion_variants = ("clean",)
+    evaluated = runner.run(config, str(tmp_path / "full"))
+    assert f"{validation[f'{name}/mae']:.3f}" in evaluated["table"].splitlines()[-1]
+    assert evaluated["files"]["occlusion_sets"].exists()
 
 
 def test_evaluator_scores_and_report(tiny, tmp_path, face_model):
