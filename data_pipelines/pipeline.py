@@ -15,10 +15,17 @@ Every element's randomness comes from Philox generators keyed by (seed, epoch) a
 global position), one stream for its augmentation and one for its occlusion, so a batch is bitwise the
 same whatever the number of workers or processes (Grain's own `random_map` generator is keyed by the
 index inside this process's dataset, which depends on the process count).
+
+With `data.occlusion_batch` > 0 each element also carries this process's part of the step's occlusion
+batch (OAML's second stream: faces of `data.occlusion_sets` with their mask targets, and clean training
+faces with all-visible ones; `BatchLoader.occlusion_stream`), drawn from a third stream keyed the same way,
+so the checkpointed iterator state covers it and resuming is bitwise.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from typing import Any, Optional
 
@@ -28,11 +35,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from data_pipelines import augment, occlusion, samplers
+from data_pipelines import augment, occlusion, occlusion_sets, samplers
 from data_pipelines.augment import Augmentation
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptRecordError, check_size, decode_image
 from data_pipelines.occlusion import Occlusion
+from data_pipelines.occlusion_sets import OcclusionItems, OcclusionSet
 from data_pipelines.recordio import RecordIOSource
 from oaml_jax.models.face_input import FACE_SHAPE, FACE_SIZE
 from oaml_jax.paths import user_path
@@ -115,8 +123,40 @@ def _where(source: Any, index: int) -> str:
 
 
 # Each element draws its augmentation and its occlusion from two independent counter-based streams, so
-# the stages can run one after the other over the whole batch.
-_AUGMENT_STREAM, _OCCLUDE_STREAM = 0, 1
+# the stages can run one after the other over the whole batch; the occlusion batch's elements draw theirs
+# from a third, at their position in the epoch's sequence of occlusion batches.
+_AUGMENT_STREAM, _OCCLUDE_STREAM, _OCCLUSION_SET_STREAM = 0, 1, 2
+
+
+def is_real(j: int, share: float) -> bool:
+    """Whether place `j` of the global occlusion batch takes a set face (else a clean face): the first n
+    places hold floor(n * share) set faces, spread evenly (so each device gets its share)."""
+    return math.floor((j + 1) * share + 1e-9) > math.floor(j * share + 1e-9)
+
+
+@functools.lru_cache(maxsize=4)
+def _opened_sets(paths: tuple[str, ...], grid: int, aligned: bool) -> tuple[OcclusionSet, ...]:
+    return tuple(OcclusionSet(p, grid, aligned=aligned, field=f"data.occlusion_sets[{i}]")
+                 for i, p in enumerate(paths))
+
+
+def occlusion_items(data_cfg: ml_collections.ConfigDict, grid: int, held_out: bool = False
+                    ) -> Optional[OcclusionItems]:
+    """The training (or held-out) items of `data.occlusion_sets`, opened once per process; None without.
+
+    Raises:
+        ValueError / FileNotFoundError: a set that is missing or holds no pair (before the first step), or
+            one whose every pair is held out.
+    """
+    paths = occlusion_sets.set_paths(data_cfg.occlusion_sets)
+    if not paths:
+        return None
+    sets = _opened_sets(paths, int(grid), bool(data_cfg.occlusion_aligned))
+    items = OcclusionItems(sets, data_cfg.occlusion_holdout, held_out)
+    if not len(items):
+        raise ValueError(f"data.occlusion_sets={paths}: no {'held-out' if held_out else 'training'} pair left "
+                         f"with data.occlusion_holdout={data_cfg.occlusion_holdout}")
+    return items
 
 
 class _ElementRandom:
@@ -154,12 +194,17 @@ class BatchLoader(grain.transforms.Map):
     batch; timing it on one thread gives the per-worker rate (`bench/data_throughput.py`).
     """
 
-    def __init__(self, source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, grid: int):
+    def __init__(self, source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, grid: int, *,
+                 global_batch: int = 0, process_index: int = 0, process_count: int = 1,
+                 occlusion_items: Optional[OcclusionItems] = None):
         """Args:
             source: a random-access source (`open_source`).
-            data_cfg: `config.data` (seed, on_corrupt, augment, occlusion).
+            data_cfg: `config.data` (seed, on_corrupt, augment, occlusion, and the occlusion_* fields).
             epoch: the epoch (keys the per-element random streams).
             grid: side of the visibility maps (the model's feature map, `InputContract.grid`).
+            global_batch, process_index, process_count: the layout of the global batch, needed with
+                `occlusion_items` (this process builds its contiguous part of every occlusion batch).
+            occlusion_items: the sets' training items; None = no occlusion batch.
         """
         self.source = source
         self.seed = int(data_cfg.seed)
@@ -168,6 +213,15 @@ class BatchLoader(grain.transforms.Map):
         self.skip_corrupt = data_cfg.on_corrupt == "skip"
         self.augmentation = Augmentation.from_config(data_cfg.augment)
         self.occlusion = Occlusion.from_config(data_cfg.occlusion)
+        self.occlusion_items = occlusion_items
+        if occlusion_items is not None:
+            self.global_batch = int(global_batch)
+            self.occlusion_batch = int(data_cfg.occlusion_batch)
+            self.occlusion_local = slice(process_index * self.occlusion_batch // process_count,
+                                         (process_index + 1) * self.occlusion_batch // process_count)
+            self.real_share = float(data_cfg.occlusion_real_share)
+            self.occ_flip = float(data_cfg.occlusion_augment.flip_prob)
+            self.occ_photometric = float(data_cfg.occlusion_augment.photometric_prob)
 
     def _decode(self, index: int) -> tuple[np.ndarray, int]:
         where = _where(self.source, index)
@@ -198,6 +252,8 @@ class BatchLoader(grain.transforms.Map):
         batch = self.decode(rows)
         self.augment(batch, rows)
         self.occlude(batch, rows)
+        if self.occlusion_items is not None:
+            batch.update(self.occlusion_stream(rows))
         return batch
 
     def decode(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -205,17 +261,19 @@ class BatchLoader(grain.transforms.Map):
         n = rows.shape[0]
         batch = {"image": np.empty((n,) + FACE_SHAPE, np.uint8), "label": np.empty(n, np.int32),
                  "mask": np.empty((n, self.grid, self.grid), np.float32), "corrupt": np.zeros(n, np.int32)}
-        images, labels = batch["image"], batch["label"]
         for i, index in enumerate(rows[:, 0].tolist()):
-            try:
-                images[i], labels[i] = self._decode(index)
-            except CorruptRecordError as e:
-                if not self.skip_corrupt:
-                    raise
-                logging.warning("Replacing a corrupt record (data.on_corrupt='skip'): %s", e)
-                images[i], labels[i] = self._replacement(index, e)
-                batch["corrupt"][i] = 1
+            batch["image"][i], batch["label"][i], batch["corrupt"][i] = self._decode_or_replace(index)
         return batch
+
+    def _decode_or_replace(self, index: int) -> tuple[np.ndarray, int, int]:
+        """(image, label, 1 if the record was corrupt and replaced else 0); see `data.on_corrupt`."""
+        try:
+            return *self._decode(index), 0
+        except CorruptRecordError as e:
+            if not self.skip_corrupt:
+                raise
+            logging.warning("Replacing a corrupt record (data.on_corrupt='skip'): %s", e)
+            return *self._replacement(index, e), 1
 
     def augment(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
         """Stage 2: augments every image in place, each from its own stream (`_AUGMENT_STREAM`)."""
@@ -238,6 +296,34 @@ class BatchLoader(grain.transforms.Map):
                 images[i] = out
 
 
+    def occlusion_stream(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """This process's part of the step's occlusion batch (`_OCCLUSION_SET_STREAM`).
+
+        Place j of the global occlusion batch of step s (in the epoch) draws, from the stream at position
+        `s * occlusion_batch + j`: a set face and its target (`is_real`), or a clean training face with an
+        all-visible target; then a flip (face and target together) and the optional photometric jitter.
+        """
+        step = int(rows[0, 1]) // self.global_batch
+        places = range(self.occlusion_batch)[self.occlusion_local]
+        out = {"occ_image": np.empty((len(places),) + FACE_SHAPE, np.uint8),
+               "occ_target": np.empty((len(places), self.grid, self.grid), np.float32),
+               "occ_corrupt": np.zeros(len(places), np.int32)}
+        randoms = _ElementRandom(self.seed, self.epoch)
+        for i, j in enumerate(places):
+            rng = randoms.at(step * self.occlusion_batch + j, _OCCLUSION_SET_STREAM)
+            if is_real(j, self.real_share):
+                face, target = self.occlusion_items[int(rng.integers(len(self.occlusion_items)))]
+            else:
+                face, _, out["occ_corrupt"][i] = self._decode_or_replace(int(rng.integers(len(self.source))))
+                target = np.ones((self.grid, self.grid), np.float32)
+            if rng.random() < self.occ_flip:
+                face, target = face[:, ::-1], target[:, ::-1]
+            if rng.random() < self.occ_photometric:
+                face = augment.photometric(np.ascontiguousarray(face), rng)
+            out["occ_image"][i], out["occ_target"][i] = face, target
+        return out
+
+
 def epoch_indices(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, global_batch: int,
                   neighbours: Optional[np.ndarray] = None, group_size: int = 0) -> np.ndarray:
     """The sampler's record indices of one epoch, int64 `[num_batches, global_batch]`.
@@ -258,7 +344,8 @@ def epoch_indices(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, 
 
 def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch: int, *,
                         global_batch: int, process_index: int, process_count: int, grid: int,
-                        neighbours: Optional[np.ndarray] = None, group_size: int = 0) -> grain.IterDataset:
+                        neighbours: Optional[np.ndarray] = None, group_size: int = 0,
+                        occlusion: Optional[OcclusionItems] = None) -> grain.IterDataset:
     """This process's part of every global batch of one epoch.
 
     Args:
@@ -273,6 +360,8 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       neighbours: int32 `[C, >= classes per group - 1]` nearest classes, required by the "graph" sampler.
       group_size: QAConv's matching group (`model.qaconv_group_size`; 0 = the whole batch): the samplers
         lay batches out so each group of that many consecutive images is meaningful (see `epoch_indices`).
+      occlusion: the occlusion sets' training items; None opens `data.occlusion_sets` (once per process,
+        `occlusion_items`) when `data.occlusion_batch` > 0.
 
     Returns:
       An IterDataset of dicts "image" uint8 `[b_local, 112, 112, 3]` RGB (augmented and occluded;
@@ -282,15 +371,23 @@ def train_epoch_dataset(source: Any, data_cfg: ml_collections.ConfigDict, epoch:
       on_corrupt="skip", each replacement logged; under "raise" the CorruptRecordError naming the record
       stops the iteration). A bad record is any per-record fault (`images.CorruptRecordError`): an image
       that cannot be decoded correctly or is not 112x112, a malformed record, a label that is not an
-      integer class. `iter(ds)` supports get_state/set_state (and grain.checkpoint.CheckpointSave).
+      integer class. With an occlusion batch (`data.occlusion_batch` > 0) also "occ_image" uint8
+      `[b_occ_local, 112, 112, 3]` RGB, "occ_target" float32 `[b_occ_local, grid, grid]` (visible fraction per
+      cell), "occ_corrupt" int32 `[b_occ_local]`, b_occ_local = occlusion_batch // process_count, built by
+      `BatchLoader.occlusion_stream`. `iter(ds)` supports get_state/set_state (and
+      grain.checkpoint.CheckpointSave): the occlusion batch is a function of the element's position, so
+      resuming restores it too.
     """
+    if occlusion is None and data_cfg.get("occlusion_batch", 0) > 0:
+        occlusion = occlusion_items(data_cfg, grid)
     indices = epoch_indices(source, data_cfg, epoch, global_batch, neighbours, group_size)
     b_local = global_batch // process_count
     positions = np.arange(indices.size, dtype=np.int64).reshape(indices.shape)
     part = slice(process_index * b_local, (process_index + 1) * b_local)
     local = np.stack([indices[:, part], positions[:, part]], axis=-1)  # [num_batches, b_local, 2]
     ds = (grain.MapDataset.source(local)
-          .map(BatchLoader(source, data_cfg, epoch, grid))
+          .map(BatchLoader(source, data_cfg, epoch, grid, global_batch=global_batch, process_index=process_index,
+                           process_count=process_count, occlusion_items=occlusion))
           .to_iter_dataset(_READ_OPTIONS))
     if data_cfg.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,

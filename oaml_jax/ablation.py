@@ -89,8 +89,10 @@ def run_one(config: ml_collections.ConfigDict, run_dir: epath.Path) -> dict[str,
     if results.exists() and (run_dir / "ablation_done").exists():
         saved = checkpoint.Checkpointer(run_dir, every=1, keep=1)
         try:
-            # The data folder may move with the workdir; what is in it is guarded by demo.ensure_data.
-            changed = train.config_differences(saved.restore_config(saved.latest_step()), config, ignore=("data.path",))
+            # The data folder may move with the workdir; what is in it is guarded by demo.ensure_data (and
+            # demo.ensure_occlusion_set).
+            changed = train.config_differences(saved.restore_config(saved.latest_step()), config,
+                                               ignore=("data.path", "data.occlusion_sets"))
         finally:
             saved.close()
         if changed:

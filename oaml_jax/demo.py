@@ -21,14 +21,18 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from data_pipelines import occlusion_sets
 from data_pipelines import recordio_format
 from data_pipelines import synthetic
+from data_pipelines import synthetic_occlusion
 from oaml_jax import logs
 from oaml_jax import train
 from oaml_jax.evaluation import runner
 from oaml_jax.paths import user_path
 
 DEMO_CONFIG = epath.resource_path("oaml_jax") / "configs" / "demo.py"
+# The synthetic occlusion set (OAML's second stream) in <data>/occlusion.
+OCCLUSION_SET, OCCLUSION_SET_IMAGES = "occlusion", 320
 
 
 
@@ -52,6 +56,8 @@ def prepare(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[epath.Path, ml
     config = f.config.copy_and_resolve_references()
     with config.unlocked():
         config.data.path = str(data_dir)
+        if occlusion_sets.set_paths(config.data.occlusion_sets):
+            config.data.occlusion_sets = (ensure_occlusion_set(data_dir, f.data_seed),)
     return workdir, config
 
 
@@ -81,6 +87,26 @@ def ensure_data(data_dir: epath.Path, identities: int = 128, images: int = 16, p
                  identities, images, pairs, data_dir)
     synthetic.write_dataset(str(data_dir), num_identities=identities, images_per_identity=images,
                             num_pairs=pairs, seed=seed, bin_names=("lfw",))
+
+
+def ensure_occlusion_set(data_dir: epath.Path, seed: int = 0) -> str:
+    """`<data_dir>/occlusion`, the synthetic occlusion set of the demo's config, written unless a set of this
+    generator version and seed is there; returns its path.
+
+    Raises:
+        ValueError: the set there was written with another seed or generator version.
+    """
+    folder = data_dir / OCCLUSION_SET
+    record = folder / synthetic_occlusion.RECORD_NAME
+    asked = {"version": synthetic_occlusion.VERSION, "seed": seed, "num_images": OCCLUSION_SET_IMAGES}
+    if record.exists():
+        written = json.loads(record.read_text())
+        if any(written.get(k) != v for k, v in asked.items()):
+            raise ValueError(f"{folder} holds a synthetic occlusion set written with other arguments ({written}, now "
+                             f"{asked}); use another --workdir or delete that folder")
+        return str(folder)
+    synthetic_occlusion.write_occlusion_set(str(folder), OCCLUSION_SET_IMAGES, seed)
+    return str(folder)
 
 
 def main(argv):

@@ -64,6 +64,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "pixels.", lower_bound=1.0, **fv)
     flags.DEFINE_float("min_score", align.DEFAULT_MIN_SCORE, "Smallest MTCNN face probability kept.",
                        lower_bound=0.0, upper_bound=1.0, **fv)
+    flags.DEFINE_string("masks", None, "align: folder of the photos' occlusion masks (NAME_mask.png or NAME.png): "
+                        "writes an aligned occlusion set, OUT/kept_faces + OUT/masks warped with each face.", **fv)
     flags.DEFINE_float("far", DEFAULT_FAR, "verify: false accept rate of the decision (one of "
                        f"{', '.join(f'{f:g}' for f in calibration_lib.FARS)}).", lower_bound=0.0, upper_bound=1.0,
                        **fv)
@@ -71,6 +73,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 _USAGE = """usage:
   python -m oaml_jax.inference align --images=PHOTOS --out=CROPS [--mode=largest|all] [--aligned]
+  python -m oaml_jax.inference align --images=PHOTOS --masks=MASKS --out=SET
   python -m oaml_jax.inference embed --workdir=W --images=PHOTOS --out=F.npy [--mode=largest|all] [--aligned]
   python -m oaml_jax.inference verify --workdir=W A.jpg B.jpg [--far=0.001] [--out=P.png] [--aligned]"""
 
@@ -154,6 +157,13 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
         return
     if args:
         raise app.UsageError(f"{command}: unexpected arguments {args} (see --help)")
+    if command == "align" and f.masks:
+        _require(f, command, "images", "out")
+        from data_pipelines import occlusion_sets  # the occlusion-set reader; only this command needs it
+        counts = occlusion_sets.align_set(f.images, f.masks, f.out, min_face_size=f.min_face_size,
+                                          min_score=f.min_score)
+        print(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        return
     _require(f, command, "images", "out", *(("workdir",) if command == "embed" else ()))
     if command == "embed":
         checkpoint_lib.locate(f.workdir, f.step)  # a wrong --workdir is refused before detection runs

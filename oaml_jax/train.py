@@ -28,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
-from data_pipelines import pipeline, samplers
+from data_pipelines import occlusion_sets, pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax.configs import default as default_config
 from oaml_jax import metrics as metrics_lib
@@ -36,6 +36,7 @@ from oaml_jax import optim
 from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
+from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
 from oaml_jax.evaluation.pairs import PairSetEvaluator
 from oaml_jax.serving import FaceModel
 from oaml_jax.models import factory
@@ -88,6 +89,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
                      num_devices=num_devices, k=config.data.k)
     optim.check_config(config.optim)
     pipeline.check_config(config.data)
+    occlusion_sets.check_config(config.data, num_devices=num_devices, process_count=process_count)
     evaluators_lib.check_config(config.eval, num_devices=num_devices, process_count=process_count)
 
 
@@ -333,7 +335,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, 
                  "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch, global_batch,
                  jax.device_count(), jax.process_count(), num_classes, model_classes, len(source), spe, stop_step)
     compile_start = time.perf_counter()
-    train_step = step_lib.build_train_step(model, tx, schedule, contract, mesh, global_batch=global_batch)
+    pipeline.occlusion_items(config.data, contract.grid)  # a missing or empty occlusion set stops here
+    train_step = step_lib.build_train_step(model, tx, schedule, contract, mesh, global_batch=global_batch,
+                                           **step_lib.occlusion_options(config))
     compiled = train_step.step.lower(train_step.abstract_state, train_step.abstract_batch).compile()
     flops = metrics_lib.jaxpr_flops(train_step.step, train_step.abstract_state, train_step.abstract_batch)
     logging.info("compiled in %.1f s (%.3g FLOPs per step)", time.perf_counter() - compile_start, flops)
@@ -353,6 +357,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, 
         # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
         validator = (FaceModel(model, state.variables(), contract, batch_size=config.eval.batch_size)
                      if evaluator else None)
+        occlusion_evaluator = OcclusionSetEvaluator.from_config(config, contract.grid) if evaluator else None
         _sync_processes("oaml_train_ready")
         # The progress report's clock counts training time only, so its ETA ignores validation and saving.
         progress = periodic_actions.ReportProgress(num_train_steps=stop_step, every_steps=config.train.log_every)
@@ -416,6 +421,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, 
                 if evaluate:
                     validation = _validate_or_save(validator, evaluator, state, step, ckpt, data_iter, spe,
                                                    step_meta, config_dict, neighbours)
+                    if occlusion_evaluator is not None:
+                        validation.update({f"val/{k}": v for k, v in occlusion_evaluator.run(validator)})
                     writer.write_scalars(step, validation)
                     logging.info("step %d validation: %s", step, validation)
                     result["validation"] = validation

@@ -6,7 +6,8 @@ from configs import default, demo, ir50_ms1mv2, ir100_ms1mv2
 from oaml_jax import train
 
 CONTRACT_DATA_FIELDS = {"source", "path", "sampler", "k", "num_workers", "seed", "on_corrupt", "graph_chunk",
-                        "augment", "occlusion"}
+                        "augment", "occlusion", "occlusion_sets", "occlusion_batch", "occlusion_real_share",
+                        "occlusion_aligned", "occlusion_holdout", "occlusion_synthetic_head", "occlusion_augment"}
 
 
 def test_ir50_recipe():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import train_worker
+from data_pipelines import synthetic_occlusion
 from oaml_jax import checkpoint
 
 STEPS = 2
@@ -22,9 +23,11 @@ def _finish(proc, out) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same two steps on 1 device, on 8 devices, and on 2 processes x 4 devices (run concurrently)."""
+    """The same two steps on 1 device, on 8 devices, and on 2 processes x 4 devices (run concurrently), with
+    an occlusion batch of 8 from a synthetic occlusion set (OAML's second stream)."""
     root = tmp_path_factory.mktemp("multi")
     data = train_worker.make_tiny_data(str(root / "data"))
+    occlusion_set = synthetic_occlusion.write_occlusion_set(str(root / "occlusion"), 16, seed=0)["out_dir"]
     port = train_worker.free_port()
     specs = {
         "one": dict(devices=1),
@@ -40,7 +43,8 @@ def runs(tmp_path_factory):
             spec = dict(specs[name])
             workdir = str(root / spec.pop("workdir", name))
             out = str(root / f"{name}.json")
-            procs[name] = (train_worker.run_worker(data, workdir, out, max_steps=STEPS, **spec), out)
+            procs[name] = (train_worker.run_worker(data, workdir, out, max_steps=STEPS, occlusion_set=occlusion_set,
+                                                   **spec), out)
         results.update({name: _finish(proc, out) for name, (proc, out) in procs.items()})
     return root, results
 
@@ -60,6 +64,7 @@ def test_two_processes_agree_and_restore_in_one(runs):
     timing = {"images_per_sec", "mfu"}
     p0, p1 = results["proc0"], results["proc1"]
     assert p0["losses"] == p1["losses"] and p0["step"] == p1["step"] == STEPS
+    assert p0["metrics"]["loss_occ_set"] > 0  # the occlusion stream, split over the processes
     assert {k: v for k, v in p0["metrics"].items() if k not in timing} == \
         {k: v for k, v in p1["metrics"].items() if k not in timing}
     for step, loss in results["one"]["losses"].items():

@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=0)
+    parser.add_argument("--occlusion_set", default="")
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     sys.path.insert(0, ROOT)
@@ -115,6 +116,10 @@ def main() -> None:
     from oaml_jax import cli, train
 
     config = tiny_config(args.data, max_steps=args.max_steps, **({"epochs": args.epochs} if args.epochs else {}))
+    if args.occlusion_set:
+        config.data.occlusion_sets = args.occlusion_set
+        config.data.occlusion_batch = 8
+        config.data.occlusion_holdout = 0.0
     if args.num_processes > 1:
         config.distributed.initialize = True
         config.distributed.coordinator_address = f"127.0.0.1:{args.port}"

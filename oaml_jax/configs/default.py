@@ -80,6 +80,30 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.occlusion = ml_collections.ConfigDict(dict(
         prob_blocks=0.2, prob_mask=0.2, prob_sunglasses=0.1, prob_rgba=0.0, rgba_path="",
         blocks_count=(1, 3), blocks_size=(0.1, 0.4)))
+    # OAML's second stream (data_pipelines/occlusion_sets.py): real occluded faces with drawn masks train
+    # the occlusion head. Set folders (kept_faces/NAME.jpg + masks/NAME_mask.png, or .array_record files);
+    # one path or a tuple; () = no occlusion stream.
+    data.occlusion_sets = ml_collections.FieldReference((), field_type=object)
+    # Global images per step of the occlusion batch (split over devices and processes like the main batch;
+    # 0 = off). OAML: 32 set faces + 6 clean faces.
+    data.occlusion_batch = 0
+    # Share of the occlusion batch from the sets; the rest are clean training faces with all-visible
+    # targets (no synthetic occluders), so the head does not learn "occluded everywhere".
+    data.occlusion_real_share = 0.8
+    # The sets hold 112x112 aligned faces (others are refused naming the file); False detects and aligns
+    # them when opened and warps their masks by the same similarity (`oaml-inference align --masks` once,
+    # offline, is the way for pods).
+    data.occlusion_aligned = True
+    # Share of each set held out (by a hash of the name) for validation of the head.
+    data.occlusion_holdout = 0.1
+    # Whether the main batch's synthetic occluders still train the occlusion head when a set is given.
+    # True (default): pasted masks, sunglasses and blocks add many varied labels per step to a small real set.
+    # False: the head learns from the real stream only; for large sets whose occluders (niqab, scarves,
+    # helmets) look unlike the pasted ones.
+    data.occlusion_synthetic_head = True
+    # The occlusion stream's own light augmentation: flip (the mask flips with the face) and AdaFace's
+    # brightness/contrast/saturation jitter (on the face only).
+    data.occlusion_augment = ml_collections.ConfigDict(dict(flip_prob=0.5, photometric_prob=0.0))
     return data
 
 
@@ -139,6 +163,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # Score fusion and occluded variants (used by eval.py, not by train-time validation).
     config.eval.fusion_weights = (0.5, 0.5)
     config.eval.occlusion_variants = ("clean", "blocks", "mask", "sunglasses")
+    # Occlusion sets to score the occlusion head on, whole (oaml_jax/evaluation/occlusion_sets.py); () = the
+    # held-out part (data.occlusion_holdout) of data.occlusion_sets. Train-time validation and eval.py.
+    config.eval.occlusion_sets = ml_collections.FieldReference((), field_type=object)
     # Folder of the .bin sets for eval.py; "" = data.path.
     config.eval.data_dir = ""
     # Also write eval.py's scalars and figures to TensorBoard (needs tensorflow).

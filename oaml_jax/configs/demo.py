@@ -40,6 +40,10 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.model.occ_loss = "bce"
     config.model.lam_occ = 1.0
     config.train.batch_size = 32
+    # OAML's second stream on the synthetic occlusion set the demo writes (data_pipelines/synthetic_occlusion.py):
+    # 8 faces per step, 6 covered and 2 clean; 10% of the set held out to score the head on real coverings.
+    config.data.occlusion_sets = ("demo_workdir/data/occlusion",)
+    config.data.occlusion_batch = 8
     config.train.log_every = 8
     config.train.checkpoint_every = 64
     config.train.eval_every = 0

@@ -25,6 +25,7 @@ from etils import epath
 
 from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation import calibration, fusion, ijb, pairs, plots, verification
+from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
 from oaml_jax.evaluation.verdict import EVAL_SUBDIR, CalibratedFaceModel as FaceModel
 from oaml_jax.paths import user_path
 
@@ -107,6 +108,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
             curves = {label: verification.roc_curve(result.scores[key], result.labels)[:2]
                       for label, key in pairs.METHODS if key in result.scores}
             files[f"ijb_{name}"] = plots.plot_roc(curves, out_dir / f"ijb_{name}.png", title=f"{name.upper()} 1:1")
+    occlusion_evaluator = OcclusionSetEvaluator.from_config(config, model.contract.grid) if model.has_qaconv else None
+    occlusion_results = occlusion_evaluator.evaluate(model) if occlusion_evaluator else {}
+    if occlusion_results:
+        table = "\n\n".join(t for t in (table, occlusion_evaluator.table(occlusion_results)) if t)
+        if is_main:
+            files.update(occlusion_evaluator.report(occlusion_results, out_dir))
     text = "\n\n".join(t for t in (table, _ijb_table(ijb_results) if ijb_results else "") if t)
     ijb_tars = {name: result.tar for name, result in ijb_results.items()}
     if is_main:
