@@ -116,7 +116,7 @@ def test_converted_adaface_checkpoint_has_adaface_columns_only(tmp_path, data_di
     for row in result["rows"].values():
         assert set(row) == {c for c in pairs.COLUMNS if c.startswith("AdaFace")}
     for line in result["table"].splitlines()[2:]:
-        assert line.split()[2 + 3:] == ["-"] * 6  # QAConv and fused cells
+        assert line.split()[2 + 3:] == ["-"] * 9  # QAConv, fused and gated cells
     # AdaFace thresholds only: no fused score without QAConv.
     cal = calibration.load(tmp_path / "out" / "eval" / calibration.CALIBRATION_FILE, 0)
     assert set(cal.thresholds) == {"adaface"} and cal.fusion_stats is None and cal.num_pairs == 10
