@@ -89,7 +89,7 @@ class _Accumulator:
                 merged = np.partition(merged, merged.size - self.keep)[merged.size - self.keep:]
             self.top = np.sort(merged)
         start = (-self.seen) % self.stride
-        self.sample.append(x[start::self.stride])
+        self.sample.append(x[start::self.stride].copy())  # a copy: a view would keep all of x alive
         self.seen += x.size
 
     def result(self) -> ScoreResult:

@@ -174,12 +174,14 @@ def _scorers(model: FaceModel, a: _Side, b: _Side, tile: int) -> tuple[allpairs.
     def pair_fn(i: np.ndarray, j: np.ndarray) -> dict[str, np.ndarray]:
         out = {"adaface": np.sum(a.embeddings[i] * b.embeddings[j], axis=1)}
         if model.has_qaconv:
+            # Calls padded to a power of two up to _PAIR_CHUNK: a few compiled shapes, little padding.
+            chunk = min(_PAIR_CHUNK, 1 << max(i.size - 1, 0).bit_length())
             qaconv = []
-            for k in range(0, i.size, _PAIR_CHUNK):
-                ik, jk = i[k:k + _PAIR_CHUNK], j[k:k + _PAIR_CHUNK]
-                qaconv.append(model.qaconv_pair_scores(pad(a.maps[ik], _PAIR_CHUNK), pad(b.maps[jk], _PAIR_CHUNK),
-                                                       pad(a.occlusion[ik], _PAIR_CHUNK),
-                                                       pad(b.occlusion[jk], _PAIR_CHUNK))[:ik.size])
+            for k in range(0, i.size, chunk):
+                ik, jk = i[k:k + chunk], j[k:k + chunk]
+                scores = model.qaconv_pair_scores(pad(a.maps[ik], chunk), pad(b.maps[jk], chunk),
+                                                  pad(a.occlusion[ik], chunk), pad(b.occlusion[jk], chunk))
+                qaconv.append(scores[:ik.size])
             out["qaconv"] = np.concatenate(qaconv) if qaconv else np.zeros(0)
             out["visibility"] = 0.5 * (a.visibility[i] + b.visibility[j])
         return out
@@ -245,13 +247,14 @@ class FolderEvaluator(base.Evaluator):
             grid = model.contract.grid
             side_b = _extract(model, side_images(faces.faces, second, 0, grid))
             side_a = side_b if variant == "clean" else _extract(model, side_images(faces.faces, first, n, grid))
-            pair_fn, tile_fn = _scorers(model, side_a, side_b, self.tile)
+            tile = min(self.tile, n)
+            pair_fn, tile_fn = _scorers(model, side_a, side_b, tile)
             start = time.perf_counter()
             with tqdm.tqdm(total=n * (n - 1) // 2, desc=f"{self.name} {variant} pairs", unit="pair", mininterval=5.0,
                            disable=n < 1000) as bar:
                 scores[variant] = allpairs.verify_all_pairs(
                     faces.labels, pair_fn, tile_fn, weights=self.common.fusion_weights,
-                    gate=self.common.gate_threshold, fars=self.fars, tile=self.tile, progress=bar.update)
+                    gate=self.common.gate_threshold, fars=self.fars, tile=tile, progress=bar.update)
             seconds += time.perf_counter() - start
         pairs_per_s = len(self.variants) * (n * (n - 1) // 2) / max(seconds, 1e-9)
         return FolderResult(faces, num_genuine, num_impostors, scores, pairs_per_s)
