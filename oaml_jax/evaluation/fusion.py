@@ -21,7 +21,7 @@ from oaml_jax.evaluation import verification
 SCORE_NAMES = ("adaface", "qaconv")
 DEFAULT_WEIGHTS = {"adaface": 0.5, "qaconv": 0.5}
 # Gate thresholds tried on the training folds: 0 = AdaFace for every pair, inf = QAConv for every pair.
-GATE_GRID = np.append(np.linspace(0.0, 1.0, 21), np.inf)
+GATE_GRID = np.append(np.round(np.linspace(0.0, 1.0, 21), 2), np.inf)
 
 
 def check_weights(weights: Sequence[float]) -> dict[str, float]:
