@@ -16,7 +16,10 @@ from data_pipelines.images import encode_png
 from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax.evaluation import allpairs, evaluators, folder, runner, verification
 
+import train_worker
 from test_inference import tiny_config, write_converted_checkpoint
+
+train_worker.enable_compilation_cache()  # before the first compile: the train step of tests/test_train.py
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -196,16 +199,21 @@ def test_folder_of_mixed_photos_with_junk(tmp_path, workdir):
         result["table"])
 
 
-def test_train_time_validation_runs_a_folder_evaluator(tmp_path, face_model):
+def test_train_time_validation_runs_a_folder_evaluator(tmp_path):
+    from absl import flags
+    from oaml_jax import train
+    flags.FLAGS.mark_as_parsed()
     root = write_aligned_folder(str(tmp_path / "faces"))
-    config = folder_config(root, validation=True)
-    config.eval.evaluators.bins = dict(type="bin_pairs", validation=False)
+    config = train_worker.tiny_config(train_worker.make_tiny_data(str(tmp_path / "data")), max_steps=2, eval_every=0)
+    config.eval.evaluators = ml_collections.ConfigDict({
+        "bins": dict(type="bin_pairs"),  # eval.py only
+        "faces": dict(type="folder", path=root, aligned=True, validation=True, variants=("clean", "both_mask"))})
     built = evaluators.from_config(config, training=True)
     assert [e.name for e in built] == ["faces"] and built[0].variants == ("clean",)
-    metrics = evaluators.validation_metrics(built, face_model)
-    assert metrics[checkpoint_lib.BEST_METRIC] == metrics["val/faces/clean/adaface_auc"]
-    assert set(metrics) == {checkpoint_lib.BEST_METRIC} | {f"val/faces/clean/{s}_{m}" for s in
-                                                           ("adaface", "qaconv", "fused", "gated") for m in ("auc",)}
+    validation = train.train_and_evaluate(config, str(tmp_path / "run"))["validation"]
+    assert set(validation) == {checkpoint_lib.BEST_METRIC} | {f"val/faces/clean/{s}_auc"
+                                                              for s in ("adaface", "qaconv", "fused", "gated")}
+    assert validation[checkpoint_lib.BEST_METRIC] == validation["val/faces/clean/adaface_auc"]
 
 
 def test_converted_adaface_checkpoint_scores_a_folder_with_adaface_only(tmp_path):
