@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tqdm
 from etils import epath
 
 from data_pipelines.folders import IMAGE_EXTENSIONS
@@ -116,7 +117,8 @@ class PairsFileEvaluator(pairs.PairSetEvaluator):
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{path}: {e}") from None
         faces = {}
-        for p in dict.fromkeys(p for pair in paths for p in pair):
+        unique = list(dict.fromkeys(p for pair in paths for p in pair))
+        for p in tqdm.tqdm(unique, desc=f"{name} photos", unit="photo", mininterval=5.0, disable=len(unique) <= 20):
             found = faces_from_photos([p], aligned=bool(settings.get("aligned", False)))
             faces[p] = found.faces[0] if found.sources else None
         keep = [k for k, (a, b) in enumerate(paths) if faces[a] is not None and faces[b] is not None]
