@@ -230,8 +230,9 @@ class PairSetEvaluator(base.Evaluator):
                  sets: Optional[Mapping[str, PairSet]] = None):
         super().__init__(name, settings, common)
         self.sets = dict(sets or {})
-        self.variants = ("clean",) if common.training else check_variants(settings.get("variants")
-                                                                           or common.variants)
+        # Its own `variants` setting, else eval.occlusion_variants (checked once, in `common`).
+        own = settings.get("variants")
+        self.variants = ("clean",) if common.training else check_variants(own) if own else common.variants
 
     @property
     def empty(self) -> bool:
