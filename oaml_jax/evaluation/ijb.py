@@ -27,7 +27,7 @@ from etils import epath
 
 from data_pipelines.images import decode_image
 from oaml_jax import align
-from oaml_jax.evaluation import base, fusion, plots, verification
+from oaml_jax.evaluation import base, fusion, verification
 from oaml_jax.inference import FaceModel
 from oaml_jax.models.face_input import FACE_SIZE
 from oaml_jax.paths import user_path
@@ -569,6 +569,8 @@ class IJBEvaluator(base.Evaluator):
 
     def write(self, result: Mapping[str, IJBResult], out_dir: epath.Path) -> dict[str, epath.Path]:
         """ijb_<set>.png: the ROC of each score."""
+        from oaml_jax.evaluation import plots  # matplotlib: only where figures are written
+
         files = {}
         for name, r in result.items():
             curves = {label: verification.roc_curve(r.scores[key], r.labels)[:2]

@@ -32,7 +32,7 @@ from etils import epath
 
 from data_pipelines import bin_pairs
 from data_pipelines.occlusion import KINDS, occlude_deterministic
-from oaml_jax.evaluation import base, fusion, plots, verification
+from oaml_jax.evaluation import base, fusion, verification
 from oaml_jax.inference import FaceModel
 from oaml_jax.paths import user_path
 
@@ -277,6 +277,8 @@ class PairSetEvaluator(base.Evaluator):
 
     def write(self, result: Mapping[tuple[str, str], PairResult], out_dir: epath.Path) -> dict[str, epath.Path]:
         """roc_<set>_<variant>.png for every result, and the occlusion grid of the first set's variants."""
+        from oaml_jax.evaluation import plots  # matplotlib: only where figures are written
+
         files = {}
         grid_faces, grid_maps, grid_titles = [], [], []
         first_set = next(iter(self.sets), None)
