@@ -58,8 +58,8 @@ def test_folder_shorthand_prints_one_table(tmp_path, workdir):
     assert lines[0].split()[:4] == ["folder", "variant", "score", "(%)"]
     assert [line.split()[:3] for line in lines[2:6]] == [["niqab", "clean", m] for m in ("AdaFace", "QAConv", "fused",
                                                                                           "gated")]
-    assert lines[6] == ("niqab: 6 faces of 3 identities from 6 photos (0 without a face, 0 unreadable, 0 other entries "
-                        "skipped); 3 genuine and 12 impostor pairs")
+    assert lines[6] == ("niqab: 6 faces of 3 identities from 6 photos (0 without a face; 0 unreadable; 0 other "
+                        "entries skipped); 3 genuine and 12 impostor pairs")
     assert "%|" not in done.stderr and "Got images" not in done.stderr + done.stdout
     with open(tmp_path / "out" / "eval" / "results.txt") as f:
         assert f.read() == done.stdout

@@ -133,7 +133,8 @@ def test_folder_run_equals_brute_force_over_all_pairs(tmp_path, workdir, face_mo
     lines = result["table"].splitlines()
     assert [line.split()[:3] for line in lines[2:6]] == [["faces", "clean", m] for m in ("AdaFace", "QAConv", "fused",
                                                                                            "gated")]
-    assert "12 faces of 4 identities from 12 photos" in result["table"] and "12 genuine and 54 impostor" in lines[6]
+    assert lines[6] == ("faces: 12 faces of 4 identities from 12 photos (0 without a face; 0 unreadable; 0 other "
+                        "entries skipped); 12 genuine and 54 impostor pairs")
     assert os.path.getsize(result["files"]["faces_clean_roc"]) > 0 and os.path.getsize(
         result["files"]["faces_clean_hist"]) > 0
 
@@ -195,8 +196,8 @@ def test_folder_of_mixed_photos_with_junk(tmp_path, workdir):
     assert sorted(saved["skipped"]) == ["hopper/.DS_Store", "notes.txt"]
     # hopper 3 faces, astronaut 2, synthetic 2: 3 + 1 + 1 genuine pairs of the 21.
     assert (saved["genuine_pairs"], saved["impostor_pairs"]) == (5, 16)
-    assert "7 faces of 3 identities from 9 photos (1 without a face, 1 unreadable, 2 other entries skipped)" in (
-        result["table"])
+    assert ("7 faces of 3 identities from 9 photos (1 without a face: astronaut/blank.png; 1 unreadable: "
+            "hopper/broken.jpg; 2 other entries skipped: hopper/.DS_Store, notes.txt)") in result["table"]
 
 
 def test_train_time_validation_runs_a_folder_evaluator(tmp_path):

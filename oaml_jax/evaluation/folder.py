@@ -101,9 +101,12 @@ class FolderFaces:
     skipped: list[str]
 
     def summary(self, name: str) -> str:
+        """One line: faces, identities, photos, and what was left out (counts, the first few names)."""
+        named = lambda names: f": {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" if names else ""
+        skipped = f"{len(self.skipped)} other {'entry' if len(self.skipped) == 1 else 'entries'} skipped"
         return (f"{name}: {self.faces.shape[0]} faces of {self.identities} identities from {self.photos} photos "
-                f"({len(self.without_face)} without a face, {len(self.unreadable)} unreadable, "
-                f"{len(self.skipped)} other entries skipped)")
+                f"({len(self.without_face)} without a face{named(self.without_face)}; {len(self.unreadable)} "
+                f"unreadable{named(self.unreadable)}; {skipped}{named(self.skipped)})")
 
 
 def load_faces(listing: Listing, root: epath.Path, aligned: bool) -> FolderFaces:
