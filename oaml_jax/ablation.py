@@ -124,7 +124,7 @@ def table(summary: Mapping[str, Any]) -> str:
     """The summary as text: a row per variant x occlusion variant, mean +- std per score."""
     rows = {f"{variant} {occlusion}": {score: f"{m:.2f} +- {s:.2f}" for score, (m, s, _) in scores.items()}
             for variant, occlusions in summary.items() for occlusion, scores in occlusions.items()}
-    columns = [f"{label} acc" for label, _ in pairs.METHODS]
+    columns = [f"{label} acc" for label, key in pairs.METHODS if key in SCORES]
     width = max([len(r) for r in rows] + [len("variant occlusion")])
     lines = ["  ".join(["variant occlusion".ljust(width), *(c.rjust(15) for c in columns)])]
     for row, cells in rows.items():

@@ -115,8 +115,7 @@ def main(argv):
     workdir, config = prepare()
     train_dir = workdir / "train"
     train.train_and_evaluate(config, train_dir)
-    results = runner.run(config, train_dir)
-    print(results["table"])
+    runner.run(config, train_dir, print_table=True)
 
 
 def cli() -> None:

@@ -122,6 +122,8 @@ class FaceModel:
             raise ValueError(f"eval.batch_size={batch_size} must be a positive multiple of 2 x the "
                              f"{jax.device_count()} devices (pairs are scored within a batch)")
         self.batch_size = batch_size
+        # `extract` shows a progress bar on long runs; eval.py reports per evaluator instead.
+        self.progress = True
         self.has_qaconv = isinstance(model, OAML)
         self.qaconv = QAConv(dtype=model.dtype) if self.has_qaconv else None
         self.feature_map_shape = (contract.grid, contract.grid,
@@ -252,7 +254,8 @@ class FaceModel:
         parts: dict[str, list[np.ndarray]] = {}
         with tqdm.tqdm(total=n, desc="pairs" if pair_scores else "faces", unit="img",
                        mininterval=PROGRESS_INTERVAL_S,
-                       disable=num_steps <= PROGRESS_MIN_STEPS or jax.process_index() > 0) as progress:
+                       disable=not self.progress or num_steps <= PROGRESS_MIN_STEPS
+                       or jax.process_index() > 0) as progress:
             for i, batch in enumerate(_host_batches(images, self.batch_size)):
                 out = step(self.variables, self.qaconv_variables,
                            sharding_lib.global_batch({"images": batch}, self.mesh)["images"])

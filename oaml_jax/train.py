@@ -36,8 +36,8 @@ from oaml_jax import optim
 from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
+from oaml_jax.evaluation.base import Evaluator
 from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
-from oaml_jax.evaluation.pairs import PairSetEvaluator
 from oaml_jax.serving import FaceModel
 from oaml_jax.models import factory
 from oaml_jax.models.oaml import check_group_size
@@ -90,7 +90,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
     optim.check_config(config.optim)
     pipeline.check_config(config.data)
     occlusion_sets.check_config(config.data, num_devices=num_devices, process_count=process_count)
-    evaluators_lib.check_config(config.eval, num_devices=num_devices, process_count=process_count)
+    evaluators_lib.check_config(config)
 
 
 def _initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> None:
@@ -149,17 +149,13 @@ def _class_graph(state: TrainState, num_classes: int, k: int, chunk: int, mesh) 
     return samplers.knn_classes(centres, k, chunk)
 
 
-def _validate(validator: Optional[FaceModel], evaluator: Optional[PairSetEvaluator],
-              state: TrainState) -> dict[str, float]:
-    """Train-time validation (clean `.bin` pairs): every metric under "val/", and the checkpoint ranking
-    metric `BEST_METRIC`, the mean AdaFace 10-fold accuracy over the sets."""
-    if evaluator is None:
+def _validate(validator: Optional[FaceModel], evaluator: list[Evaluator], state: TrainState) -> dict[str, float]:
+    """Train-time validation (the evaluators marked `validation`, clean pairs): every metric under "val/", and
+    the checkpoint ranking metric `BEST_METRIC` (`evaluators.validation_metrics`)."""
+    if not evaluator:
         return {}
     validator.set_variables(state.variables())
-    results = {f"val/{name}": float(value) for name, value in evaluator.run(validator)}
-    results[checkpoint_lib.BEST_METRIC] = float(np.mean(
-        [results[f"val/{name}/clean/adaface_accuracy"] for name in evaluator.sets]))
-    return results
+    return evaluators_lib.validation_metrics(evaluator, validator)
 
 
 def _num_classes(config: ml_collections.ConfigDict, source: Any) -> int:
@@ -296,18 +292,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     workdir = user_path(workdir, "workdir")
     source = pipeline.open_source(config.data)
     num_classes = _num_classes(config, source)
-    evaluators = evaluators_lib.from_config(config, training=True) if config.train.eval_every >= 0 else {}
+    evaluators = evaluators_lib.from_config(config, training=True) if config.train.eval_every >= 0 else []
     workdir.mkdir(parents=True, exist_ok=True)
     with _workdir_lock(workdir) as lock:
         preemption = _Preemption()
         try:
-            return _train(config, workdir, source, num_classes, evaluators.get("pairs"), lock, preemption)
+            return _train(config, workdir, source, num_classes, evaluators, lock, preemption)
         finally:
             preemption.close()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, num_classes: int,
-           evaluator: Optional[PairSetEvaluator], lock: Optional[WorkdirLock], preemption: _Preemption
+           evaluator: list[Evaluator], lock: Optional[WorkdirLock], preemption: _Preemption
            ) -> dict[str, Any]:
     """The run itself, with the workdir held (see `train_and_evaluate`)."""
     global_batch = config.train.batch_size
@@ -479,7 +475,7 @@ def _check_nonfinite(train_cfg: ml_collections.ConfigDict, host: Mapping[str, fl
     raise FloatingPointError(f"{reason}; last good checkpoint: {where}")
 
 
-def _validate_or_save(validator: FaceModel, evaluator: PairSetEvaluator, state: TrainState, step: int,
+def _validate_or_save(validator: FaceModel, evaluator: list[Evaluator], state: TrainState, step: int,
                       ckpt: checkpoint_lib.Checkpointer, data_iter: Any, spe: int, meta: dict, config_dict: dict,
                       neighbours: Optional[np.ndarray]) -> dict[str, float]:
     """`_validate`; if it fails, the state of `step` is saved before the error goes on (no step is lost)."""

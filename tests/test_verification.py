@@ -204,13 +204,6 @@ def test_roc_auc_counts_ties_as_half():
         verification.roc_curve(scores, np.ones(3, bool))
 
 
-def test_flip_fused_embeddings_known_answer():
-    fused = verification.flip_fused_embeddings(np.array([[1.0, 0.0]]), np.array([[3.0]]),
-                                               np.array([[0.0, 1.0]]), np.array([[4.0]]))
-    np.testing.assert_allclose(fused, [[0.6, 0.8]], rtol=1e-6)
-    assert fused.dtype == np.float32
-
-
 def test_cosine_pair_scores():
     emb = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [6.0, 8.0]])
     np.testing.assert_allclose(verification.cosine_pair_scores(emb), [0.0, 1.0])

@@ -157,18 +157,33 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.train.profile_steps = 0
 
     config.eval = ml_collections.ConfigDict()
+    # The evaluators, by name, run in this order by eval.py (`oaml_jax.evaluation.evaluators`); those with
+    # `validation=True` also by train-time validation (clean pairs). Types: "bin_pairs" (the .bin sets below),
+    # "pairs_file" (pairs=<LFW-format pairs.txt>, images=<root>), "folder" (path=<identity folders>,
+    # identity_pattern, aligned), "ijb" (eval.ijb_* below). Add one in a config file
+    # (`config.eval.evaluators.niqab = dict(type="folder", path="/data/niqab")`) or with eval.py's --folder.
+    config.eval.evaluators = ml_collections.ConfigDict(dict(
+        bins=dict(type="bin_pairs", validation=True),
+        ijb=dict(type="ijb")))
     # Validation pair sets looked up in data.path as <name>.bin; missing ones are skipped with a warning.
     config.eval.bin_names = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
     config.eval.batch_size = 256  # global
-    # Score fusion and occluded variants (used by eval.py, not by train-time validation).
+    # Score fusion and occluded variants (used by eval.py, not by train-time validation). Variants: "clean";
+    # a kind of data_pipelines.occlusion.KINDS on the second image of each pair; "both_<kind>" on both images
+    # (independent draws); "cross" (a mask on the first image, sunglasses on the second).
     config.eval.fusion_weights = (0.5, 0.5)
-    config.eval.occlusion_variants = ("clean", "blocks", "mask", "sunglasses")
+    config.eval.occlusion_variants = ("clean", "blocks", "mask", "sunglasses", "both_blocks", "both_mask",
+                                      "both_sunglasses", "cross")
+    # OAML's visibility-gated score takes QAConv for a pair whose mean predicted visibility is below this, else
+    # AdaFace; protocols with training folds (pair sets) fit it there instead.
+    config.eval.gate_threshold = 0.5
     # Occlusion sets to score the occlusion head on, whole (oaml_jax/evaluation/occlusion_sets.py); () = the
     # held-out part (data.occlusion_holdout) of data.occlusion_sets. Train-time validation and eval.py.
     config.eval.occlusion_sets = ml_collections.FieldReference((), field_type=object)
     # Folder of the .bin sets for eval.py; "" = data.path.
     config.eval.data_dir = ""
-    # Also write eval.py's scalars and figures to TensorBoard (needs tensorflow).
+    # Also write eval.py's scalars and figures to TensorBoard (needs tensorflow): one events file per evaluated
+    # checkpoint step in <workdir>/eval, replaced when that step is evaluated again.
     config.eval.tensorboard = True
     # IJB-B/C 1:1 verification: insightface's IJB_release folder (or one set's folder); "" = off.
     config.eval.ijb_root = ""

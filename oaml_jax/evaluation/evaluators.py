@@ -1,73 +1,115 @@
-"""`config.eval` -> evaluators, and the one check of that section.
+"""`config.eval` -> evaluators, built by type (big_vision's `evaluators/common.py:from_config`).
 
-Evaluators are small objects with `evaluate(model)` (rich results for tables and plots) and `run(model)`
-yielding `(name, value)` pairs (big_vision's `evaluators/`): train-time validation and eval.py build them
-here from the same fields, so both score the same pairs the same way.
+`config.eval.evaluators` names evaluator entries, each a ConfigDict with a `type` of `REGISTRY`, an optional
+`validation` (also run by train-time validation) and its type's settings:
+
+    config.eval.evaluators.bins = dict(type="bin_pairs", validation=True)        # eval.bin_names
+    config.eval.evaluators.niqab = dict(type="folder", path="/data/niqab", aligned=False)
+    config.eval.evaluators.mfr2 = dict(type="pairs_file", pairs="/data/mfr2/pairs.txt", images="/data/mfr2")
+
+eval.py runs them in order (`runner.run`); train-time validation runs those marked `validation` on clean
+pairs (`validation_metrics`). The interface every type implements is `base.Evaluator`; a new type is a class
+in its own module and one line in `REGISTRY`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Union
+import importlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from oaml_jax.evaluation import fusion, ijb, pairs
-from oaml_jax.paths import user_path
+import ml_collections
+import numpy as np
 
-Evaluator = Union[pairs.PairSetEvaluator, ijb.IJBEvaluator]
+from oaml_jax import checkpoint as checkpoint_lib
+from oaml_jax.evaluation import base, fusion, pairs
 
-
-def check_config(eval_cfg: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
-    """Checks `config.eval` before anything is loaded or compiled; raises ValueError naming the field."""
-    batch = eval_cfg["batch_size"]
-    if batch <= 0 or batch % (2 * num_devices) or batch % process_count:
-        raise ValueError(f"eval.batch_size={batch} must be a positive multiple of 2 x the {num_devices} devices "
-                         f"(pairs are scored within a batch) and of the {process_count} processes")
-    names = tuple(eval_cfg["bin_names"])
-    if not all(isinstance(n, str) and n and "/" not in n for n in names):
-        raise ValueError(f"eval.bin_names={names}: expected set names such as 'lfw' (files <name>.bin)")
-    fusion.check_weights(eval_cfg["fusion_weights"])
-    pairs.check_variants(eval_cfg["occlusion_variants"])
-    unknown = [n for n in eval_cfg["ijb_names"] if n.lower() not in ijb.IJB_NAMES]
-    if unknown:
-        raise ValueError(f"eval.ijb_names: unknown {unknown}; expected names from {ijb.IJB_NAMES}")
-    if eval_cfg["ijb_batch_size"] < 0:
-        raise ValueError(f"eval.ijb_batch_size={eval_cfg['ijb_batch_size']}: expected >= 0 (0 = eval.batch_size)")
-    if eval_cfg["ijb_qaconv_chunk"] < 1:
-        raise ValueError(f"eval.ijb_qaconv_chunk={eval_cfg['ijb_qaconv_chunk']}: expected >= 1")
+# type -> "module:class". Classes are imported when a config names their type.
+REGISTRY = {
+    "bin_pairs": "oaml_jax.evaluation.pairs:BinPairsEvaluator",
+    "pairs_file": "oaml_jax.evaluation.pairs_file:PairsFileEvaluator",
+    "folder": "oaml_jax.evaluation.folder:FolderEvaluator",
+    "ijb": "oaml_jax.evaluation.ijb:IJBEvaluator",
+}
 
 
-def pair_sets_folder(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(field, folder) of the `.bin` sets: `eval.data_dir`, or `data.path` when that is empty."""
-    if config["eval"]["data_dir"]:
-        return "eval.data_dir", config["eval"]["data_dir"]
-    return "data.path", config["data"]["path"]
+def evaluator_class(name: str, type_name: Any) -> type[base.Evaluator]:
+    """The class of `REGISTRY[type_name]`; ValueError naming the entry for an unknown type."""
+    if type_name not in REGISTRY:
+        raise ValueError(f"eval.evaluators.{name}.type={type_name!r}: expected one of {sorted(REGISTRY)}")
+    module, cls = REGISTRY[type_name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
-def from_config(config: Mapping[str, Any], *, training: bool) -> dict[str, Evaluator]:
-    """The evaluators `config` asks for; loading their data checks it (before any training step).
+def _entries(eval_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    entries = dict(eval_cfg["evaluators"])
+    for name, entry in entries.items():
+        if not isinstance(entry, (Mapping, ml_collections.ConfigDict)) or "type" not in entry:
+            raise ValueError(f"eval.evaluators.{name}: expected a ConfigDict with a `type` of {sorted(REGISTRY)}")
+    return entries
 
-    Args:
-        config: the whole config (fields `eval.*`, and `data.path` where `eval.data_dir` is empty).
-        training: train-time validation: clean pairs only, no IJB.
 
-    Returns:
-        {"pairs": PairSetEvaluator} when a `.bin` set is found, plus {"ijb": IJBEvaluator} when
-        `eval.ijb_root` is set (not in training).
+def common_settings(config: Mapping[str, Any], *, training: bool) -> base.Common:
+    """The settings every evaluator shares, each checked here and only here.
 
     Raises:
-        ValueError / FileNotFoundError: a malformed set or IJB meta file, or a set too small for the protocol.
+        ValueError: bad fusion weights, an unknown occlusion variant or a gate outside [0, 1], naming the field.
     """
     eval_cfg = config["eval"]
-    weights = fusion.check_weights(eval_cfg["fusion_weights"])
-    field, folder = pair_sets_folder(config)
-    sets = pairs.load_pair_sets(user_path(folder, field), eval_cfg["bin_names"], field)
-    evaluators: dict[str, Evaluator] = {}
-    if sets:
-        variants = ("clean",) if training else eval_cfg["occlusion_variants"]
-        evaluators["pairs"] = pairs.PairSetEvaluator(sets, variants, weights)
-    if eval_cfg["ijb_root"] and not training:
-        evaluators["ijb"] = ijb.IJBEvaluator(
-            user_path(eval_cfg["ijb_root"], "eval.ijb_root"), tuple(n.lower() for n in eval_cfg["ijb_names"]),
-            qaconv=eval_cfg["ijb_qaconv"], batch_size=eval_cfg["ijb_batch_size"],
-            qaconv_chunk=eval_cfg["ijb_qaconv_chunk"], fusion_weights=weights)
+    gate = eval_cfg["gate_threshold"]
+    if not (isinstance(gate, (int, float)) and 0.0 <= gate <= 1.0):
+        raise ValueError(f"eval.gate_threshold={gate}: expected a mean visibility in [0, 1]")
+    variants = pairs.check_variants(eval_cfg["occlusion_variants"])
+    return base.Common(fusion_weights=fusion.check_weights(eval_cfg["fusion_weights"]),
+                       variants=("clean",) if training else variants, gate_threshold=float(gate),
+                       training=training, data_path=str(config["data"]["path"]), eval_config=eval_cfg)
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Checks `config.eval` before anything is loaded or compiled: the shared settings and every entry's type.
+
+    Each type checks its own settings when it is built (`from_config`), next to where it uses them.
+    """
+    common_settings(config, training=False)
+    for name, entry in _entries(config["eval"]).items():
+        evaluator_class(name, entry["type"])
+
+
+def from_config(config: Mapping[str, Any], *, training: bool) -> list[base.Evaluator]:
+    """The evaluators `config.eval.evaluators` declares, in order; building them loads (so checks) their data.
+
+    Args:
+        config: the whole config (`eval.*`, and `data.path` where `.bin` sets are looked for by default).
+        training: train-time validation: only the entries with `validation`, clean pairs only.
+
+    Returns:
+        The evaluators with something to score (e.g. a `.bin` evaluator none of whose sets exists is left out,
+        warned about when built).
+
+    Raises:
+        ValueError / FileNotFoundError: a bad setting, a malformed set, a missing folder (naming them).
+    """
+    common = common_settings(config, training=training)
+    evaluators = []
+    for name, entry in _entries(config["eval"]).items():
+        if training and not entry.get("validation", False):
+            continue
+        evaluator = evaluator_class(name, entry["type"])(name, entry, common)
+        if not evaluator.empty:
+            evaluators.append(evaluator)
     return evaluators
+
+
+def validation_metrics(evaluators: Sequence[base.Evaluator], model: Any) -> dict[str, float]:
+    """Train-time validation: every scalar of every evaluator under "val/", and the checkpoint ranking metric
+    `checkpoint.BEST_METRIC`, the mean of the evaluators' `best_metric`s (NaN when none has one)."""
+    results, best = {}, []
+    for evaluator in evaluators:
+        scalars = {name: float(value) for name, value in evaluator.run(model)}
+        results.update({f"val/{name}": value for name, value in scalars.items()})
+        value = evaluator.best_metric(scalars)
+        if value is not None:
+            best.append(value)
+    results[checkpoint_lib.BEST_METRIC] = float(np.mean(best)) if best else math.nan
+    return results

@@ -1,6 +1,7 @@
-"""Score fusion: the z-normalization statistics, the fused score and its 10-fold protocol.
+"""Score fusion: the z-normalization statistics, the fused and the visibility-gated scores, their 10-fold protocol.
 
     fused = sum_k w_k (s_k - mean_k) / std_k        over k in ("adaface", "qaconv")
+    gated = z(qaconv) if v < t else z(adaface)      v = the pair's mean predicted visibility (OAML's hybrid)
 
 The statistics are fitted on scores the decision may see: the training folds only inside the 10-fold
 protocol (`ten_fold_fused_accuracy`), all clean pairs of the validation sets for the calibration eval.py
@@ -19,6 +20,8 @@ from oaml_jax.evaluation import verification
 
 SCORE_NAMES = ("adaface", "qaconv")
 DEFAULT_WEIGHTS = {"adaface": 0.5, "qaconv": 0.5}
+# Gate thresholds tried on the training folds: 0 = AdaFace for every pair, inf = QAConv for every pair.
+GATE_GRID = np.append(np.round(np.linspace(0.0, 1.0, 21), 2), np.inf)
 
 
 def check_weights(weights: Sequence[float]) -> dict[str, float]:
@@ -131,4 +134,62 @@ def ten_fold_fused_accuracy(score_dict: Mapping[str, np.ndarray], issame: np.nda
 
     result = verification.ten_fold(issame, n_folds, thresholds, fold_scores)
     result["stats"] = fold_stats
+    return result
+
+
+def gated(score_dict: Mapping[str, np.ndarray], visibility: np.ndarray, threshold: float,
+          stats: FusionStats) -> np.ndarray:
+    """OAML's visibility-gated score: per pair, z(qaconv) when `visibility < threshold`, else z(adaface).
+
+    Both scores are z-normalized with `stats` so one decision threshold serves the mixture.
+
+    Args:
+        score_dict: {"adaface": `[N]`, "qaconv": `[N]`}.
+        visibility: `[N]` mean predicted visibility of each pair's two faces, in [0, 1].
+        threshold: the gate.
+        stats: statistics of both scores.
+
+    Returns:
+        `[N]` float64 gated scores.
+    """
+    z = {name: (verification.as_scores(score_dict[name], f"scores '{name}'") - stats.mean[name]) / stats.std[name]
+         for name in SCORE_NAMES}
+    visibility = np.asarray(visibility, dtype=np.float64)
+    if visibility.shape != z["adaface"].shape:
+        raise ValueError(f"visibility: expected shape {z['adaface'].shape} like the scores, got {visibility.shape}")
+    return np.where(visibility < threshold, z["qaconv"], z["adaface"])
+
+
+def ten_fold_gated_accuracy(score_dict: Mapping[str, np.ndarray], visibility: np.ndarray, issame: np.ndarray,
+                            n_folds: int = 10, gates: np.ndarray = GATE_GRID) -> dict:
+    """10-fold accuracy of the gated score, the statistics and the gate fitted on the training folds only.
+
+    For each held-out fold: `FusionStats.fit` on the other folds' scores; then the gate of `gates` whose gated
+    training scores reach the best training accuracy (ties: the first, i.e. the lowest gate); the decision
+    threshold is that best one (`verification.best_threshold`).
+
+    Returns:
+        As `verification.ten_fold_accuracy`, plus "stats" and "gates" (per fold) and "scores" (`[N]`
+        out-of-fold gated scores, for the ROC and TAR).
+    """
+    arrays = {name: verification.as_scores(score_dict[name], f"scores '{name}'") for name in SCORE_NAMES}
+    issame = verification.as_labels(issame, arrays["adaface"].size)
+    visibility = np.asarray(visibility, dtype=np.float64)
+    fold_stats, fold_gates = [], []
+    out_of_fold = np.empty(issame.size)
+
+    def fold_scores(train_idx, test_idx):
+        stats = FusionStats.fit({name: values[train_idx] for name, values in arrays.items()})
+        train = {name: values[train_idx] for name, values in arrays.items()}
+        accuracies = [verification.best_threshold(gated(train, visibility[train_idx], g, stats),
+                                                  issame[train_idx])[1] for g in gates]
+        gate = float(gates[int(np.argmax(accuracies))])
+        fold_stats.append(stats)
+        fold_gates.append(gate)
+        test = gated({name: values[test_idx] for name, values in arrays.items()}, visibility[test_idx], gate, stats)
+        out_of_fold[test_idx] = test
+        return gated(train, visibility[train_idx], gate, stats), test
+
+    result = verification.ten_fold(issame, n_folds, None, fold_scores)
+    result.update(stats=fold_stats, gates=np.asarray(fold_gates), scores=out_of_fold)
     return result

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import scipy.sparse
@@ -27,9 +27,10 @@ from etils import epath
 
 from data_pipelines.images import decode_image
 from oaml_jax import align
-from oaml_jax.evaluation import fusion, verification
+from oaml_jax.evaluation import base, fusion, verification
 from oaml_jax.serving import FaceModel
 from oaml_jax.models.face_input import FACE_SIZE
+from oaml_jax.paths import user_path
 
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IJB_NAMES = ("ijbb", "ijbc")
@@ -476,41 +477,71 @@ class IJBResult:
     tar: dict[str, dict[float, float]]
 
 
-class IJBEvaluator:
-    """IJB-B/C 1:1 verification of every set found under a root, for any `FaceModel`."""
+_METHODS = (("AdaFace", "adaface"), ("QAConv", "qaconv"), ("fused", "fused"))
 
-    def __init__(self, root: epath.PathLike, names: Sequence[str] = IJB_NAMES, *, qaconv: bool = False,
-                 batch_size: int = 0, qaconv_chunk: int = IJB_QACONV_CHUNK,
-                 fusion_weights: Mapping[str, float] = fusion.DEFAULT_WEIGHTS):
-        """Finds the sets and reads (so checks) their meta files.
 
-        Args:
+def _ijb_table(results: Mapping[str, IJBResult]) -> dict[str, dict[str, float]]:
+    rows = {}
+    for name, result in results.items():
+        for label, key in _METHODS:
+            if key in result.tar:
+                rows[f"{name} {label}"] = {f"{far:.0e}": 100.0 * tar for far, tar in result.tar[key].items()}
+    return rows
+
+
+class IJBEvaluator(base.Evaluator):
+    """Type "ijb": IJB-B/C 1:1 verification of every set found under a root, for any `FaceModel`.
+
+    Settings (each defaults to the `eval.ijb_*` field of the same name): `root` ("" = off), `names`,
+    `qaconv`, `batch_size`, `qaconv_chunk`. Never run by train-time validation (too slow).
+    """
+
+    def __init__(self, name: str, settings: Mapping[str, Any], common: base.Common):
+        """Checks the settings, finds the sets and reads (so checks) their meta files.
+
+        Settings:
             root: `eval.ijb_root` (insightface's `IJB_release` folder or one set's folder; any epath).
             names: sets to look for (`IJB_NAMES`); missing ones are warned about and skipped.
             qaconv: also QAConv and fused template scores (see `ijb_scores` for the cost).
             batch_size: faces aligned and extracted per call (rounded up to the model's batch size);
                 0 = the model's batch size.
             qaconv_chunk: image pairs per QAConv call.
-            fusion_weights: weights of the fused score.
 
         Raises:
             FileNotFoundError: none of the sets is under `root`.
-            ValueError: a malformed meta file (naming file and line).
+            ValueError: a bad setting or a malformed meta file (naming file and line).
         """
-        self.qaconv, self.batch_size, self.qaconv_chunk = qaconv, batch_size, qaconv_chunk
-        self.fusion_weights = dict(fusion_weights)
+        super().__init__(name, settings, common)
+        field = lambda key: settings.get(key, common.eval_config.get(f"ijb_{key}"))
+        root, names = field("root"), tuple(field("names"))
+        unknown = [n for n in names if n.lower() not in IJB_NAMES]
+        if unknown:
+            raise ValueError(f"eval.ijb_names: unknown {unknown}; expected names from {IJB_NAMES}")
+        self.qaconv = bool(field("qaconv"))
+        self.batch_size, self.qaconv_chunk = field("batch_size"), field("qaconv_chunk")
+        if self.batch_size < 0:
+            raise ValueError(f"eval.ijb_batch_size={self.batch_size}: expected >= 0 (0 = eval.batch_size)")
+        if self.qaconv_chunk < 1:
+            raise ValueError(f"eval.ijb_qaconv_chunk={self.qaconv_chunk}: expected >= 1")
         self.metas = {}
-        for name in names:
-            folder = ijb_folder(root, name)
+        if not root or common.training:
+            return
+        root = user_path(root, "eval.ijb_root")
+        for set_name in (n.lower() for n in names):
+            folder = ijb_folder(root, set_name)
             if folder is None:
-                logging.warning("IJB set %s not found under eval.ijb_root=%s; skipped", name, root)
+                logging.warning("IJB set %s not found under eval.ijb_root=%s; skipped", set_name, root)
                 continue
-            self.metas[name] = read_ijb_meta(folder, name)
-            logging.info("%s: %d faces, %d templates, %d template pairs", name, self.metas[name].image_names.size,
-                         np.unique(self.metas[name].templates).size, self.metas[name].labels.size)
+            meta = self.metas[set_name] = read_ijb_meta(folder, set_name)
+            logging.info("%s: %d faces, %d templates, %d template pairs", set_name, meta.image_names.size,
+                         np.unique(meta.templates).size, meta.labels.size)
         if not self.metas:
             raise FileNotFoundError(f"eval.ijb_root={root}: no meta/<name>_face_tid_mid.txt for any of "
-                                    f"eval.ijb_names={tuple(names)} (looked in <root>/<NAME>, <root>/<name>, <root>)")
+                                    f"eval.ijb_names={names} (looked in <root>/<NAME>, <root>/<name>, <root>)")
+
+    @property
+    def empty(self) -> bool:
+        return not self.metas
 
     def evaluate(self, model: FaceModel) -> dict[str, IJBResult]:
         """name -> `IJBResult` for every set found."""
@@ -518,16 +549,31 @@ class IJBEvaluator:
         batch_size = -(-(self.batch_size or multiple) // multiple) * multiple
         results = {}
         for name, meta in self.metas.items():
-            scores = ijb_scores(model, meta, self.fusion_weights, batch_size=batch_size, qaconv=self.qaconv,
+            scores = ijb_scores(model, meta, self.common.fusion_weights, batch_size=batch_size, qaconv=self.qaconv,
                                 qaconv_chunk=self.qaconv_chunk)
             results[name] = IJBResult(scores=scores, labels=meta.labels,
                                       tar={method: ijb_tar_table(values, meta.labels)
                                            for method, values in scores.items()})
         return results
 
-    def run(self, model: FaceModel) -> Iterator[tuple[str, float]]:
-        """Yields ("<set>/<method>/tar@<far>", TAR) for every set, method and FAR of `IJB_FARS`."""
-        for name, result in self.evaluate(model).items():
-            for method, tars in result.tar.items():
-                for far, tar in tars.items():
-                    yield f"{name}/{method}/tar@{far:.0e}", tar
+    def scalars(self, result: Mapping[str, IJBResult]) -> dict[str, float]:
+        """"<set>/<method>/tar@<far>" for every set, method and FAR of `IJB_FARS`."""
+        return {f"{name}/{method}/tar@{far:.0e}": tar for name, r in result.items()
+                for method, tars in r.tar.items() for far, tar in tars.items()}
+
+    def tables(self, result: Mapping[str, IJBResult]) -> list[base.Table]:
+        return [base.Table("TAR (%) at FAR", tuple(f"{far:.0e}" for far in IJB_FARS), _ijb_table(result))]
+
+    def summary(self, result: Mapping[str, IJBResult]) -> dict[str, Any]:
+        return {"ijb": {name: {method: dict(tars) for method, tars in r.tar.items()} for name, r in result.items()}}
+
+    def write(self, result: Mapping[str, IJBResult], out_dir: epath.Path) -> dict[str, epath.Path]:
+        """ijb_<set>.png: the ROC of each score."""
+        from oaml_jax.evaluation import plots  # matplotlib: only where figures are written
+
+        files = {}
+        for name, r in result.items():
+            curves = {label: verification.roc_curve(r.scores[key], r.labels)[:2]
+                      for label, key in _METHODS if key in r.scores}
+            files[f"ijb_{name}"] = plots.plot_roc(curves, out_dir / f"ijb_{name}.png", title=f"{name.upper()} 1:1")
+        return files

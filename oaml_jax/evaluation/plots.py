@@ -282,3 +282,32 @@ def plot_ablation(summary: Mapping[str, Mapping[str, Mapping[str, tuple[float, f
                   title: str | None = None) -> epath.Path:
     """Write `ablation_figure(summary, title)` as a PNG at `path` and return the path."""
     return _save(ablation_figure(summary, title), path)
+
+
+def plot_score_histograms(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], path: epath.PathLike,
+                          title: str = "scores", bins: int = 60) -> epath.Path:
+    """Genuine and impostor score histograms (densities), one panel per score, written as a PNG at `path`.
+
+    Args:
+        scores: label -> (genuine scores `[G]`, impostor scores `[I]`) (a sample of them is enough).
+        path: the PNG (local or any epath URI).
+        title: figure title.
+        bins: bins per panel, over the range of both arrays.
+
+    Returns:
+        The path.
+    """
+    if not scores:
+        raise ValueError("scores: expected at least one (genuine, impostor) pair of arrays")
+    fig = _new_figure(4.0 * len(scores), 3.4)
+    for k, (label, (genuine, impostor)) in enumerate(scores.items()):
+        ax = fig.add_subplot(1, len(scores), k + 1)
+        both = np.concatenate([np.asarray(genuine, np.float64), np.asarray(impostor, np.float64)])
+        edges = np.linspace(both.min(), both.max() + 1e-12, bins + 1)
+        ax.hist(impostor, bins=edges, density=True, alpha=0.6, label=f"impostor ({len(impostor):,})")
+        ax.hist(genuine, bins=edges, density=True, alpha=0.6, label=f"genuine ({len(genuine):,})")
+        ax.set_title(f"{title}: {label}", fontsize=9)
+        ax.set_xlabel("score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

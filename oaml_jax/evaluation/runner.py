@@ -1,164 +1,181 @@
-"""eval.py's library: evaluate a checkpoint on the `.bin` pair sets (clean and occluded) and IJB-B/C.
+"""eval.py's library: evaluate a checkpoint with every evaluator `config.eval.evaluators` declares.
 
     result = run(config, workdir)             # the latest checkpoint of a training workdir
     result = run(config, out_dir, checkpoint=converted_dir, step=0)
 
 The model comes from the checkpoint itself (`checkpoint.restore`: arch, channel order, feature stage as
-saved); `config` gives the evaluation fields (`eval.*`, and `data.path` where the `.bin` sets are).
-Outputs under `<workdir>/eval/`: results.txt (the table), results.json, roc_<set>_<variant>.png,
-occlusion_grid.png, calibration.json (thresholds at FAR 1e-2, 1e-3, 1e-4 of each score and the fused
-score's statistics, fitted on all clean pairs of all sets; `CalibratedFaceModel.from_workdir` and `inference verify`
-use it), ijb_<name>.png, and TensorBoard summaries (process 0; `config.eval.tensorboard = False` skips them and
-the tensorflow import).
+saved); `config` gives the evaluation fields (`eval.*`, and `data.path` where the `.bin` sets are). The run is a
+loop over the evaluators (`evaluators.from_config`): each evaluates the model, then the table is printed
+(`print_table`), then each writes its files. Outputs under `<workdir>/eval/` (process 0): results.txt (the
+table), results.json, each evaluator's figures (roc_<set>_<variant>.png, occlusion_grid.png, ijb_<name>.png,
+<folder>_roc.png, <folder>_hist.png, ...), calibration.json (thresholds at FAR 1e-2, 1e-3, 1e-4 of each score
+and the fused score's statistics, fitted on the clean pairs of every pair set; `CalibratedFaceModel.from_workdir` and
+`inference verify` use it), and TensorBoard summaries: one events file per evaluated checkpoint step (suffix
+`.step_<N>`), replaced when that step is evaluated again, so no curve holds a step twice
+(`config.eval.tensorboard = False` skips them and the tensorflow import).
+
+The output folder is checked writable before anything is loaded: a workdir eval.py cannot write is refused
+in one line before any work.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
+from oaml_jax.evaluation import base, calibration, verification
 from oaml_jax.evaluation import evaluators as evaluators_lib
-from oaml_jax.evaluation import calibration, fusion, ijb, pairs, plots, verification
-from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
 from oaml_jax.evaluation.verdict import EVAL_SUBDIR, CalibratedFaceModel as FaceModel
 from oaml_jax.paths import user_path
 
-_GRID_FACES = 8
+_WRITE_CHECK = ".eval_write_check"
+EVENTS_SUFFIX = ".step_{step}"
 
 
-def _ijb_table(results: Mapping[str, ijb.IJBResult]) -> str:
-    rows = {}
-    for name, result in results.items():
-        for label, key in pairs.METHODS:
-            if key in result.tar:
-                rows[f"{name} {label}"] = {f"{far:.0e}": 100.0 * tar for far, tar in result.tar[key].items()}
-    columns = [f"{far:.0e}" for far in ijb.IJB_FARS]
-    return verification.format_table(rows, columns, corner="TAR (%) at FAR")
+def check_writable(out_dir: epath.Path) -> None:
+    """Creates `out_dir` and writes (then removes) a file in it.
+
+    Raises:
+        OSError: `out_dir` cannot be created or written, in one line naming it.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / _WRITE_CHECK
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"eval.py writes its results to {out_dir} and cannot write there ({e.strerror or e}); "
+                      "pass a --workdir you can write (with --checkpoint=<the run> to evaluate another's)") from None
+
+
+def merge_tables(tables: Sequence[base.Table]) -> str:
+    """One text table per (corner, columns) layout, in first-appearance order; notes under their table."""
+    merged: dict[tuple[str, tuple[str, ...]], tuple[dict, list]] = {}
+    for table in tables:
+        rows, notes = merged.setdefault((table.corner, table.columns), ({}, []))
+        rows.update(table.rows)
+        notes.extend(n for n in table.notes if n not in notes)
+    return "\n\n".join("\n".join([verification.format_table(rows, columns, corner=corner), *notes])
+                       for (corner, columns), (rows, notes) in merged.items() if rows)
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Optional[int] = None,
-        checkpoint: Optional[epath.PathLike] = None) -> dict[str, Any]:
+        checkpoint: Optional[epath.PathLike] = None, *, print_table: bool = False) -> dict[str, Any]:
     """Evaluates the latest (or given) checkpoint of `workdir` (or the checkpoint at `checkpoint`).
 
     Args:
-        config: the eval config (see configs/default.py: `eval`, `data.path`).
+        config: the eval config (see oaml_jax/configs/default.py: `eval`, `data.path`).
         workdir: where the results go (`<workdir>/eval/`) and, without `checkpoint`, the training run
             whose checkpoint is evaluated (local or any epath URI).
         step: checkpoint step; None = the latest.
         checkpoint: a checkpoint directory (training `checkpoints/`, a converted AdaFace checkpoint, or
             one step's directory) to evaluate instead of the workdir's.
+        print_table: print the table on stdout (process 0) before any file is written.
 
     Returns:
-        dict with "step", "table" (the printed text), "rows" (row label -> column -> percent), "metrics"
-        (set -> variant -> method -> metric fractions), "ijb" (name -> method -> far -> tar), "files"
-        (written paths by name), "has_qaconv".
+        dict with "step", "table" (the text), "scalars" (evaluator -> name -> value), "results" (evaluator
+        -> its result), the merged JSON sections of the evaluators ("rows": row label -> column -> percent,
+        "metrics": set -> variant -> method -> metric fractions, "ijb": name -> method -> far -> tar, ...),
+        "files" (written paths by name), "has_qaconv".
 
     Raises:
+        OSError: the output folder cannot be written (before any work).
         FileNotFoundError: no checkpoint, or no evaluation set at all.
     """
-    evaluators_lib.check_config(config.eval, num_devices=jax.device_count(), process_count=jax.process_count())
+    evaluators_lib.check_config(config)
     workdir = user_path(workdir, "workdir")
-    evaluators = evaluators_lib.from_config(config, training=False)
-    if not evaluators:
-        field, folder = evaluators_lib.pair_sets_folder(config)
-        raise FileNotFoundError(f"no eval sets: none of eval.bin_names={tuple(config.eval.bin_names)} in "
-                                f"{field}={folder} and no eval.ijb_root")
-    model = FaceModel.from_checkpoint(checkpoint or workdir, step, batch_size=config.eval.batch_size,
-                                      fusion_weights=fusion.check_weights(config.eval.fusion_weights))
     out_dir = workdir / EVAL_SUBDIR
     is_main = jax.process_index() == 0
-    rows, metrics, files = {}, {}, {}
-    clean_scores: dict[str, list[np.ndarray]] = {}
-    clean_issame: list[np.ndarray] = []
-    grid_faces, grid_maps, grid_titles = [], [], []
-    pair_evaluator = evaluators.get("pairs")
-    pair_results = pair_evaluator.evaluate(model) if pair_evaluator else {}
-    first_set = next(iter(pair_evaluator.sets)) if pair_evaluator else None
-    for (set_name, variant), result in pair_results.items():
-        metrics.setdefault(set_name, {})[variant] = result.metrics
-        rows[f"{set_name} {variant}"] = pairs.table_row(result.metrics)
-        if variant == "clean":
-            for name, values in result.scores.items():
-                clean_scores.setdefault(name, []).append(values)
-            clean_issame.append(pair_evaluator.sets[set_name].issame)
-        if is_main:
-            issame = pair_evaluator.sets[set_name].issame
-            curves = {label: verification.roc_curve(result.roc_scores[key], issame)[:2]
-                      for label, key in pairs.METHODS if key in result.roc_scores}
-            files[f"roc_{set_name}_{variant}"] = plots.plot_roc(
-                curves, out_dir / f"roc_{set_name}_{variant}.png", title=f"{set_name} {variant}")
-        if result.occlusion is not None and set_name == first_set:
-            count = min(_GRID_FACES, result.occlusion.shape[0] // 2)
-            shown = pairs.variant_images(pair_evaluator.sets[set_name].images[:2 * count], variant,
-                                         model.contract.grid)
-            grid_faces.append(shown[1::2])
-            grid_maps.append(result.occlusion[1:2 * count:2])
-            grid_titles += [f"{variant} {m.mean():.2f}" for m in result.occlusion[1:2 * count:2]]
-
-    table = verification.format_table(rows, pairs.COLUMNS, corner="set variant (%)") if rows else ""
-    ijb_results = evaluators["ijb"].evaluate(model) if "ijb" in evaluators else {}
     if is_main:
-        for name, result in ijb_results.items():
-            curves = {label: verification.roc_curve(result.scores[key], result.labels)[:2]
-                      for label, key in pairs.METHODS if key in result.scores}
-            files[f"ijb_{name}"] = plots.plot_roc(curves, out_dir / f"ijb_{name}.png", title=f"{name.upper()} 1:1")
-    occlusion_evaluator = OcclusionSetEvaluator.from_config(config, model.contract.grid) if model.has_qaconv else None
-    occlusion_results = occlusion_evaluator.evaluate(model) if occlusion_evaluator else {}
-    if occlusion_results:
-        table = "\n\n".join(t for t in (table, occlusion_evaluator.table(occlusion_results)) if t)
-        if is_main:
-            files.update(occlusion_evaluator.report(occlusion_results, out_dir))
-    text = "\n\n".join(t for t in (table, _ijb_table(ijb_results) if ijb_results else "") if t)
-    ijb_tars = {name: result.tar for name, result in ijb_results.items()}
+        check_writable(out_dir)
+    evaluators = evaluators_lib.from_config(config, training=False)
+    if not evaluators:
+        raise FileNotFoundError(f"no eval sets: none of eval.evaluators {list(config.eval.evaluators)} has anything "
+                                f"to score (eval.bin_names={tuple(config.eval.bin_names)} in eval.data_dir or "
+                                f"data.path={config.data.path}, eval.ijb_root='{config.eval.ijb_root}')")
+    model = FaceModel.from_checkpoint(checkpoint or workdir, step, batch_size=config.eval.batch_size,
+                                      fusion_weights=evaluators[0].common.fusion_weights)
+    model.progress = False
+    results = {}
+    for i, evaluator in enumerate(evaluators):
+        start = time.perf_counter()
+        logging.info("eval %d/%d: %s (%s) ...", i + 1, len(evaluators), evaluator.name, evaluator.settings["type"])
+        results[evaluator.name] = evaluator.evaluate(model)
+        logging.info("eval %d/%d: %s done in %.1f s", i + 1, len(evaluators), evaluator.name,
+                     time.perf_counter() - start)
+    text = merge_tables([t for ev in evaluators for t in ev.tables(results[ev.name])])
+    if is_main and print_table:
+        print(text, flush=True)
+    scalars = {ev.name: ev.scalars(results[ev.name]) for ev in evaluators}
+    sections: dict[str, dict] = {}
+    for ev in evaluators:
+        for key, value in ev.summary(results[ev.name]).items():
+            sections.setdefault(key, {}).update(value)
+    files: dict[str, epath.Path] = {}
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         files["results_txt"] = out_dir / "results.txt"
         files["results_txt"].write_text(text + "\n")
         files["results_json"] = out_dir / "results.json"
         files["results_json"].write_text(json.dumps(
             {"step": model.step, "checkpoint": str(user_path(checkpoint or workdir, "checkpoint")),
-             "has_qaconv": model.has_qaconv, "rows": rows, "metrics": metrics,
-             "ijb": {n: {m: {str(far): t for far, t in v.items()} for m, v in r.items()} for n, r in ijb_tars.items()}},
-            indent=2))
-        if clean_scores:
-            fitted = calibration.fit({k: np.concatenate(v) for k, v in clean_scores.items()},
-                                     np.concatenate(clean_issame), step=model.step,
-                                     checkpoint=str(model.directory), fitted_on=list(pair_evaluator.sets),
-                                     fusion_weights=model.fusion_weights)
+             "has_qaconv": model.has_qaconv, **sections}, indent=2, default=float))
+        for ev in evaluators:
+            files.update(ev.write(results[ev.name], out_dir))
+        fitted = _calibrate(model, [p for ev in evaluators for p in ev.calibration_pairs(results[ev.name])])
+        if fitted is not None:
             files["calibration"] = calibration.save(fitted, out_dir / calibration.CALIBRATION_FILE)
-        if grid_faces:
-            files["occlusion_grid"] = plots.plot_occlusion_grid(
-                np.concatenate(grid_faces), np.concatenate(grid_maps), out_dir / "occlusion_grid.png",
-                titles=grid_titles)
         if config.eval.tensorboard:
-            _write_summaries(out_dir, model.step or 0, rows, ijb_tars, files)
-    return {"step": model.step, "table": text, "rows": rows, "metrics": metrics, "ijb": ijb_tars,
+            files["events"] = write_summaries(out_dir, model.step or 0, scalars, files)
+    return {"step": model.step, "table": text, "scalars": scalars, "results": results, **sections,
             "files": files, "has_qaconv": model.has_qaconv}
 
 
-def _write_summaries(out_dir: epath.Path, step: int, rows: Mapping[str, Mapping[str, float]],
-                     ijb_tars: Mapping[str, Any], files: Mapping[str, epath.Path]) -> None:
-    """Scalars and figures to TensorBoard under `<workdir>/eval` (process 0 only)."""
-    from clu import metric_writers  # imports tensorflow: only when summaries are written.
+def _calibrate(model: FaceModel, clean: Sequence[tuple[str, Mapping[str, np.ndarray], np.ndarray]]
+               ) -> Optional[calibration.Calibration]:
+    """The calibration fitted on every clean pair set's pairs, or None without any."""
+    if not clean:
+        return None
+    names = list(clean[0][1])
+    return calibration.fit({k: np.concatenate([scores[k] for _, scores, _ in clean]) for k in names},
+                           np.concatenate([issame for _, _, issame in clean]), step=model.step,
+                           checkpoint=str(model.directory), fitted_on=[name for name, _, _ in clean],
+                           fusion_weights=model.fusion_weights)
+
+
+def write_summaries(out_dir: epath.Path, step: int, scalars: Mapping[str, Mapping[str, float]],
+                    files: Mapping[str, epath.Path]) -> epath.Path:
+    """Scalars ("<evaluator>/<name>") and the PNG figures of step `step` to TensorBoard under `out_dir`.
+
+    One events file per step, named with the suffix `.step_<step>`: an earlier file of the same step is
+    removed first, so evaluating a step again replaces its points instead of adding a second copy.
+
+    Returns:
+        The events file written.
+    """
+    import tensorflow as tf  # Only when summaries are written.
 
     from data_pipelines.images import decode_image
 
-    writer = metric_writers.create_default_writer(str(out_dir), just_logging=jax.process_index() > 0)
-    scalars = {f"eval/{row.replace(' ', '/')}/{column.replace(' ', '_')}": value
-               for row, columns in rows.items() for column, value in columns.items()}
-    for name, methods in ijb_tars.items():
-        for method, tars in methods.items():
-            scalars.update({f"ijb/{name}/{method}/tar@{far:.0e}": 100.0 * tar for far, tar in tars.items()})
-    writer.write_scalars(step, scalars)
-    images = {name: decode_image(path.read_bytes(), str(path))[None]
-              for name, path in files.items() if path.suffix == ".png"}
-    if images:
-        writer.write_images(step, images)
+    suffix = EVENTS_SUFFIX.format(step=step)
+    for old in out_dir.glob(f"events.out.tfevents.*{suffix}"):
+        old.unlink()
+    writer = tf.summary.create_file_writer(str(out_dir), filename_suffix=suffix)
+    with writer.as_default(step=step):
+        for name, values in scalars.items():
+            for tag, value in values.items():
+                tf.summary.scalar(f"{name}/{tag}", float(value))
+        for name, path in files.items():
+            if path.suffix == ".png":
+                tf.summary.image(name, decode_image(path.read_bytes(), str(path))[None])
     writer.flush()
     writer.close()
+    written = list(out_dir.glob(f"events.out.tfevents.*{suffix}"))
+    return written[0]

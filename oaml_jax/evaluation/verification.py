@@ -252,30 +252,6 @@ def _l2_normalize(x: np.ndarray, field: str) -> np.ndarray:
     return x / norms
 
 
-def flip_fused_embeddings(emb: np.ndarray, norms: np.ndarray, emb_flip: np.ndarray,
-                          norms_flip: np.ndarray) -> np.ndarray:
-    """AdaFace's flip-test fusion: `normalize(e * n + e_flip * n_flip)`.
-
-    Args:
-        emb: `[N, E]` unit embeddings of the images.
-        norms: `[N, 1]` their norms (before normalization).
-        emb_flip: `[N, E]` unit embeddings of the mirrored images.
-        norms_flip: `[N, 1]` their norms.
-
-    Returns:
-        `[N, E]` float32 unit embeddings.
-    """
-    emb = np.asarray(emb, dtype=np.float64)
-    emb_flip = np.asarray(emb_flip, dtype=np.float64)
-    norms = np.asarray(norms, dtype=np.float64).reshape(-1, 1)
-    norms_flip = np.asarray(norms_flip, dtype=np.float64).reshape(-1, 1)
-    if emb.ndim != 2 or emb.shape != emb_flip.shape:
-        raise ValueError(f"emb {emb.shape} and emb_flip {emb_flip.shape}: expected equal [N, E] shapes")
-    if norms.shape[0] != emb.shape[0] or norms_flip.shape[0] != emb.shape[0]:
-        raise ValueError(f"norms {norms.shape} / norms_flip {norms_flip.shape}: expected [{emb.shape[0]}, 1]")
-    return _l2_normalize(emb * norms + emb_flip * norms_flip, "fused embeddings").astype(np.float32)
-
-
 def cosine_pair_scores(emb: np.ndarray) -> np.ndarray:
     """Cosine similarity of each pair (2i, 2i+1), the `.bin` pair order.
 

@@ -1,0 +1,65 @@
+"""eval.py's command line: the shorthand flags, one table on stdout, and a workdir it cannot write refused first."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import app
+
+import train_worker
+from oaml_jax import cli
+
+from test_eval_folder import write_aligned_folder
+
+REPO = train_worker.ROOT
+
+
+def _eval(*args):
+    env = dict(os.environ, **train_worker.CACHE_ENV)
+    return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_shorthands_make_evaluator_entries():
+    assert cli.shorthand_evaluators() == {}
+    assert cli.shorthand_evaluators(folder="/data/niqab/", aligned=True) == {
+        "niqab": dict(type="folder", path="/data/niqab/", aligned=True)}
+    assert cli.shorthand_evaluators(pairs_file="/d/mfr2/pairs.txt", images="/d/mfr2") == {
+        "mfr2": dict(type="pairs_file", pairs="/d/mfr2/pairs.txt", images="/d/mfr2", aligned=False)}
+    assert cli.shorthand_evaluators(gallery="/d/ar/gallery", probe="/d/ar/probe") == {
+        "gallery": dict(type="identification", gallery="/d/ar/gallery", probe="/d/ar/probe", aligned=False)}
+    with pytest.raises(app.UsageError, match="--pairs_file and --images go together"):
+        cli.shorthand_evaluators(pairs_file="pairs.txt")
+    with pytest.raises(app.UsageError, match="--gallery and --probe go together"):
+        cli.shorthand_evaluators(probe="/d/probe")
+    with pytest.raises(app.UsageError, match="--aligned applies to"):
+        cli.shorthand_evaluators(aligned=True)
+
+
+def test_workdir_it_cannot_write_is_refused_in_one_line_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    # A workdir below a file cannot be created (root writes through permissions, not through files).
+    done = _eval(f"--workdir={blocker}/run", f"--folder={tmp_path}/no_such_folder")
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: eval.py writes its results to {blocker}/run/eval and cannot write there (Not a "
+                      "directory); pass a --workdir you can write (with --checkpoint=<the run> to evaluate another's)"]
+    assert "Traceback" not in done.stderr and "no_such_folder" not in done.stderr and done.stdout == ""
+
+
+def test_folder_shorthand_prints_one_table(tmp_path, workdir):
+    faces = write_aligned_folder(str(tmp_path / "niqab"), identities=3, images=2)
+    done = _eval(f"--workdir={tmp_path / 'out'}", f"--checkpoint={workdir}", f"--folder={faces}", "--aligned",
+                 "--config.eval.batch_size=16", "--config.eval.tensorboard=False")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:4] == ["folder", "variant", "score", "(%)"]
+    assert [line.split()[:3] for line in lines[2:6]] == [["niqab", "clean", m] for m in ("AdaFace", "QAConv", "fused",
+                                                                                          "gated")]
+    assert lines[6] == ("niqab: 6 faces of 3 identities from 6 photos (0 without a face; 0 unreadable; 0 other "
+                        "entries skipped); 3 genuine and 12 impostor pairs")
+    assert "%|" not in done.stderr and "Got images" not in done.stderr + done.stdout
+    with open(tmp_path / "out" / "eval" / "results.txt") as f:
+        assert f.read() == done.stdout
