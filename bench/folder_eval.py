@@ -27,7 +27,7 @@ from data_pipelines import synthetic  # noqa: E402  (needs the repo root on sys.
 from data_pipelines.images import encode_png  # noqa: E402
 from oaml_jax.configs import default, demo  # noqa: E402
 from oaml_jax.evaluation import base, evaluators, folder  # noqa: E402
-from oaml_jax.inference import FaceModel  # noqa: E402
+from oaml_jax.serving import FaceModel  # noqa: E402
 from oaml_jax.models import factory  # noqa: E402
 
 _FACES = flags.DEFINE_integer("faces", 1000, "Faces in the folder.")

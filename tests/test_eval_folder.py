@@ -17,7 +17,7 @@ from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax.evaluation import allpairs, evaluators, folder, runner, verification
 
 import train_worker
-from test_inference import tiny_config, write_converted_checkpoint
+from tiny_checkpoint import tiny_config, write_converted_checkpoint
 
 train_worker.enable_compilation_cache()  # before the first compile: the train step of tests/test_train.py
 

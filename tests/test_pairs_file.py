@@ -8,7 +8,7 @@ from data_pipelines import synthetic
 from data_pipelines.images import encode_png
 from oaml_jax.evaluation import pairs, pairs_file, runner
 
-from test_inference import tiny_config, write_converted_checkpoint
+from tiny_checkpoint import tiny_config, write_converted_checkpoint
 
 ROWS = ["id0 1 2", "id1 1 2", "id2 1 2", "id0 1 id1 2", "id2 2 id3 1", "id3 1 id4 2",
         "id3 1 2", "id4 1 2", "id0 2 1", "id1 1 id4 1", "id2 1 id0 2", "id4 2 id1 2"]

@@ -34,8 +34,9 @@ from etils import epath
 from data_pipelines.folders import is_image_name, list_images
 from data_pipelines.occlusion import occlude_deterministic
 from oaml_jax.evaluation import allpairs, base, pairs
-from oaml_jax.inference import FaceModel, Features, faces_from_photos
 from oaml_jax.paths import user_path
+from oaml_jax.photos import faces_from_photos
+from oaml_jax.serving import FaceModel, Features
 
 _LABELS = dict((key, label) for label, key in pairs.METHODS)
 _PAIR_CHUNK = 1024
@@ -303,7 +304,9 @@ class FolderEvaluator(base.Evaluator):
 
     def write(self, result: FolderResult, out_dir: epath.Path) -> dict[str, epath.Path]:
         """<name>_<variant>_roc.png and <name>_<variant>_hist.png (genuine vs impostor histograms per score)."""
-        from oaml_jax.evaluation import plots  # matplotlib: only where figures are written
+        from oaml_jax.evaluation import (
+            plots,  # matplotlib: only where figures are written
+        )
 
         files = {}
         for variant, by_score in result.scores.items():

@@ -25,7 +25,7 @@ from etils import epath
 
 from data_pipelines.folders import IMAGE_EXTENSIONS
 from oaml_jax.evaluation import base, pairs
-from oaml_jax.inference import faces_from_photos
+from oaml_jax.photos import faces_from_photos
 from oaml_jax.paths import user_path
 
 
