@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from oaml_jax.evaluation import fusion, identification, identification_benchmarks, ijb
+from oaml_jax.evaluation import fusion, identification, identification_benchmarks, identification_metrics, ijb
 from oaml_jax.inference import FaceModel
 from test_ijb import write_tiny_ijb
 from test_inference import faces, write_converted_checkpoint
@@ -25,39 +25,40 @@ SCORES = np.array([
 
 
 def _top(k=4, chunks=None):
-    probe_ids, gallery_ids = identification.identity_ids(PROBES, GALLERY)
+    probe_ids, gallery_ids = identification_metrics.identity_ids(PROBES, GALLERY)
     if chunks is None:
-        return identification.top_scores(SCORES, probe_ids, gallery_ids, k)
-    acc = identification.TopScoreAccumulator(len(PROBES), k)
+        return identification_metrics.top_scores(SCORES, probe_ids, gallery_ids, k)
+    acc = identification_metrics.TopScoreAccumulator(len(PROBES), k)
     for lo, hi in chunks:
         acc.update(SCORES[:, lo:hi], probe_ids[:, None] == gallery_ids[None, lo:hi])
     return acc.result()
 
 
 def test_identity_ids_never_match_distractors_or_unknown_probes():
-    probe_ids, gallery_ids = identification.identity_ids(PROBES, GALLERY)
-    np.testing.assert_array_equal(gallery_ids, [0, 1, 2, identification.DISTRACTOR])
-    np.testing.assert_array_equal(probe_ids, [0, 1, 2, identification.NON_MATED, identification.NON_MATED])
+    probe_ids, gallery_ids = identification_metrics.identity_ids(PROBES, GALLERY)
+    np.testing.assert_array_equal(gallery_ids, [0, 1, 2, identification_metrics.DISTRACTOR])
+    unknown = identification_metrics.NON_MATED
+    np.testing.assert_array_equal(probe_ids, [0, 1, 2, unknown, unknown])
 
 
 def test_ranks_and_cmc_by_hand():
     top = _top()
     np.testing.assert_array_equal(top.mated, [True, True, True, False, False])
-    np.testing.assert_array_equal(identification.mated_ranks(top), [1, 3, 2])
-    np.testing.assert_allclose(identification.cmc(top), [1 / 3, 2 / 3, 1.0, 1.0])
+    np.testing.assert_array_equal(identification_metrics.mated_ranks(top), [1, 3, 2])
+    np.testing.assert_allclose(identification_metrics.cmc(top), [1 / 3, 2 / 3, 1.0, 1.0])
     np.testing.assert_allclose(top.nonmate[3], [0.65, 0.3, 0.2, 0.1])
 
 
 def test_open_set_tpir_at_fpir_by_hand():
-    out = identification.tpir_at_fpir(_top(), [0.5, 0.1])
+    out = identification_metrics.tpir_at_fpir(_top(), [0.5, 0.1])
     # Non-mated top scores 0.65 and 0.95. FPIR 0.5 allows one false alarm: T = 0.65, measured FPIR 1/2;
     # mated at rank 1 and above 0.65: a only (0.9) -> TPIR 1/3.
     assert out[0.5] == pytest.approx((1 / 3, 0.65, 0.5))
     # FPIR 0.1 of two non-mated probes allows none: T = 0.95, nobody above it.
     assert out[0.1] == pytest.approx((0.0, 0.95, 0.0))
-    closed = identification.TopScores(*(x[:3] for x in (_top().mate, _top().nonmate, _top().mated)))
+    closed = identification_metrics.TopScores(*(x[:3] for x in (_top().mate, _top().nonmate, _top().mated)))
     with pytest.raises(ValueError, match="no non-mated probe: FPIR is undefined"):
-        identification.tpir_at_fpir(closed, [0.1])
+        identification_metrics.tpir_at_fpir(closed, [0.1])
 
 
 def test_chunks_keep_the_same_top_scores():
@@ -66,10 +67,10 @@ def test_chunks_keep_the_same_top_scores():
     for field in ("mate", "nonmate", "mated"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
     # K = 2 keeps ranks 1, 2 exactly and b's rank 3 as "beyond 2".
-    np.testing.assert_array_equal(identification.mated_ranks(whole), [1, 3, 2])
-    np.testing.assert_allclose(identification.cmc(whole), [1 / 3, 2 / 3])
+    np.testing.assert_array_equal(identification_metrics.mated_ranks(whole), [1, 3, 2])
+    np.testing.assert_allclose(identification_metrics.cmc(whole), [1 / 3, 2 / 3])
     with pytest.raises(ValueError, match=r"CMC length 3: expected 1..2"):
-        identification.cmc(whole, 3)
+        identification_metrics.cmc(whole, 3)
 
 
 def _write(path, image):
@@ -96,8 +97,8 @@ def sets(tmp_path_factory):
 
 def _brute(model, images, probe_rows, probe_labels, gallery_labels, k):
     matrices = model.match(images[probe_rows], images[:6])
-    probe_ids, gallery_ids = identification.identity_ids(probe_labels, gallery_labels)
-    return {name: identification.top_scores(m, probe_ids, gallery_ids, k) for name, m in matrices.items()
+    probe_ids, gallery_ids = identification_metrics.identity_ids(probe_labels, gallery_labels)
+    return {name: identification_metrics.top_scores(m, probe_ids, gallery_ids, k) for name, m in matrices.items()
             if m is not None}
 
 
@@ -117,7 +118,7 @@ def test_folder_evaluator_equals_the_whole_score_matrix(sets, workdir, tmp_path)
                    [f"id{i // 2}" for i in range(6)], k=6)
     assert set(result.methods) == set(brute) == {"adaface", "qaconv", "fused"}
     for name, top in brute.items():
-        expected = identification.method_result(top, (1, 5), (0.5,))
+        expected = identification_metrics.method_result(top, (1, 5), (0.5,))
         np.testing.assert_allclose(result.methods[name].cmc, expected.cmc, err_msg=name)
         assert result.methods[name].tpir == pytest.approx(expected.tpir), name
     # Each mated probe is an exact copy of a gallery face: AdaFace (cosine 1) finds it first.

@@ -32,7 +32,7 @@ from absl import logging
 from etils import epath
 
 from data_pipelines.folders import list_images
-from oaml_jax.evaluation import identification, ijb, verification
+from oaml_jax.evaluation import identification, identification_metrics, ijb, verification
 from oaml_jax.evaluation.identification import Entries, IdentificationEvaluator
 from oaml_jax.inference import FaceModel
 from oaml_jax.paths import user_path
@@ -181,9 +181,9 @@ def read_ijb_1n(folder: epath.PathLike, name: str) -> IJB1NSet:
 
 
 def gallery_search(probe_feats: np.ndarray, probe_ids: np.ndarray, gallery_feats: np.ndarray,
-                   gallery_ids: np.ndarray, k: int, chunk: int = IJB_GALLERY_CHUNK) -> identification.TopScores:
+                   gallery_ids: np.ndarray, k: int, chunk: int = IJB_GALLERY_CHUNK) -> identification_metrics.TopScores:
     """`TopScores` of cosine scores between unit template features, `chunk` gallery templates at a time."""
-    acc = identification.TopScoreAccumulator(len(probe_ids), k)
+    acc = identification_metrics.TopScoreAccumulator(len(probe_ids), k)
     for lo in range(0, gallery_feats.shape[0], chunk):
         block = probe_feats.astype(np.float64) @ gallery_feats[lo:lo + chunk].astype(np.float64).T
         acc.update(block, probe_ids[:, None] == gallery_ids[None, lo:lo + chunk])
@@ -258,13 +258,14 @@ class IJB1NEvaluator:
             probe_templates, probe_subjects = protocol.probe
             galleries = {}
             for gallery, (templates, subjects) in protocol.galleries.items():
-                probe_ids, gallery_ids = identification.identity_ids(probe_subjects.tolist(), subjects.tolist())
+                probe_ids, gallery_ids = identification_metrics.identity_ids(probe_subjects.tolist(), subjects.tolist())
                 k = min(max(max(self.ranks), identification.CMC_LENGTH), templates.size)
                 top = gallery_search(template_feats[rows(probe_templates)], probe_ids,
                                      template_feats[rows(templates)], gallery_ids, k)
                 ranks = [r for r in self.ranks if r <= k]
+                metrics = identification_metrics.method_result(top, ranks, self.fpirs)
                 galleries[gallery] = identification.IdentificationResult(
-                    name=f"{name} {gallery}", methods={"adaface": identification.method_result(top, ranks, self.fpirs)},
+                    name=f"{name} {gallery}", methods={"adaface": metrics},
                     gallery=templates.size, mated=int(top.mated.sum()), non_mated=int((~top.mated).sum()), failed=[])
             per_gallery = [_rows(r) for r in galleries.values()]
             mean = {key: float(np.mean([row[key] for row in per_gallery]))

@@ -149,7 +149,7 @@ def cmc_figure(curves: Mapping[str, np.ndarray], title: str = "CMC") -> Figure:
     """Cumulative match characteristic curves: identification rate at rank 1..K.
 
     Args:
-        curves: label -> `[K]` share of mated probes found at rank <= r (`identification.cmc`).
+        curves: label -> `[K]` share of mated probes found at rank <= r (`identification_metrics.cmc`).
         title: figure title.
 
     Returns:
