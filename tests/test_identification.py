@@ -251,3 +251,27 @@ def test_ijb_1n_meta_errors(tmp_path):
         f.write("tid,sid\n7,1\n")
     np.testing.assert_array_equal(identification_benchmarks.read_1n_csv(
         os.path.join(meta, "ijbc_1N_probe_mixed.csv"))[1], [1])
+
+
+def test_raw_photos_are_detected_and_aligned(tmp_path, workdir):
+    """Real portraits (matplotlib's Grace Hopper, tests/data's astronaut) as raw photos, and a noise image without
+    a face: the probes, copies of the gallery photos, find their own face first."""
+    import shutil
+
+    from matplotlib import cbook
+
+    photos = {"hopper": cbook.get_sample_data("grace_hopper.jpg", asfileobj=False),
+              "astronaut": os.path.join(os.path.dirname(__file__), "data", "astronaut_head.jpg")}
+    for name, photo in photos.items():
+        for side in ("gallery", "probe"):
+            os.makedirs(tmp_path / side / name)
+            shutil.copy(photo, tmp_path / side / name / f"{name}.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    _write(tmp_path / "probe" / "hopper" / "noise.png", noise)
+    model = FaceModel.from_checkpoint(workdir, batch_size=4)
+    evaluator = identification.IdentificationEvaluator(
+        {"gallery": str(tmp_path / "gallery"), "probe": str(tmp_path / "probe"), "qaconv": False})
+    result = evaluator.evaluate(model)
+    assert (result.gallery, result.mated, result.non_mated) == (2, 2, 0)
+    assert [(os.path.basename(n), r) for n, r in result.failed] == [("noise.png", "no face")]
+    assert result.methods["adaface"].ranks == {1: 1.0}
