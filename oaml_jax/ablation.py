@@ -212,8 +212,8 @@ def comparisons_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def score_run_pairs(config: ml_collections.ConfigDict, run_dir: epath.Path) -> dict[str, dict[str, np.ndarray]]:
     """Per-pair decisions of a trained run on the ablation's set: occlusion variant -> score -> `[N]` bool.
 
-    Scores the latest checkpoint of `run_dir` with the `.bin` protocol's own code (`pairs.PairSetEvaluator`)
-    on `eval.bin_names[0]` under every `eval.occlusion_variants`.
+    Scores the latest checkpoint of `run_dir` with the `.bin` protocol's own functions (`pairs.variant_images`,
+    `pairs.pair_scores`) on `eval.bin_names[0]` under every `eval.occlusion_variants`.
     """
     weights = fusion.check_weights(config.eval.fusion_weights)
     field = "eval.data_dir" if config.eval.data_dir else "data.path"
@@ -222,10 +222,13 @@ def score_run_pairs(config: ml_collections.ConfigDict, run_dir: epath.Path) -> d
     sets = pairs.load_pair_sets(folder, (set_name,), field)
     if set_name not in sets:
         raise FileNotFoundError(f"{field}={folder}: no {set_name}.bin for the ablation's paired comparisons")
+    pair_set = sets[set_name]
     model = FaceModel.from_checkpoint(run_dir, batch_size=config.eval.batch_size, fusion_weights=weights)
-    results = pairs.PairSetEvaluator(sets, config.eval.occlusion_variants, weights).evaluate(model)
-    return {variant: pair_correct(result.scores, sets[set_name].issame, weights)
-            for (_, variant), result in results.items()}
+    correct = {}
+    for variant in config.eval.occlusion_variants:
+        scores, _ = pairs.pair_scores(model, pairs.variant_images(pair_set.images, variant, model.contract.grid))
+        correct[variant] = pair_correct(scores, pair_set.issame, weights)
+    return correct
 
 
 def _save_pairs(path: epath.Path, correct: Mapping[str, Mapping[str, np.ndarray]]) -> None:

@@ -161,6 +161,10 @@ def test_list_files_and_setting_errors(sets, tmp_path):
         identification.IdentificationEvaluator({"galery": "x", "probe": "y"})
     with pytest.raises(ValueError, match=r"settings: \['gallery'\] required"):
         identification.IdentificationEvaluator({"probe": str(root / "probe")})
+    # The keys the framework building evaluators from `config.eval.evaluators` owns are accepted.
+    framework = {"type": "identification", "validation": False}
+    assert identification.IdentificationEvaluator(
+        {**framework, "gallery": str(root / "gallery"), "probe": str(root / "probe")}).name == "identification"
 
 
 def test_tinyface_layout(sets, workdir, tmp_path):

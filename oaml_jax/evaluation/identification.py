@@ -35,6 +35,8 @@ FPIRS = (1e-2, 1e-1)
 CMC_LENGTH = 20
 GALLERY_CHUNK = 1024
 METHOD_LABELS = {"adaface": "AdaFace", "qaconv": "QAConv", "fused": "fused"}
+# Keys of a `config.eval.evaluators` entry that belong to the framework building the evaluators, not to it.
+FRAMEWORK_SETTINGS = ("type", "validation")
 
 
 # Readers.
@@ -212,7 +214,8 @@ class IdentificationEvaluator:
     """
 
     KIND = "identification"
-    SETTINGS = ("name", "gallery", "probe", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", "fusion_weights")
+    SETTINGS = ("name", "gallery", "probe", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", "fusion_weights",
+                *FRAMEWORK_SETTINGS)
     DEFAULT_RANKS = RANKS
 
     def __init__(self, settings: Mapping[str, Any]):
@@ -302,24 +305,33 @@ def scalars(result: IdentificationResult) -> Iterator[tuple[str, float]]:
             yield f"{result.name}/{method}/tpir@fpir{fpir:.0e}", value
 
 
-def table(result: IdentificationResult) -> str:
-    """Rows per score: rank-r and TPIR at each FPIR in percent, then the counts and what was left out."""
+CORNER = "identification (%)"
+
+
+def table_section(result: IdentificationResult) -> tuple[list[str], dict[str, dict[str, float]], list[str]]:
+    """(columns, rows: "<name> <score>" -> column -> percent, notes: the counts and what was left out)."""
     rows, columns = {}, []
     for method, values in result.methods.items():
         row = {f"rank-{r}": 100.0 * v for r, v in values.ranks.items()}
         row.update({f"TPIR@FPIR{f:.0e}": 100.0 * v for f, v in values.tpir.items()})
         rows[f"{result.name} {METHOD_LABELS[method]}"] = row
         columns += [c for c in row if c not in columns]
-    lines = [verification.format_table(rows, columns, corner="identification (%)"),
-             f"{result.gallery} gallery faces, {result.mated} mated and {result.non_mated} non-mated probes"]
+    notes = [f"{result.name}: {result.gallery} gallery faces, {result.mated} mated and {result.non_mated} "
+             "non-mated probes"]
     unresolved = [f for values in result.methods.values() for f in values.tpir if not result.resolved(f)]
     if unresolved:
-        lines.append(f"FPIR {', '.join(f'{f:.0e}' for f in sorted(set(unresolved)))}: fewer than 1/FPIR non-mated "
-                     "probes, threshold = their highest score (no false alarm allowed)")
+        notes.append(f"{result.name}: FPIR {', '.join(f'{f:.0e}' for f in sorted(set(unresolved)))}: fewer than "
+                     "1/FPIR non-mated probes, threshold = their highest score (no false alarm allowed)")
     if result.skipped:
-        lines.append(f"{result.skipped} folder entries that are not images skipped")
+        notes.append(f"{result.name}: {result.skipped} folder entries that are not images skipped")
     if result.failed:
         shown = "; ".join(f"{n}: {r}" for n, r in result.failed[:5])
-        lines.append(f"{len(result.failed)} photos without a usable face left out ({shown}"
+        notes.append(f"{result.name}: {len(result.failed)} photos without a usable face left out ({shown}"
                      f"{', ...' if len(result.failed) > 5 else ''})")
-    return "\n".join(lines)
+    return columns, rows, notes
+
+
+def table(result: IdentificationResult) -> str:
+    """`table_section` as text: rank-r and TPIR at each FPIR per score, in percent, then the notes."""
+    columns, rows, notes = table_section(result)
+    return "\n".join([verification.format_table(rows, columns, corner=CORNER), *notes])

@@ -92,7 +92,8 @@ class TinyFaceEvaluator(IdentificationEvaluator):
     """
 
     KIND = "tinyface"
-    SETTINGS = ("name", "root", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", "fusion_weights")
+    SETTINGS = ("name", "root", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", "fusion_weights",
+                *identification.FRAMEWORK_SETTINGS)
     DEFAULT_RANKS = (1, 5, 20)
 
     def read_sets(self, settings: Mapping[str, Any]) -> tuple[Entries, Entries]:
@@ -215,7 +216,7 @@ class IJB1NEvaluator:
     """
 
     KIND = "ijb_1n"
-    SETTINGS = ("name", "root", "names", "ranks", "fpirs", "batch_size")
+    SETTINGS = ("name", "root", "names", "ranks", "fpirs", "batch_size", *identification.FRAMEWORK_SETTINGS)
 
     def __init__(self, settings: Mapping[str, Any]):
         settings = dict(settings)
@@ -281,18 +282,27 @@ class IJB1NEvaluator:
                out_dir: epath.PathLike) -> tuple[str, dict[str, epath.Path]]:
         """(the table text, {"cmc_<set>_1n": CMC plot of the galleries}) written under `out_dir`."""
         from oaml_jax.evaluation import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
-        rows, files, notes = {}, {}, []
-        for name, result in results.items():
-            for gallery, values in result.galleries.items():
-                rows[f"{name} {gallery} AdaFace"] = {k: 100.0 * v for k, v in _rows(values).items()}
-                notes.append(f"{name} {gallery}: {values.gallery} gallery templates, {values.mated} mated and "
-                             f"{values.non_mated} non-mated probe templates")
-            rows[f"{name} mean AdaFace"] = {k: 100.0 * v for k, v in result.mean.items()}
-            files[f"cmc_{name}_1n"] = plots.plot_cmc(
-                {gallery: r.methods["adaface"].cmc for gallery, r in result.galleries.items()},
-                epath.Path(out_dir) / f"cmc_{name}_1n.png", title=f"{name.upper()} 1:N: CMC (AdaFace)")
-        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-        return "\n".join([verification.format_table(rows, columns, corner="IJB 1:N (%)"), *notes]), files
+        columns, rows, notes = table_section(results)
+        files = {f"cmc_{name}_1n": plots.plot_cmc(
+            {gallery: r.methods["adaface"].cmc for gallery, r in result.galleries.items()},
+            epath.Path(out_dir) / f"cmc_{name}_1n.png", title=f"{name.upper()} 1:N: CMC (AdaFace)")
+            for name, result in results.items()}
+        return "\n".join([verification.format_table(rows, columns, corner=CORNER), *notes]), files
+
+
+CORNER = "IJB 1:N (%)"
+
+
+def table_section(results: Mapping[str, IJB1NResult]) -> tuple[list[str], dict[str, dict[str, float]], list[str]]:
+    """(columns, rows: "<set> <gallery> AdaFace" and "<set> mean AdaFace" -> column -> percent, notes: counts)."""
+    rows, notes = {}, []
+    for name, result in results.items():
+        for gallery, values in result.galleries.items():
+            rows[f"{name} {gallery} AdaFace"] = {k: 100.0 * v for k, v in _rows(values).items()}
+            notes.append(f"{name} {gallery}: {values.gallery} gallery templates, {values.mated} mated and "
+                         f"{values.non_mated} non-mated probe templates")
+        rows[f"{name} mean AdaFace"] = {k: 100.0 * v for k, v in result.mean.items()}
+    return list(dict.fromkeys(c for row in rows.values() for c in row)), rows, notes
 
 
 def scalars(results: Mapping[str, IJB1NResult]) -> Iterator[tuple[str, float]]:
