@@ -1,7 +1,8 @@
 """1:N identification metrics from a probe x gallery score matrix, kept per probe in `O(P K)` memory.
 
 Definitions (each probe searched against the whole gallery; scores are similarities, higher = more alike):
-- A probe is *mated* when its identity has at least one gallery entry, *non-mated* otherwise.
+- A probe is *mated* when at least one searched gallery entry has its identity (a gallery photo without a
+  usable face is no entry), *non-mated* otherwise.
 - Rank of a mated probe = 1 + the number of non-mated gallery entries scoring at least as high as its best
   mated entry (ties count against the probe, so a constant score never looks like a hit).
   rank-r = share of mated probes with rank <= r; the CMC curve is rank-r for r = 1..K.
