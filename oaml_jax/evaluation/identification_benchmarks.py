@@ -162,7 +162,8 @@ class IJB1NSet:
 
 
 def read_ijb_1n(folder: epath.PathLike, name: str) -> IJB1NSet:
-    """Reads one set's face meta files (`ijb.read_ijb_meta`) and its 1:N files; every template must have faces.
+    """Reads one set's face meta files (`ijb.read_ijb_meta`, which also reads and checks the 1:1 pair file that
+    insightface's layout ships beside them) and its 1:N files; every template must have faces.
 
     Raises:
         FileNotFoundError / ValueError: missing or malformed files (naming file and line).
