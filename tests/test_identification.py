@@ -1,16 +1,25 @@
 """1:N identification: hand-computed rank-N, CMC and TPIR at FPIR; folders, lists, TinyFace and IJB 1:N layouts
 written here and searched through a tiny checkpoint."""
 
+import dataclasses
+import json
 import os
 
 import cv2
+import ml_collections
 import numpy as np
 import pytest
 
-from oaml_jax.evaluation import fusion, identification, identification_benchmarks, identification_metrics, ijb
+from oaml_jax.configs import default
+from oaml_jax.evaluation import base, evaluators, fusion, identification, identification_benchmarks
+from oaml_jax.evaluation import identification_metrics, ijb, runner
 from oaml_jax.inference import FaceModel
+from test_eval_cli import _eval
 from test_ijb import write_tiny_ijb
 from test_inference import faces, write_converted_checkpoint
+
+COMMON = base.Common(fusion_weights={"adaface": 0.5, "qaconv": 0.5}, variants=("clean",), gate_threshold=0.5,
+                     training=False)
 
 # Gallery: a, b, c and a distractor; probes a, b, c (mated) and two without a gallery identity.
 GALLERY = ["a", "b", "c", None]
@@ -107,8 +116,8 @@ def test_folder_evaluator_equals_the_whole_score_matrix(sets, workdir, tmp_path)
     stats = fusion.FusionStats(mean={"adaface": 0.1, "qaconv": 0.2}, std={"adaface": 0.5, "qaconv": 2.0})
     model = FaceModel.from_checkpoint(workdir, batch_size=4, fusion_stats=stats)
     evaluator = identification.IdentificationEvaluator(
-        {"gallery": str(root / "gallery"), "probe": str(root / "probe"), "aligned": True, "gallery_chunk": 4,
-         "name": "mine", "fpirs": (0.5,)})
+        "mine", {"gallery": str(root / "gallery"), "probe": str(root / "probe"), "aligned": True, "gallery_chunk": 4,
+                 "fpirs": (0.5,)}, COMMON)
     result = evaluator.evaluate(model)
     assert (result.gallery, result.mated, result.non_mated) == (6, 3, 2)
     assert [(os.path.basename(n), r) for n, r in result.failed] == [
@@ -123,10 +132,12 @@ def test_folder_evaluator_equals_the_whole_score_matrix(sets, workdir, tmp_path)
         assert result.methods[name].tpir == pytest.approx(expected.tpir), name
     # Each mated probe is an exact copy of a gallery face: AdaFace (cosine 1) finds it first.
     assert result.methods["adaface"].ranks == {1: 1.0, 5: 1.0}
-    scalars = list(identification.scalars(result))
+    scalars = evaluator.scalars(result)
     assert len(scalars) == 3 * 3  # rank-1, rank-5, TPIR per score
-    assert dict(scalars)["mine/adaface/rank1"] == 1.0 and "mine/fused/tpir@fpir5e-01" in dict(scalars)
-    text, files = evaluator.report(result, tmp_path)
+    assert scalars["adaface/rank1"] == 1.0 and "fused/tpir@fpir5e-01" in scalars
+    assert evaluator.best_metric(scalars) == 1.0
+    text = runner.merge_tables(evaluator.tables(result))
+    files = evaluator.write(result, tmp_path)
     assert text.splitlines()[0].split() == ["identification", "(%)", "rank-1", "rank-5", "TPIR@FPIR5e-01"]
     assert "mine AdaFace" in text and "6 gallery faces, 3 mated and 2 non-mated probes" in text
     assert result.skipped == 1 and "1 folder entries that are not images skipped" in text  # notes.txt
@@ -139,7 +150,7 @@ def test_converted_checkpoint_gets_the_adaface_column_only(sets, tmp_path):
     root, _ = sets
     model = FaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=4)
     evaluator = identification.IdentificationEvaluator(
-        {"gallery": str(root / "gallery"), "probe": str(root / "probe"), "aligned": True})
+        "ar", {"gallery": str(root / "gallery"), "probe": str(root / "probe"), "aligned": True}, COMMON)
     result = evaluator.evaluate(model)
     assert set(result.methods) == {"adaface"}
     assert result.methods["adaface"].ranks == {1: 1.0, 5: 1.0}  # rank-10 is beyond the 6 gallery faces
@@ -157,14 +168,25 @@ def test_list_files_and_setting_errors(sets, tmp_path):
         identification.read_entries(str(listing), "g")
     with pytest.raises(FileNotFoundError, match=r"g=.*nowhere: no such folder or list file"):
         identification.read_entries(str(tmp_path / "nowhere"), "g")
-    with pytest.raises(ValueError, match=r"identification evaluator settings: unknown \['galery'\]"):
-        identification.IdentificationEvaluator({"galery": "x", "probe": "y"})
-    with pytest.raises(ValueError, match=r"settings: \['gallery'\] required"):
-        identification.IdentificationEvaluator({"probe": str(root / "probe")})
-    # The keys the framework building evaluators from `config.eval.evaluators` owns are accepted.
-    framework = {"type": "identification", "validation": False}
-    assert identification.IdentificationEvaluator(
-        {**framework, "gallery": str(root / "gallery"), "probe": str(root / "probe")}).name == "identification"
+    with pytest.raises(ValueError, match=r"eval.evaluators.ar: unknown settings \['galery'\]; expected some of"):
+        identification.IdentificationEvaluator("ar", {"galery": "x", "probe": "y"}, COMMON)
+    with pytest.raises(ValueError, match=r"eval.evaluators.ar: \['gallery'\] required"):
+        identification.IdentificationEvaluator("ar", {"probe": str(root / "probe")}, COMMON)
+    with pytest.raises(ValueError, match=r"eval.evaluators.ar.ranks=\(0,\): expected ranks >= 1"):
+        identification.IdentificationEvaluator("ar", {"gallery": "x", "probe": "y", "ranks": (0,)}, COMMON)
+
+
+def test_built_from_the_config_by_type(sets):
+    root, _ = sets
+    config = default.get_config()
+    with config.unlocked():
+        config.eval.evaluators = ml_collections.ConfigDict(dict(ar=dict(
+            type="identification", validation=True, gallery=str(root / "gallery"), probe=str(root / "probe"))))
+    (built,) = evaluators.from_config(config, training=True)
+    assert isinstance(built, identification.IdentificationEvaluator) and built.name == "ar" and built.validation
+    assert len(built.gallery.paths) == 6 and built.common.fusion_weights == COMMON.fusion_weights
+    assert evaluators.evaluator_class("t", "tinyface") is identification_benchmarks.TinyFaceEvaluator
+    assert evaluators.evaluator_class("i", "ijb_1n") is identification_benchmarks.IJB1NEvaluator
 
 
 def test_tinyface_layout(sets, workdir, tmp_path):
@@ -179,7 +201,8 @@ def test_tinyface_layout(sets, workdir, tmp_path):
     assert gallery.labels == ["12", "12", "7", "7", None]  # sorted file names
     assert probe.labels == ["12", "7"]
     model = FaceModel.from_checkpoint(workdir, batch_size=4)
-    evaluator = identification_benchmarks.TinyFaceEvaluator({"root": str(tmp_path), "qaconv": False})
+    evaluator = identification_benchmarks.TinyFaceEvaluator("tinyface", {"root": str(tmp_path), "qaconv": False},
+                                                            COMMON)
     result = evaluator.evaluate(model)
     assert result.methods["adaface"].ranks == {1: 1.0, 5: 1.0}  # rank-20 is beyond the 5 gallery faces
     assert (result.gallery, result.mated, result.non_mated) == (5, 2, 0)
@@ -207,7 +230,9 @@ def test_ijb_1n_meta_and_search(tmp_path, workdir):
     np.testing.assert_array_equal(protocol.probe[0], [7, 8])
     np.testing.assert_array_equal(protocol.galleries["G1"][0], [101])
     model = FaceModel.from_checkpoint(workdir, batch_size=4)
-    evaluator = identification_benchmarks.IJB1NEvaluator({"root": str(tmp_path), "names": ("ijbc",), "fpirs": (0.5,)})
+    # The root falls back on eval.ijb_root.
+    common = dataclasses.replace(COMMON, eval_config={"ijb_root": str(tmp_path)})
+    evaluator = identification_benchmarks.IJB1NEvaluator("ijb_1n", {"names": ("ijbc",), "fpirs": (0.5,)}, common)
     results = evaluator.evaluate(model)
     meta = protocol.meta
     feats, _, _ = ijb.ijb_face_features(model, meta, 4, keep_maps=False)
@@ -224,10 +249,17 @@ def test_ijb_1n_meta_and_search(tmp_path, workdir):
     assert g2.methods["adaface"].tpir[0.5] == float(cos(8, 55) > cos(7, 55))
     assert results["ijbc"].mean["TPIR@FPIR5e-01"] == pytest.approx(
         (g1.methods["adaface"].tpir[0.5] + g2.methods["adaface"].tpir[0.5]) / 2)
-    names = dict(identification_benchmarks.scalars(results))
+    names = evaluator.scalars(results)
     assert set(names) == {f"ijbc/{g}/adaface/{m}" for g in ("G1", "G2", "mean") for m in ("rank1", "tpir@fpir5e-01")}
-    text, files = evaluator.report(results, tmp_path / "out")
-    assert "ijbc mean AdaFace" in text and files["cmc_ijbc_1n"].exists()
+    text = runner.merge_tables(evaluator.tables(results))
+    assert text.splitlines()[0].split() == ["IJB", "1:N", "(%)", "rank-1", "TPIR@FPIR5e-01"]
+    assert "ijbc mean AdaFace" in text
+    assert "ijbc G1: 1 gallery templates, 1 mated and 1 non-mated probe templates" in text
+    (tmp_path / "out").mkdir()
+    assert evaluator.write(results, tmp_path / "out")["cmc_ijbc_1n"].exists()
+    assert evaluator.summary(results)["ijb_1n"]["ijbc"]["mean"] == results["ijbc"].mean
+    # Train-time validation never runs it (too slow): nothing is read, nothing to score.
+    assert identification_benchmarks.IJB1NEvaluator("ijb_1n", {}, dataclasses.replace(COMMON, training=True)).empty
 
 
 def test_ijb_1n_meta_errors(tmp_path):
@@ -274,8 +306,31 @@ def test_raw_photos_are_detected_and_aligned(tmp_path, workdir):
     _write(tmp_path / "probe" / "hopper" / "noise.png", noise)
     model = FaceModel.from_checkpoint(workdir, batch_size=4)
     evaluator = identification.IdentificationEvaluator(
-        {"gallery": str(tmp_path / "gallery"), "probe": str(tmp_path / "probe"), "qaconv": False})
+        "photos", {"gallery": str(tmp_path / "gallery"), "probe": str(tmp_path / "probe"), "qaconv": False}, COMMON)
     result = evaluator.evaluate(model)
     assert (result.gallery, result.mated, result.non_mated) == (2, 2, 0)
     assert [(os.path.basename(n), r) for n, r in result.failed] == [("noise.png", "no face")]
     assert result.methods["adaface"].ranks == {1: 1.0}
+
+
+def test_eval_gallery_probe_shorthand_prints_rank_rows(sets, workdir, tmp_path):
+    """eval.py --gallery --probe --aligned end to end: the identification table on stdout, JSON and CMC written."""
+    root, _ = sets
+    out = tmp_path / "out"
+    done = _eval(f"--workdir={out}", f"--checkpoint={workdir}", f"--gallery={root / 'gallery'}",
+                 f"--probe={root / 'probe'}", "--aligned", "--config.eval.batch_size=16",
+                 "--config.eval.tensorboard=False")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Ranks beyond the 6 gallery faces (10) are left out; 2 non-mated probes cannot measure FPIR 1e-2 or 1e-1.
+    assert lines[0].split() == ["identification", "(%)", "rank-1", "rank-5", "TPIR@FPIR1e-02", "TPIR@FPIR1e-01"]
+    rows = {" ".join(line.split()[:2]): line.split()[2:] for line in lines[2:5]}
+    assert list(rows) == ["gallery AdaFace", "gallery QAConv", "gallery fused"]
+    assert rows["gallery AdaFace"][:2] == ["100.00", "100.00"]  # each mated probe is a copy of a gallery face
+    assert "gallery: 6 gallery faces, 3 mated and 2 non-mated probes" in lines
+    assert ("gallery: FPIR 1e-02, 1e-01: fewer than 1/FPIR non-mated probes, threshold = their highest score "
+            "(no false alarm allowed)") in lines
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["identification"]["gallery"]["scores"]["adaface"]["ranks"] == {"1": 1.0, "5": 1.0}
+    assert (out / "eval" / "cmc_gallery.png").exists()
+    assert (out / "eval" / "results.txt").read_text() == done.stdout

@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from data_pipelines.folders import list_images
-from oaml_jax.evaluation import fusion, verification
+from oaml_jax.evaluation import base, fusion
 from oaml_jax.evaluation.identification_metrics import (MethodResult, TopScoreAccumulator, TopScores, identity_ids,
                                                         method_result)
 from oaml_jax.inference import FaceModel, Features, faces_from_photos
@@ -197,54 +197,62 @@ class IdentificationResult:
         return self.non_mated * fpir >= 1.0
 
 
-def check_settings(settings: Mapping[str, Any], known: Sequence[str], kind: str) -> None:
-    """Raises ValueError naming the settings of a `kind` evaluator that are not in `known`."""
+def check_settings(settings: Mapping[str, Any], known: Sequence[str], field: str) -> None:
+    """Raises ValueError naming the settings under `field` (e.g. "eval.evaluators.ar") not in `known`."""
     unknown = sorted(set(settings) - set(known))
     if unknown:
-        raise ValueError(f"{kind} evaluator settings: unknown {unknown}; expected some of {sorted(known)}")
+        raise ValueError(f"{field}: unknown settings {unknown}; expected some of {sorted(known)}")
 
 
-class IdentificationEvaluator:
+CORNER = "identification (%)"
+
+
+class IdentificationEvaluator(base.Evaluator):
     """Closed- and open-set identification of probe faces against a gallery (type "identification").
 
-    Settings: `gallery`, `probe` (folders or list files, `read_entries`); optional `name`
-    ("identification"), `aligned` (False: photos detected and aligned unless 112x112), `ranks`
-    ((1, 5, 10)), `fpirs` ((1e-2, 1e-1)), `qaconv` (True: QAConv and fused when the model has QAConv),
-    `gallery_chunk` (1024 faces scored at a time), `fusion_weights` ((0.5, 0.5)).
+    Settings: `gallery`, `probe` (folders or list files, `read_entries`); optional `aligned` (False: photos
+    detected and aligned unless 112x112), `ranks` ((1, 5, 10)), `fpirs` ((1e-2, 1e-1)), `qaconv` (True: QAConv
+    and fused, with `eval.fusion_weights`, when the model has QAConv), `gallery_chunk` (1024 faces scored at a
+    time), `validation` (also run by train-time validation, which reads the faces again each time).
+
+    Scalars: "<score>/rank<r>" and "<score>/tpir@fpir<f>" (fractions); table rows "<name> <score>"; file
+    cmc_<name>.png.
     """
 
-    KIND = "identification"
-    SETTINGS = ("name", "gallery", "probe", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", "fusion_weights",
-                *FRAMEWORK_SETTINGS)
+    SETTINGS = ("gallery", "probe", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", *FRAMEWORK_SETTINGS)
     DEFAULT_RANKS = RANKS
 
-    def __init__(self, settings: Mapping[str, Any]):
-        settings = dict(settings)
-        check_settings(settings, self.SETTINGS, self.KIND)
-        self.name = settings.get("name", self.KIND)
+    def __init__(self, name: str, settings: Mapping[str, Any], common: base.Common):
+        """Checks the settings and lists (so checks) the gallery and probe sets.
+
+        Raises:
+            ValueError: an unknown or bad setting, or a set without images (naming the field).
+            FileNotFoundError: a gallery or probe folder or list file that does not exist.
+        """
+        super().__init__(name, settings, common)
+        self.field = f"eval.evaluators.{name}"
+        check_settings(settings, self.SETTINGS, self.field)
         self.aligned = bool(settings.get("aligned", False))
         self.ranks = tuple(int(r) for r in settings.get("ranks", self.DEFAULT_RANKS))
         self.fpirs = tuple(float(f) for f in settings.get("fpirs", FPIRS))
         self.qaconv = bool(settings.get("qaconv", True))
         self.gallery_chunk = int(settings.get("gallery_chunk", GALLERY_CHUNK))
-        self.fusion_weights = fusion.check_weights(
-            settings.get("fusion_weights", tuple(fusion.DEFAULT_WEIGHTS.values())))
         if not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"{self.name}: ranks={self.ranks}: expected ranks >= 1")
+            raise ValueError(f"{self.field}.ranks={self.ranks}: expected ranks >= 1")
         if not all(0.0 < f < 1.0 for f in self.fpirs):
-            raise ValueError(f"{self.name}: fpirs={self.fpirs}: expected rates in (0, 1)")
+            raise ValueError(f"{self.field}.fpirs={self.fpirs}: expected rates in (0, 1)")
         if self.gallery_chunk < 1:
-            raise ValueError(f"{self.name}: gallery_chunk={self.gallery_chunk}: expected >= 1")
+            raise ValueError(f"{self.field}.gallery_chunk={self.gallery_chunk}: expected >= 1")
         self.gallery, self.probe = self.read_sets(settings)
-        logging.info("%s: %d gallery and %d probe images", self.name, len(self.gallery.paths), len(self.probe.paths))
+        logging.info("%s: %d gallery and %d probe images", name, len(self.gallery.paths), len(self.probe.paths))
 
     def read_sets(self, settings: Mapping[str, Any]) -> tuple[Entries, Entries]:
         """(gallery, probe) entries from the settings; subclasses read their own layouts."""
         missing = [key for key in ("gallery", "probe") if not settings.get(key)]
         if missing:
-            raise ValueError(f"{self.KIND} evaluator settings: {missing} required (folders or list files)")
-        return (read_entries(settings["gallery"], f"{self.name}.gallery"),
-                read_entries(settings["probe"], f"{self.name}.probe"))
+            raise ValueError(f"{self.field}: {missing} required (folders of identity sub-folders or list files)")
+        return (read_entries(settings["gallery"], f"{self.field}.gallery"),
+                read_entries(settings["probe"], f"{self.field}.probe"))
 
     def evaluate(self, model: FaceModel) -> IdentificationResult:
         """Reads and aligns the faces, searches every probe, returns the metrics of each score."""
@@ -268,7 +276,7 @@ class IdentificationEvaluator:
         k = min(max(max(self.ranks), CMC_LENGTH), len(self.gallery.paths))
         qaconv = self.qaconv and model.has_qaconv
         tops = search(model, probe.faces, probe_ids, chunks(), k=k, qaconv=qaconv,
-                      fusion_weights=self.fusion_weights)
+                      fusion_weights=self.common.fusion_weights)
         for name, reason in failed:
             logging.warning("%s: %s: %s; left out", self.name, name, reason)
         return self.result(tops, gallery_faces, failed)
@@ -284,54 +292,62 @@ class IdentificationEvaluator:
             gallery=gallery, mated=int(mated.sum()), non_mated=int((~mated).sum()), failed=failed,
             skipped=self.gallery.skipped + self.probe.skipped)
 
-    def run(self, model: FaceModel) -> Iterator[tuple[str, float]]:
-        """Yields ("<name>/<method>/rank<r>", rank-r) and ("<name>/<method>/tpir@fpir<f>", TPIR)."""
-        yield from scalars(self.evaluate(model))
+    def scalars(self, result: IdentificationResult) -> dict[str, float]:
+        """"<score>/rank<r>" and "<score>/tpir@fpir<f>" (fractions)."""
+        out = {}
+        for method, values in result.methods.items():
+            out.update({f"{method}/rank{rank}": value for rank, value in values.ranks.items()})
+            out.update({f"{method}/tpir@fpir{fpir:.0e}": value for fpir, value in values.tpir.items()})
+        return out
 
-    def report(self, result: IdentificationResult, out_dir: epath.PathLike) -> tuple[str, dict[str, epath.Path]]:
-        """(the table text, {"cmc_<name>": the CMC plot}) written under `out_dir`."""
-        from oaml_jax.evaluation import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
+    def best_metric(self, scalars: Mapping[str, float]) -> Optional[float]:
+        """AdaFace rank-1 (None when rank 1 is not among `ranks`)."""
+        return scalars.get("adaface/rank1")
+
+    def tables(self, result: IdentificationResult) -> list[base.Table]:
+        """Rank-r and TPIR at each FPIR per score, in percent, then the counts and what was left out."""
+        rows, columns = {}, []
+        for method, values in result.methods.items():
+            row = {f"rank-{r}": 100.0 * v for r, v in values.ranks.items()}
+            row.update({f"TPIR@FPIR{f:.0e}": 100.0 * v for f, v in values.tpir.items()})
+            rows[f"{result.name} {METHOD_LABELS[method]}"] = row
+            columns += [c for c in row if c not in columns]
+        return [base.Table(CORNER, tuple(columns), rows, tuple(notes(result)))]
+
+    def summary(self, result: IdentificationResult) -> dict[str, Any]:
+        """{"identification": {name: counts, photos left out, and per score ranks, TPIR, thresholds, CMC}}."""
+        return {"identification": {result.name: summary_entry(result)}}
+
+    def write(self, result: IdentificationResult, out_dir: epath.Path) -> dict[str, epath.Path]:
+        """cmc_<name>.png: the CMC curve of each score."""
+        from oaml_jax.evaluation import plots  # matplotlib only here
         path = plots.plot_cmc({METHOD_LABELS[m]: r.cmc for m, r in result.methods.items()},
-                              epath.Path(out_dir) / f"cmc_{result.name}.png", title=f"{result.name}: CMC")
-        return table(result), {f"cmc_{result.name}": path}
+                              out_dir / f"cmc_{result.name}.png", title=f"{result.name}: CMC")
+        return {f"cmc_{result.name}": path}
 
 
-def scalars(result: IdentificationResult) -> Iterator[tuple[str, float]]:
-    """The result as `(name, value)` scalars (fractions)."""
-    for method, values in result.methods.items():
-        for rank, value in values.ranks.items():
-            yield f"{result.name}/{method}/rank{rank}", value
-        for fpir, value in values.tpir.items():
-            yield f"{result.name}/{method}/tpir@fpir{fpir:.0e}", value
-
-
-CORNER = "identification (%)"
-
-
-def table_section(result: IdentificationResult) -> tuple[list[str], dict[str, dict[str, float]], list[str]]:
-    """(columns, rows: "<name> <score>" -> column -> percent, notes: the counts and what was left out)."""
-    rows, columns = {}, []
-    for method, values in result.methods.items():
-        row = {f"rank-{r}": 100.0 * v for r, v in values.ranks.items()}
-        row.update({f"TPIR@FPIR{f:.0e}": 100.0 * v for f, v in values.tpir.items()})
-        rows[f"{result.name} {METHOD_LABELS[method]}"] = row
-        columns += [c for c in row if c not in columns]
-    notes = [f"{result.name}: {result.gallery} gallery faces, {result.mated} mated and {result.non_mated} "
+def notes(result: IdentificationResult) -> list[str]:
+    """The table's notes: gallery and probe counts, unmeasurable FPIRs, entries skipped, photos left out."""
+    lines = [f"{result.name}: {result.gallery} gallery faces, {result.mated} mated and {result.non_mated} "
              "non-mated probes"]
     unresolved = [f for values in result.methods.values() for f in values.tpir if not result.resolved(f)]
     if unresolved:
-        notes.append(f"{result.name}: FPIR {', '.join(f'{f:.0e}' for f in sorted(set(unresolved)))}: fewer than "
+        lines.append(f"{result.name}: FPIR {', '.join(f'{f:.0e}' for f in sorted(set(unresolved)))}: fewer than "
                      "1/FPIR non-mated probes, threshold = their highest score (no false alarm allowed)")
     if result.skipped:
-        notes.append(f"{result.name}: {result.skipped} folder entries that are not images skipped")
+        lines.append(f"{result.name}: {result.skipped} folder entries that are not images skipped")
     if result.failed:
         shown = "; ".join(f"{n}: {r}" for n, r in result.failed[:5])
-        notes.append(f"{result.name}: {len(result.failed)} photos without a usable face left out ({shown}"
+        lines.append(f"{result.name}: {len(result.failed)} photos without a usable face left out ({shown}"
                      f"{', ...' if len(result.failed) > 5 else ''})")
-    return columns, rows, notes
+    return lines
 
 
-def table(result: IdentificationResult) -> str:
-    """`table_section` as text: rank-r and TPIR at each FPIR per score, in percent, then the notes."""
-    columns, rows, notes = table_section(result)
-    return "\n".join([verification.format_table(rows, columns, corner=CORNER), *notes])
+def summary_entry(result: IdentificationResult) -> dict[str, Any]:
+    """One result as JSON-ready data (rates as fractions; FPIR keys as "1e-02")."""
+    return {"gallery": result.gallery, "mated": result.mated, "non_mated": result.non_mated,
+            "skipped": result.skipped, "failed": [list(f) for f in result.failed],
+            "scores": {m: {"ranks": {str(r): v for r, v in values.ranks.items()},
+                           "tpir": {f"{f:.0e}": v for f, v in values.tpir.items()},
+                           "thresholds": {f"{f:.0e}": v for f, v in values.thresholds.items()},
+                           "cmc": values.cmc.tolist()} for m, values in result.methods.items()}}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from absl import logging
 from etils import epath
 
 from data_pipelines.folders import list_images
-from oaml_jax.evaluation import identification, identification_metrics, ijb, verification
+from oaml_jax.evaluation import base, identification, identification_metrics, ijb
 from oaml_jax.evaluation.identification import Entries, IdentificationEvaluator
 from oaml_jax.inference import FaceModel
 from oaml_jax.paths import user_path
@@ -86,19 +86,18 @@ def read_tinyface(root: epath.PathLike) -> tuple[Entries, Entries]:
 class TinyFaceEvaluator(IdentificationEvaluator):
     """TinyFace's protocol (type "tinyface"): rank-1/5/20 of the probes against the matches plus distractors.
 
-    Settings: `root` (`TINYFACE_LAYOUTS`); optional `name` ("tinyface"), `aligned` (True for AdaFace's
-    aligned release; False detects and aligns the original low-resolution crops), `ranks` ((1, 5, 20)),
-    `qaconv`, `gallery_chunk`, `fusion_weights` as for "identification".
+    Settings: `root` (`TINYFACE_LAYOUTS`); optional `aligned` (True for AdaFace's aligned release; False
+    detects and aligns the original low-resolution crops), `ranks` ((1, 5, 20)), `qaconv`, `gallery_chunk`,
+    `validation` as for "identification".
     """
 
-    KIND = "tinyface"
-    SETTINGS = ("name", "root", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", "fusion_weights",
-                *identification.FRAMEWORK_SETTINGS)
+    SETTINGS = ("root", "aligned", "ranks", "fpirs", "qaconv", "gallery_chunk", *identification.FRAMEWORK_SETTINGS)
     DEFAULT_RANKS = (1, 5, 20)
 
     def read_sets(self, settings: Mapping[str, Any]) -> tuple[Entries, Entries]:
         if not settings.get("root"):
-            raise ValueError("tinyface evaluator settings: 'root' required")
+            raise ValueError(f"{self.field}.root: expected TinyFace's folder (Probe/, Gallery_Match/, "
+                             "Gallery_Distractor/)")
         return read_tinyface(settings["root"])
 
 
@@ -208,40 +207,62 @@ def _rows(result: identification.IdentificationResult) -> dict[str, float]:
     return row
 
 
-class IJB1NEvaluator:
+class IJB1NEvaluator(base.Evaluator):
     """IJB-B/C 1:N identification of every set found under a root (type "ijb_1n").
 
-    Settings: `root` (insightface's `IJB_release` folder or one set's folder, as `ijb.ijb_folder`); optional
-    `name` ("ijb_1n"), `names` (("ijbb", "ijbc"); missing sets are warned about and skipped), `ranks`
-    ((1, 5, 10)), `fpirs` ((1e-2, 1e-1)), `batch_size` (faces per extraction call; 0 = the model's).
+    Settings: `root` (default `eval.ijb_root`: insightface's `IJB_release` folder or one set's folder, as
+    `ijb.ijb_folder`); optional `names` (default `eval.ijb_names`; missing sets are warned about and
+    skipped), `ranks` ((1, 5, 10)), `fpirs` ((1e-2, 1e-1)), `batch_size` (faces per extraction call; default
+    `eval.ijb_batch_size`, 0 = the model's). Never run by train-time validation (too slow).
+
+    Scalars: "<set>/<gallery>/adaface/rank<r>", ".../tpir@fpir<f>", and "<set>/mean/adaface/..." (fractions);
+    file cmc_<set>_1n.png.
     """
 
-    KIND = "ijb_1n"
-    SETTINGS = ("name", "root", "names", "ranks", "fpirs", "batch_size", *identification.FRAMEWORK_SETTINGS)
+    SETTINGS = ("root", "names", "ranks", "fpirs", "batch_size", *identification.FRAMEWORK_SETTINGS)
 
-    def __init__(self, settings: Mapping[str, Any]):
-        settings = dict(settings)
-        identification.check_settings(settings, self.SETTINGS, self.KIND)
-        if not settings.get("root"):
-            raise ValueError("ijb_1n evaluator settings: 'root' required")
-        root = user_path(settings["root"], "ijb_1n.root")
-        self.name = settings.get("name", self.KIND)
+    def __init__(self, name: str, settings: Mapping[str, Any], common: base.Common):
+        """Checks the settings, finds the sets and reads (so checks) their meta files.
+
+        Raises:
+            FileNotFoundError: no root, or none of the sets under it.
+            ValueError: an unknown or bad setting, or a malformed meta file (naming file and line).
+        """
+        super().__init__(name, settings, common)
+        field = f"eval.evaluators.{name}"
+        identification.check_settings(settings, self.SETTINGS, field)
+        setting = lambda key, default: settings.get(key, common.eval_config.get(f"ijb_{key}", default))
         self.ranks = tuple(int(r) for r in settings.get("ranks", identification.RANKS))
         self.fpirs = tuple(float(f) for f in settings.get("fpirs", identification.FPIRS))
-        self.batch_size = int(settings.get("batch_size", 0))
-        names = tuple(n.lower() for n in settings.get("names", ijb.IJB_NAMES))
+        self.batch_size = int(setting("batch_size", 0))
+        if not self.ranks or min(self.ranks) < 1:
+            raise ValueError(f"{field}.ranks={self.ranks}: expected ranks >= 1")
+        if not all(0.0 < f < 1.0 for f in self.fpirs):
+            raise ValueError(f"{field}.fpirs={self.fpirs}: expected rates in (0, 1)")
+        if self.batch_size < 0:
+            raise ValueError(f"{field}.batch_size={self.batch_size}: expected >= 0 (0 = the model's)")
+        names = tuple(n.lower() for n in setting("names", ijb.IJB_NAMES))
         unknown = [n for n in names if n not in IJB_GALLERIES]
         if unknown:
-            raise ValueError(f"ijb_1n.names: unknown {unknown}; expected names from {tuple(IJB_GALLERIES)}")
+            raise ValueError(f"{field}.names: unknown {unknown}; expected names from {tuple(IJB_GALLERIES)}")
         self.sets = {}
-        for name in names:
-            folder = ijb.ijb_folder(root, name)
+        if common.training:
+            return
+        if not setting("root", ""):
+            raise FileNotFoundError(f"{field}.root: expected insightface's IJB_release folder (or eval.ijb_root)")
+        root = user_path(setting("root", ""), f"{field}.root")
+        for set_name in names:
+            folder = ijb.ijb_folder(root, set_name)
             if folder is None:
-                logging.warning("IJB set %s not found under ijb_1n.root=%s; skipped", name, root)
+                logging.warning("IJB set %s not found under %s.root=%s; skipped", set_name, field, root)
                 continue
-            self.sets[name] = read_ijb_1n(folder, name)
+            self.sets[set_name] = read_ijb_1n(folder, set_name)
         if not self.sets:
-            raise FileNotFoundError(f"ijb_1n.root={root}: no meta/<name>_face_tid_mid.txt for any of {names}")
+            raise FileNotFoundError(f"{field}.root={root}: no meta/<name>_face_tid_mid.txt for any of {names}")
+
+    @property
+    def empty(self) -> bool:
+        return not self.sets
 
     def evaluate(self, model: FaceModel) -> dict[str, IJB1NResult]:
         """set name -> `IJB1NResult`."""
@@ -275,45 +296,42 @@ class IJB1NEvaluator:
             results[name] = IJB1NResult(name=name, galleries=galleries, mean=mean)
         return results
 
-    def run(self, model: FaceModel) -> Iterator[tuple[str, float]]:
-        """Yields ("<set>/<gallery>/adaface/rank<r>", ...) per gallery and ("<set>/mean/adaface/<metric>", ...)."""
-        yield from scalars(self.evaluate(model))
+    def scalars(self, results: Mapping[str, IJB1NResult]) -> dict[str, float]:
+        """"<set>/<gallery>/adaface/rank<r>", ".../tpir@fpir<f>" per gallery and "<set>/mean/adaface/..."."""
+        out = {}
+        for name, result in results.items():
+            for gallery, values in result.galleries.items():
+                out.update({f"{name}/{gallery}/adaface/{_scalar_key(k)}": v for k, v in _rows(values).items()})
+            out.update({f"{name}/mean/adaface/{_scalar_key(k)}": v for k, v in result.mean.items()})
+        return out
 
-    def report(self, results: Mapping[str, IJB1NResult],
-               out_dir: epath.PathLike) -> tuple[str, dict[str, epath.Path]]:
-        """(the table text, {"cmc_<set>_1n": CMC plot of the galleries}) written under `out_dir`."""
-        from oaml_jax.evaluation import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
-        columns, rows, notes = table_section(results)
-        files = {f"cmc_{name}_1n": plots.plot_cmc(
+    def tables(self, results: Mapping[str, IJB1NResult]) -> list[base.Table]:
+        """Rows "<set> <gallery> AdaFace" and "<set> mean AdaFace" in percent; notes: the template counts."""
+        rows, notes = {}, []
+        for name, result in results.items():
+            for gallery, values in result.galleries.items():
+                rows[f"{name} {gallery} AdaFace"] = {k: 100.0 * v for k, v in _rows(values).items()}
+                notes.append(f"{name} {gallery}: {values.gallery} gallery templates, {values.mated} mated and "
+                             f"{values.non_mated} non-mated probe templates")
+            rows[f"{name} mean AdaFace"] = {k: 100.0 * v for k, v in result.mean.items()}
+        columns = tuple(dict.fromkeys(c for row in rows.values() for c in row))
+        return [base.Table(CORNER, columns, rows, tuple(notes))]
+
+    def summary(self, results: Mapping[str, IJB1NResult]) -> dict[str, Any]:
+        """{"ijb_1n": {set: {gallery: `identification.summary_entry`, "mean": metric -> fraction}}}."""
+        return {"ijb_1n": {name: {**{g: identification.summary_entry(r) for g, r in result.galleries.items()},
+                                  "mean": result.mean} for name, result in results.items()}}
+
+    def write(self, results: Mapping[str, IJB1NResult], out_dir: epath.Path) -> dict[str, epath.Path]:
+        """cmc_<set>_1n.png: the CMC curve of each gallery."""
+        from oaml_jax.evaluation import plots  # matplotlib only here
+        return {f"cmc_{name}_1n": plots.plot_cmc(
             {gallery: r.methods["adaface"].cmc for gallery, r in result.galleries.items()},
-            epath.Path(out_dir) / f"cmc_{name}_1n.png", title=f"{name.upper()} 1:N: CMC (AdaFace)")
+            out_dir / f"cmc_{name}_1n.png", title=f"{name.upper()} 1:N: CMC (AdaFace)")
             for name, result in results.items()}
-        return "\n".join([verification.format_table(rows, columns, corner=CORNER), *notes]), files
 
 
 CORNER = "IJB 1:N (%)"
-
-
-def table_section(results: Mapping[str, IJB1NResult]) -> tuple[list[str], dict[str, dict[str, float]], list[str]]:
-    """(columns, rows: "<set> <gallery> AdaFace" and "<set> mean AdaFace" -> column -> percent, notes: counts)."""
-    rows, notes = {}, []
-    for name, result in results.items():
-        for gallery, values in result.galleries.items():
-            rows[f"{name} {gallery} AdaFace"] = {k: 100.0 * v for k, v in _rows(values).items()}
-            notes.append(f"{name} {gallery}: {values.gallery} gallery templates, {values.mated} mated and "
-                         f"{values.non_mated} non-mated probe templates")
-        rows[f"{name} mean AdaFace"] = {k: 100.0 * v for k, v in result.mean.items()}
-    return list(dict.fromkeys(c for row in rows.values() for c in row)), rows, notes
-
-
-def scalars(results: Mapping[str, IJB1NResult]) -> Iterator[tuple[str, float]]:
-    """IJB 1:N results as `(name, value)` scalars (fractions)."""
-    for name, result in results.items():
-        for gallery, values in result.galleries.items():
-            for key, value in _rows(values).items():
-                yield f"{name}/{gallery}/adaface/{_scalar_key(key)}", value
-        for key, value in result.mean.items():
-            yield f"{name}/mean/adaface/{_scalar_key(key)}", value
 
 
 def _scalar_key(column: str) -> str:
