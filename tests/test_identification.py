@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from oaml_jax import checkpoint
 from oaml_jax.configs import default
 from oaml_jax.evaluation import base, evaluators, fusion, identification, identification_benchmarks
 from oaml_jax.evaluation import identification_metrics, ijb, runner
@@ -176,15 +177,19 @@ def test_list_files_and_setting_errors(sets, tmp_path):
         identification.IdentificationEvaluator("ar", {"gallery": "x", "probe": "y", "ranks": (0,)}, COMMON)
 
 
-def test_built_from_the_config_by_type(sets):
+def test_built_from_the_config_by_type(sets, workdir):
     root, _ = sets
     config = default.get_config()
     with config.unlocked():
         config.eval.evaluators = ml_collections.ConfigDict(dict(ar=dict(
-            type="identification", validation=True, gallery=str(root / "gallery"), probe=str(root / "probe"))))
+            type="identification", validation=True, gallery=str(root / "gallery"), probe=str(root / "probe"),
+            aligned=True)))
     (built,) = evaluators.from_config(config, training=True)
     assert isinstance(built, identification.IdentificationEvaluator) and built.name == "ar" and built.validation
     assert len(built.gallery.paths) == 6 and built.common.fusion_weights == COMMON.fusion_weights
+    # Train-time validation: its scalars under "val/", AdaFace rank-1 ranking the checkpoint.
+    metrics = evaluators.validation_metrics([built], FaceModel.from_checkpoint(workdir, batch_size=4))
+    assert metrics["val/adaface/rank1"] == 1.0 and metrics[checkpoint.BEST_METRIC] == 1.0
     assert evaluators.evaluator_class("t", "tinyface") is identification_benchmarks.TinyFaceEvaluator
     assert evaluators.evaluator_class("i", "ijb_1n") is identification_benchmarks.IJB1NEvaluator
 
