@@ -14,7 +14,7 @@ from PIL import Image
 from data_pipelines import synthetic
 from data_pipelines.images import encode_png
 from oaml_jax import checkpoint as checkpoint_lib
-from oaml_jax.evaluation import allpairs, evaluators, folder, runner, verification
+from oaml_jax.evaluation import allpairs, evaluators, folder, plots, runner, verification
 
 import train_worker
 from tiny_checkpoint import tiny_config, write_converted_checkpoint
@@ -114,8 +114,11 @@ def folder_config(path, **settings):
     return config
 
 
-def test_folder_run_equals_brute_force_over_all_pairs(tmp_path, workdir, face_model):
+def test_folder_run_equals_brute_force_over_all_pairs(tmp_path, workdir, face_model, monkeypatch):
     root = write_aligned_folder(str(tmp_path / "faces"))
+    roc_figure, drawn = plots.roc_figure, []
+    monkeypatch.setattr(plots, "roc_figure", lambda curves, title, num_impostors=None: drawn.append(num_impostors)
+                        or roc_figure(curves, title, num_impostors))
     result = runner.run(folder_config(root, fars=(0.1, 0.02)), str(tmp_path / "out"), checkpoint=workdir)
     faces = np.stack([np.asarray(Image.open(os.path.join(root, f"id{i}", f"{k}.png"))) for i in range(4)
                       for k in range(3)])
@@ -137,6 +140,7 @@ def test_folder_run_equals_brute_force_over_all_pairs(tmp_path, workdir, face_mo
                         "entries skipped); 12 genuine and 54 impostor pairs")
     assert os.path.getsize(result["files"]["faces_clean_roc"]) > 0 and os.path.getsize(
         result["files"]["faces_clean_hist"]) > 0
+    assert drawn == [54]  # the ROC's FAR axis starts at 1 / the impostor pairs
 
 
 def test_folder_variants_and_identity_pattern(tmp_path, workdir):

@@ -160,8 +160,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # The evaluators, by name, run in this order by eval.py (`oaml_jax.evaluation.evaluators`); those with
     # `validation=True` also by train-time validation (clean pairs). Types: "bin_pairs" (the .bin sets below),
     # "pairs_file" (pairs=<LFW-format pairs.txt>, images=<root>), "folder" (path=<identity folders>,
-    # identity_pattern, aligned), "ijb" (eval.ijb_* below). Add one in a config file
-    # (`config.eval.evaluators.niqab = dict(type="folder", path="/data/niqab")`) or with eval.py's --folder.
+    # identity_pattern, aligned), "ijb" (eval.ijb_* below), 1:N "identification" (gallery, probe, aligned),
+    # "tinyface" (root) and "ijb_1n" (root, default eval.ijb_root). Add one with e.g.
+    # `--config.eval.evaluators.niqab="dict(type='folder', path='/data/niqab')"` or eval.py's --folder.
     config.eval.evaluators = ml_collections.ConfigDict(dict(
         bins=dict(type="bin_pairs", validation=True),
         ijb=dict(type="ijb")))

@@ -6,6 +6,7 @@
     config.eval.evaluators.bins = dict(type="bin_pairs", validation=True)        # eval.bin_names
     config.eval.evaluators.niqab = dict(type="folder", path="/data/niqab", aligned=False)
     config.eval.evaluators.mfr2 = dict(type="pairs_file", pairs="/data/mfr2/pairs.txt", images="/data/mfr2")
+    config.eval.evaluators.ar = dict(type="identification", gallery="/data/ar/gallery", probe="/data/ar/probe")
 
 eval.py runs them in order (`runner.run`); train-time validation runs those marked `validation` on clean
 pairs (`validation_metrics`). The interface every type implements is `base.Evaluator`; a new type is a class
@@ -31,6 +32,9 @@ REGISTRY = {
     "pairs_file": "oaml_jax.evaluation.pairs_file:PairsFileEvaluator",
     "folder": "oaml_jax.evaluation.folder:FolderEvaluator",
     "ijb": "oaml_jax.evaluation.ijb:IJBEvaluator",
+    "identification": "oaml_jax.evaluation.identification:IdentificationEvaluator",
+    "tinyface": "oaml_jax.evaluation.identification_benchmarks:TinyFaceEvaluator",
+    "ijb_1n": "oaml_jax.evaluation.identification_benchmarks:IJB1NEvaluator",
 }
 
 

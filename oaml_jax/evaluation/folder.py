@@ -303,17 +303,16 @@ class FolderEvaluator(base.Evaluator):
             "auc": {v: {s: r.auc for s, r in by.items()} for v, by in result.scores.items()}}}}
 
     def write(self, result: FolderResult, out_dir: epath.Path) -> dict[str, epath.Path]:
-        """<name>_<variant>_roc.png and <name>_<variant>_hist.png (genuine vs impostor histograms per score)."""
-        from oaml_jax.evaluation import (
-            plots,  # matplotlib: only where figures are written
-        )
+        """<name>_<variant>_roc.png (FAR axis from 1 / the impostor pairs) and <name>_<variant>_hist.png (genuine vs
+        impostor histograms per score)."""
+        from oaml_jax.evaluation import plots  # matplotlib: only where figures are written
 
         files = {}
         for variant, by_score in result.scores.items():
             title = f"{self.name} {variant}"
             curves = {_LABELS[s]: (r.fpr, r.tpr) for s, r in by_score.items()}
             files[f"{self.name}_{variant}_roc"] = plots.plot_roc(curves, out_dir / f"{self.name}_{variant}_roc.png",
-                                                                 title=title)
+                                                                 title=title, num_impostors=result.num_impostors)
             files[f"{self.name}_{variant}_hist"] = plots.plot_score_histograms(
                 {_LABELS[s]: (r.genuine, r.impostor_sample) for s, r in by_score.items()},
                 out_dir / f"{self.name}_{variant}_hist.png", title=title)

@@ -1,8 +1,8 @@
-"""Evaluation figures: ROC curves, occlusion-map grids and pair verification panels.
+"""Evaluation figures: ROC and CMC curves, occlusion-map grids, pair verification panels, ablation bars.
 
 Figures are built as `matplotlib.figure.Figure` objects on the Agg canvas (no pyplot global state, no
-display needed). `*_figure` functions return the figure (for `figure_to_array`, e.g. TensorBoard image
-summaries); `plot_*` functions build it, write a PNG and return the path.
+display needed). `*_figure` functions return the figure; `plot_*` functions build it, write a PNG and
+return the path.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from etils import epath
+from matplotlib import cm, colors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -35,20 +36,6 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
     fig = Figure(figsize=(width_in, height_in), dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig
-
-
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render a figure to pixels.
-
-    Args:
-        fig: a figure built by this module (or any figure with an Agg canvas).
-
-    Returns:
-        uint8 `[H, W, 3]` RGB image, `H, W` = figure size in inches x dpi.
-    """
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _save(fig: Figure, path: epath.PathLike) -> epath.Path:
@@ -99,30 +86,49 @@ def _show_face(ax, image: np.ndarray, occlusion: np.ndarray | None = None, title
         ax.set_title(title, fontsize=8)
 
 
+def lowest_measurable_fpr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> float:
+    """The smallest positive FPR of any curve: `1 / impostors` for curves of `verification.roc_curve` whose
+    highest impostor score is not tied (the lowest FAR the impostor count can measure)."""
+    positive = []
+    for fpr, _ in curves.values():
+        fpr = np.asarray(fpr, dtype=np.float64)
+        if np.any(fpr > 0):
+            positive.append(float(fpr[fpr > 0].min()))
+    if not positive:
+        raise ValueError("curves: no point with a positive false accept rate")
+    return min(positive)
+
+
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC",
-               min_fpr: float = 1e-6) -> Figure:
-    """ROC curves with a log FPR axis.
+               num_impostors: int | None = None) -> Figure:
+    """ROC curves with a log FAR axis from the lowest measurable FAR, the AUC of each in the legend.
 
     Args:
-        curves: label -> `(fpr [K], tpr [K])` (e.g. from `verification.roc_curve`).
+        curves: label -> `(fpr [K], tpr [K])` (e.g. from `verification.roc_curve`, which starts at (0, 0)
+            and ends at (1, 1)).
         title: figure title.
-        min_fpr: left end of the FPR axis (points at FPR 0 cannot be drawn on a log axis).
+        num_impostors: impostor pairs behind the curves; the FAR axis starts at `1 / num_impostors`. Without
+            it, at the smallest positive FPR of the curves (`lowest_measurable_fpr`; the same for curves of
+            `verification.roc_curve` unless the top impostor scores tie).
 
     Returns:
-        The figure (6 x 5 inches at 100 dpi).
+        The figure (6 x 5 inches at 100 dpi). Legend entries read "<label> (AUC 0.9876)", the AUC being the
+        trapezoidal area under the whole curve (`verification.roc_auc` for `roc_curve` curves).
     """
     if not curves:
         raise ValueError("curves: expected at least one (fpr, tpr) curve")
+    if num_impostors is not None and num_impostors < 1:
+        raise ValueError(f"num_impostors: expected >= 1, got {num_impostors}")
     fig = _new_figure(6.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     for label, (fpr, tpr) in curves.items():
         fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
         if fpr.shape != tpr.shape or fpr.ndim != 1:
             raise ValueError(f"curve '{label}': fpr {fpr.shape} and tpr {tpr.shape} must be equal 1-D shapes")
-        keep = fpr > 0
-        ax.plot(fpr[keep], tpr[keep], lw=1.2, label=label)
+        keep = fpr > 0  # FPR 0 cannot be drawn on a log axis
+        ax.plot(fpr[keep], tpr[keep], lw=1.2, label=f"{label} (AUC {np.trapezoid(tpr, fpr):.4f})")
     ax.set_xscale("log")
-    ax.set_xlim(min_fpr, 1.0)
+    ax.set_xlim(1.0 / num_impostors if num_impostors else lowest_measurable_fpr(curves), 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("False accept rate")
     ax.set_ylabel("True accept rate")
@@ -134,23 +140,78 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str =
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: epath.PathLike,
-             title: str = "ROC") -> epath.Path:
-    """Write `roc_figure(curves, title)` as a PNG at `path` and return the path."""
-    return _save(roc_figure(curves, title), path)
+             title: str = "ROC", num_impostors: int | None = None) -> epath.Path:
+    """Write `roc_figure(curves, title, num_impostors)` as a PNG at `path` and return the path."""
+    return _save(roc_figure(curves, title, num_impostors), path)
+
+
+def cmc_figure(curves: Mapping[str, np.ndarray], title: str = "CMC") -> Figure:
+    """Cumulative match characteristic curves: identification rate at rank 1..K.
+
+    Args:
+        curves: label -> `[K]` share of mated probes found at rank <= r (`identification_metrics.cmc`).
+        title: figure title.
+
+    Returns:
+        The figure (6 x 5 inches at 100 dpi); legend entries give rank-1.
+    """
+    if not curves:
+        raise ValueError("curves: expected at least one CMC curve")
+    fig = _new_figure(6.0, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, curve in curves.items():
+        curve = np.asarray(curve, dtype=np.float64)
+        if curve.ndim != 1 or curve.size == 0:
+            raise ValueError(f"curve '{label}': expected a non-empty 1-D curve, got shape {curve.shape}")
+        ax.plot(np.arange(1, curve.size + 1), 100.0 * curve, marker=".", lw=1.2,
+                label=f"{label} (rank-1 {100.0 * curve[0]:.2f}%)")
+    ax.set_xlabel("Rank")
+    ax.set_ylabel("Identification rate (%)")
+    ax.set_ylim(0.0, 100.0)
+    ax.set_title(title)
+    ax.grid(True, linestyle="--", linewidth=0.5)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cmc(curves: Mapping[str, np.ndarray], path: epath.PathLike, title: str = "CMC") -> epath.Path:
+    """Write `cmc_figure(curves, title)` as a PNG at `path` and return the path."""
+    return _save(cmc_figure(curves, title), path)
+
+
+def visibility_colormap() -> colors.Colormap:
+    """How `_occlusion_overlay` shows a visibility over a white face: red at 0 (occluded), none at 1 (visible)."""
+    tint = lambda visible: tuple(1.0 - _OVERLAY_ALPHA * (1.0 - visible) * (1.0 - c) for c in _OCCLUDED_RGB)
+    return colors.LinearSegmentedColormap.from_list("visibility", [tint(0.0), tint(1.0)])
+
+
+GRID_CAPTION = "number after each name: the face's mean predicted visibility"
+# Occlusion grid layout, in inches: a cell per face (the face inside a padding), a title band above each
+# row of faces when titled, and a band under the faces for the colour bar and caption.
+_GRID_CELL_IN = 1.5
+_GRID_PAD_IN = 0.05
+_GRID_TITLE_IN = 0.2
+_LEGEND_IN = 0.75
 
 
 def occlusion_grid_figure(images: np.ndarray, maps: np.ndarray, titles: Sequence[str] | None = None,
-                          columns: int = 8) -> Figure:
-    """Faces with their occlusion maps (1 = visible) overlaid, up to `columns` per row.
+                          columns: int = 8, caption: str = GRID_CAPTION) -> Figure:
+    """Faces with their predicted occlusion maps overlaid, up to `columns` per row, above a colour bar
+    "predicted visibility (0 = occluded, 1 = visible)" and a caption.
 
     Args:
         images: uint8 `[N, H, W, 3]` RGB faces.
-        maps: `[N, h, w]` occlusion maps in [0, 1], stretched over each face.
+        maps: `[N, h, w]` visibility maps in [0, 1] (1 = visible), stretched over each face: the red tint
+            grows with occlusion.
         titles: optional `N` captions.
         columns: faces per row.
+        caption: the line under the colour bar, saying what the titles' numbers are (eval.py's titles end in
+            the face's mean predicted visibility, the default caption's meaning).
 
     Returns:
-        The figure (1.5 inches per face).
+        The figure: 1.5 inches per face (at least 4 inches wide), plus 0.2 inches per row of titles and
+        `_LEGEND_IN` for the colour bar and caption.
     """
     images = np.asarray(images)
     maps = np.asarray(maps, dtype=np.float32)
@@ -165,18 +226,31 @@ def occlusion_grid_figure(images: np.ndarray, maps: np.ndarray, titles: Sequence
         raise ValueError("images: expected at least one face")
     cols = min(columns, num)
     rows = -(-num // cols)
-    fig = _new_figure(1.5 * cols, 1.5 * rows + (0.2 * rows if titles else 0.0))
+    title_in = _GRID_TITLE_IN if titles else 0.0
+    width = max(_GRID_CELL_IN * cols, 4.0)
+    height = (_GRID_CELL_IN + title_in) * rows + _LEGEND_IN
+    fig = _new_figure(width, height)
+    left0 = (width - _GRID_CELL_IN * cols) / 2
+    face = _GRID_CELL_IN - 2 * _GRID_PAD_IN
     for i in range(num):
-        ax = fig.add_subplot(rows, cols, i + 1)
+        row, col = divmod(i, cols)
+        left = left0 + col * _GRID_CELL_IN + _GRID_PAD_IN
+        bottom = height - (row + 1) * (_GRID_CELL_IN + title_in) + _GRID_PAD_IN
+        ax = fig.add_axes((left / width, bottom / height, face / width, face / height))
         _show_face(ax, images[i], maps[i], titles[i] if titles else None)
-    fig.tight_layout(pad=0.3)
+    bar = fig.add_axes((0.2, 0.5 * _LEGEND_IN / height, 0.6, 0.12 / height))
+    fig.colorbar(cm.ScalarMappable(norm=colors.Normalize(0.0, 1.0), cmap=visibility_colormap()), cax=bar,
+                 orientation="horizontal")
+    bar.set_title("predicted visibility (0 = occluded, 1 = visible)", fontsize=7)
+    bar.tick_params(labelsize=7)
+    fig.text(0.5, 0.08 * _LEGEND_IN / height, caption, ha="center", va="bottom", fontsize=7)
     return fig
 
 
 def plot_occlusion_grid(images: np.ndarray, maps: np.ndarray, path: epath.PathLike,
-                        titles: Sequence[str] | None = None) -> epath.Path:
-    """Write `occlusion_grid_figure(images, maps, titles)` as a PNG at `path` and return the path."""
-    return _save(occlusion_grid_figure(images, maps, titles), path)
+                        titles: Sequence[str] | None = None, caption: str = GRID_CAPTION) -> epath.Path:
+    """Write `occlusion_grid_figure(images, maps, titles, caption=caption)` as a PNG at `path`; return the path."""
+    return _save(occlusion_grid_figure(images, maps, titles, caption=caption), path)
 
 
 def pair_verification_figure(img_a: np.ndarray, img_b: np.ndarray, map_a: np.ndarray, map_b: np.ndarray,
