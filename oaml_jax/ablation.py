@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from oaml_jax import checkpoint, demo, logs, train
+from oaml_jax import checkpoint, demo, logs, resume, train
 from oaml_jax.evaluation import pairs, plots, runner
 
 # The AdaFace-only baseline on top of the demo config: the AdaFace loss alone at weight 1 (the demo's 0.1
@@ -90,7 +90,8 @@ def run_one(config: ml_collections.ConfigDict, run_dir: epath.Path) -> dict[str,
         saved = checkpoint.Checkpointer(run_dir, every=1, keep=1)
         try:
             # The data folder may move with the workdir; what is in it is guarded by demo.ensure_data.
-            changed = train.config_differences(saved.restore_config(saved.latest_step()), config, ignore=("data.path",))
+            changed = resume.config_differences(saved.restore_config(saved.latest_step()), config,
+                                                ignore=("data.path",))
         finally:
             saved.close()
         if changed:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
@@ -37,11 +36,10 @@ from orbax.checkpoint import multihost
 
 from data_pipelines import pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
-from oaml_jax import data_record
-from oaml_jax.configs import default as default_config
 from oaml_jax import metric_logger
 from oaml_jax import metrics as metrics_lib
 from oaml_jax import optim
+from oaml_jax import resume
 from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
@@ -205,7 +203,7 @@ def _check_data(config: ml_collections.ConfigDict, spec: RunSpec, source: Any) -
 
     Returns:
         (num_classes: `model.num_classes` or the data's, labels int `[N]`, the data record of
-        `oaml_jax.data_record.describe`).
+        `oaml_jax.resume.describe_data`).
 
     Raises:
         ValueError: a negative label, labels past `model.num_classes` (they would index past the class kernel
@@ -229,53 +227,7 @@ def _check_data(config: ml_collections.ConfigDict, spec: RunSpec, source: Any) -
     if config.data.sampler == "graph" and spec.graph_k > num_classes - 1:
         raise ValueError(f"{where} holds {num_classes} classes; the graph sampler needs {spec.graph_k} neighbours "
                          "per class (model.qaconv_group_size / data.k - 1)")
-    return num_classes, labels, data_record.describe(source, labels)
-
-
-# Fields whose change between a checkpoint and its resumed run changes the model or the data order.
-_RESUME_FIELDS = ("seed", "model", "data.source", "data.sampler", "data.k", "data.seed", "data.augment",
-                  "data.occlusion", "train.batch_size")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                       fields: Optional[tuple[str, ...]] = None, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Lists "field: saved X, now Y" for each leaf field where the two configs differ, of those under `fields` (all when
-    None) and not under `ignore`.
-
-    Both sides are compared as JSON (tuples and lists alike), as the checkpoint stores the config. A field the
-    saved config lacks (one added to configs/default.py since it was saved) counts as its default value.
-    """
-    flat_json = lambda tree: _flatten(json.loads(json.dumps(tree)))
-    current = flat_json(config.to_dict())
-    saved = {**flat_json(default_config.get_config().to_dict()), **flat_json(saved)}
-    under = lambda key, prefixes: any(key == f or key.startswith(f + ".") for f in prefixes)
-    relevant = lambda key: (fields is None or under(key, fields)) and not under(key, ignore)
-    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-            if relevant(key) and saved.get(key) != current.get(key)]
-
-
-def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a checkpoint with a config that changes the model or the data order.
-
-    Raises:
-        ValueError: listing each changed field with its saved and new value, unless
-            `train.allow_config_change` is set (then it is logged as a warning).
-    """
-    changed = config_differences(saved, config, _RESUME_FIELDS)
-    if not changed:
-        return
-    message = ("the config differs from the one the checkpoint was trained with in fields that change the model or "
-               "the data order: " + "; ".join(changed))
-    if not config.train.allow_config_change:
-        raise ValueError(message + ". Use another --workdir for a new run, or resume as it was; "
-                         "--config.train.allow_config_change=True resumes anyway.")
-    logging.warning("%s (train.allow_config_change=True: resuming anyway)", message)
+    return num_classes, labels, resume.describe_data(source, labels)
 
 
 @contextlib.contextmanager
@@ -499,13 +451,13 @@ def _resume_checks(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Check
     if latest is None:
         padded = sharding_lib.padded_num_classes(num_classes, jax.device_count())
         return {"num_model_classes": padded}, None
-    check_resumed_config(ckpt.restore_config(latest), config)
+    resume.check_resumed_config(ckpt.restore_config(latest), config)
     meta, neighbours = ckpt.restore_extras(latest)
     meta.setdefault("num_model_classes", sharding_lib.padded_num_classes(num_classes, jax.device_count()))
     if meta["num_model_classes"] % jax.device_count():
         raise ValueError(f"the checkpoint's class kernel ({meta['num_model_classes']} columns) cannot be split over "
                          f"{jax.device_count()} devices; resume on a device count that divides it")
-    data_record.check_resumed_data(ckpt.restore_data_record(latest), record, data_path=str(config.data.path),
+    resume.check_resumed_data(ckpt.restore_data_record(latest), record, data_path=str(config.data.path),
                                    allow=config.train.allow_data_change, step=latest,
                                    num_model_classes=meta["num_model_classes"], max_label=int(labels.max()))
     return meta, neighbours

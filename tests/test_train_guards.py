@@ -17,7 +17,7 @@ from absl import flags
 import train_worker
 from configs import default
 from data_pipelines import bin_pairs
-from oaml_jax import checkpoint, train
+from oaml_jax import checkpoint, resume, train
 from oaml_jax.evaluation import pairs
 from oaml_jax.workdir_lock import LOCK_FILE, WorkdirBusyError
 from test_train import poison_train_batch
@@ -134,10 +134,10 @@ def test_a_field_missing_from_a_saved_config_counts_as_its_default():
     config = default.get_config()
     saved = config.to_dict()
     del saved["model"]["qaconv_block_mb"]  # a checkpoint written before the field existed
-    assert train.config_differences(saved, config) == []
+    assert resume.config_differences(saved, config) == []
     config.model.qaconv_block_mb = 64
-    assert train.config_differences(saved, config, ("model",)) == ["model.qaconv_block_mb: saved 256, now 64"]
-    assert train.config_differences(saved, config, ("data",)) == []
+    assert resume.config_differences(saved, config, ("model",)) == ["model.qaconv_block_mb: saved 256, now 64"]
+    assert resume.config_differences(saved, config, ("data",)) == []
 
 
 def test_a_full_disk_is_one_clear_error(data, tmp_path, monkeypatch):

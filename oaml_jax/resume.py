@@ -1,4 +1,8 @@
-"""What a checkpoint records of the data it was trained on, and what a resume compares it with.
+"""What a resumed run must agree with: the config and the data its checkpoint was trained on.
+
+A resume is refused when a config field that changes the model or the data order differs from the saved
+config (`check_resumed_config`), or when the data differs from the record the checkpoint keeps
+(`check_resumed_data`); each has a config flag that resumes anyway.
 
 A class row of the AdaFace kernel belongs to one identity through its label. If identity folders are added,
 removed or renamed between two runs of the same workdir, labels shift (folder labels are positions in
@@ -11,16 +15,21 @@ names: about 1 MB of JSON), so a refusal can name the identities that changed.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any, Optional
 
+import ml_collections
 import numpy as np
 from absl import logging
+
+from oaml_jax.configs import default as default_config
 
 # How many identity names a message lists before it counts the rest.
 _NAMED = 5
 
 
-def describe(source: Any, labels: np.ndarray) -> dict:
+def describe_data(source: Any, labels: np.ndarray) -> dict:
     """The record of a training source (`pipeline.open_source`) and its labels `[N]` (integers).
 
     Returns:
@@ -93,3 +102,49 @@ def check_resumed_data(saved: Optional[dict], current: dict, *, data_path: str, 
                          "--config.train.allow_data_change=True (class kernel row i then trains class i of the new "
                          "data)")
     logging.warning("%s (train.allow_data_change=True: class kernel row i now trains class i of this data)", message)
+
+
+# Fields whose change between a checkpoint and its resumed run changes the model or the data order.
+_RESUME_FIELDS = ("seed", "model", "data.source", "data.sampler", "data.k", "data.seed", "data.augment",
+                  "data.occlusion", "train.batch_size")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
+                       fields: Optional[tuple[str, ...]] = None, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Lists "field: saved X, now Y" for each leaf field where the two configs differ, of those under `fields` (all when
+    None) and not under `ignore`.
+
+    Both sides are compared as JSON (tuples and lists alike), as the checkpoint stores the config. A field the
+    saved config lacks (one added to configs/default.py since it was saved) counts as its default value.
+    """
+    flat_json = lambda tree: _flatten(json.loads(json.dumps(tree)))
+    current = flat_json(config.to_dict())
+    saved = {**flat_json(default_config.get_config().to_dict()), **flat_json(saved)}
+    under = lambda key, prefixes: any(key == f or key.startswith(f + ".") for f in prefixes)
+    relevant = lambda key: (fields is None or under(key, fields)) and not under(key, ignore)
+    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+            if relevant(key) and saved.get(key) != current.get(key)]
+
+
+def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a checkpoint with a config that changes the model or the data order.
+
+    Raises:
+        ValueError: listing each changed field with its saved and new value, unless
+            `train.allow_config_change` is set (then it is logged as a warning).
+    """
+    changed = config_differences(saved, config, _RESUME_FIELDS)
+    if not changed:
+        return
+    message = ("the config differs from the one the checkpoint was trained with in fields that change the model or "
+               "the data order: " + "; ".join(changed))
+    if not config.train.allow_config_change:
+        raise ValueError(message + ". Use another --workdir for a new run, or resume as it was; "
+                         "--config.train.allow_config_change=True resumes anyway.")
+    logging.warning("%s (train.allow_config_change=True: resuming anyway)", message)
