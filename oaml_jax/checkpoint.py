@@ -58,6 +58,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "val_accuracy"
 TRAINING_ITEM, CONVERTED_ITEM = "state", "variables"
 DATA_ITEM = "data"
+_JSON_ITEMS = ("config", "meta", DATA_ITEM)
 # How many offending tensors a non-finite refusal names before it counts the rest.
 _NAMED = 5
 
@@ -320,17 +321,20 @@ def _item_names(step_dir: epath.Path) -> set[str]:
 
 def _read_item(item_dir: epath.Path) -> None:
     """Reads one item of a step folder completely (arrays as numpy), raising whatever the read raises."""
-    if (item_dir / "metadata").exists() and not (item_dir / "_METADATA").exists():
+    if item_dir.name in _JSON_ITEMS:
         ocp.JsonCheckpointHandler().restore(item_dir)
-    elif (item_dir / "_METADATA").exists():
+    elif item_dir.name == "data_iter":
+        parts = list(item_dir.glob("process_*.json"))
+        if not parts:
+            raise FileNotFoundError(f"no iterator state in {item_dir}")
+        for part in parts:
+            json.loads(part.read_text())
+    else:
         handler = ocp.PyTreeCheckpointHandler()
         metadata = handler.metadata(item_dir)
         metadata = getattr(metadata, "tree", metadata)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
         handler.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    else:
-        for part in item_dir.glob("*.json"):
-            json.loads(part.read_text())
 
 
 def _unreadable(directory: epath.Path, step: int) -> Optional[str]:
@@ -342,7 +346,8 @@ def _unreadable(directory: epath.Path, step: int) -> Optional[str]:
         if missing or not names & {TRAINING_ITEM, CONVERTED_ITEM}:
             return f"item(s) {missing or [TRAINING_ITEM]} missing"
         for name in sorted(names):
-            _read_item(step_dir / name)
+            if (step_dir / name).is_dir():
+                _read_item(step_dir / name)
     except Exception as e:  # noqa: BLE001 - any failure to read is the damage reported
         return _short_reason(e)
     return None
@@ -402,7 +407,8 @@ def write_converted(variables: Mapping[str, Any], model_cfg: Mapping[str, Any], 
         The checkpoint directory.
 
     Raises:
-        ValueError: an unknown arch/override, a model field missing, or a field JSON cannot hold.
+        ValueError: an unknown arch/override, a model field missing, a field JSON cannot hold, or a NaN or Inf in
+            a variable (named).
         FileExistsError: `out_dir` already holds a step 0.
     """
     model_cfg = {k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in model_cfg.items()}
@@ -417,6 +423,7 @@ def write_converted(variables: Mapping[str, Any], model_cfg: Mapping[str, Any], 
     except TypeError as e:
         raise ValueError(f"write_converted: the model fields must be JSON-serializable: {e}") from e
     tree = {"params": {"backbone": variables["params"]}, "batch_stats": {"backbone": variables["batch_stats"]}}
+    check_finite(tree, f"write_converted: the weights from {source}")
     save_args = ocp.args.Composite(**{CONVERTED_ITEM: ocp.args.StandardSave(tree), "config": ocp.args.JsonSave(config)})
     directory = user_path(out_dir, "out")
     with ocp.CheckpointManager(directory) as manager:

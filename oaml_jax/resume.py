@@ -86,21 +86,22 @@ def check_resumed_data(saved: Optional[dict], current: dict, *, data_path: str, 
         max_label: the largest label of this run's data.
 
     Raises:
-        ValueError: naming what changed, or the label past the kernel.
+        ValueError: naming what changed (unless allowed), or a label past the kernel (always).
     """
+    changes = differences(saved, current) if saved is not None else []
+    if changes:
+        message = (f"data.path={data_path} is not the data the checkpoint of step {step} was trained on: "
+                   + "; ".join(changes))
+        if not allow:
+            raise ValueError(message + ". Resume on that data, use another --workdir, or set "
+                             "--config.train.allow_data_change=True (class kernel row i then trains class i of the "
+                             "new data)")
     if max_label >= num_model_classes:
         raise ValueError(f"data.path={data_path} holds labels up to {max_label} but the checkpoint of step {step} "
                          f"has a class kernel of {num_model_classes} classes: resume on the data it was trained on, "
                          "or start a new run in another --workdir")
-    changes = differences(saved, current) if saved is not None else []
     if not changes:
         return
-    message = (f"data.path={data_path} is not the data the checkpoint of step {step} was trained on: "
-               + "; ".join(changes))
-    if not allow:
-        raise ValueError(message + ". Resume on that data, use another --workdir, or set "
-                         "--config.train.allow_data_change=True (class kernel row i then trains class i of the new "
-                         "data)")
     logging.warning("%s (train.allow_data_change=True: class kernel row i now trains class i of this data)", message)
 
 
