@@ -5,7 +5,7 @@ host never waits for the device just to read a handful of scalars. Each fetched 
 (the non-finite policy, see oaml_jax/train.py); every `log_every` steps the means of the interval go to
 TensorBoard (all of them) and to the log as one short line:
 
-    step 120/2000 (epoch 1.50): loss 12.34 | acc ada 0.125 qa 0.500 | occ mae 0.100 | 35.2 images/s | ETA 1h02m
+    step 120/2000 (epoch 1.50): loss 12.35 | acc ada 0.125 qa 0.500 | occ mae 0.100 | 35.2 images/s | ETA 1h02m03s
 
 Images/s and the ETA count the loop's wall time less the time spent validating (`paused`).
 """
