@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 _ARCH = flags.DEFINE_string("arch", "ir_18", "Backbone preset (model.arch).")
-_WIDTHS = flags.DEFINE_list("widths", None, "Optional stage widths override, e.g. 16,32,32,64.")
+_WIDTHS = flags.DEFINE_list("widths", ["16", "32", "32", "64"], "Stage widths override (empty: the preset's).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch (train.batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 8, "Steps per timed interval.")
 _WORKERS = flags.DEFINE_integer("num_workers", 2, "Grain worker processes (data.num_workers).")
@@ -56,7 +56,7 @@ def main(argv):
         config.data.path = os.path.join(tmp, "faces")
         _write_faces(config.data.path)
         result = train.train_and_evaluate(config, os.path.join(tmp, "work"))
-    print(f"train loop: arch={_ARCH.value} widths={config.model.backbone.widths} batch={_BATCH.value} "
+    print(f"train loop: arch={_ARCH.value} widths={_WIDTHS.value or 'preset'} batch={_BATCH.value} "
           f"workers={_WORKERS.value}: {result['metrics']['images_per_sec']:.1f} images/s "
           f"(steps {_STEPS.value}-{2 * _STEPS.value})")
 

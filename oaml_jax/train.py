@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import jax
@@ -344,30 +344,21 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     latest = ckpt.latest_step()
     meta, neighbours = _resume_checks(config, ckpt, latest, num_classes, labels, record)
     model_classes = meta["num_model_classes"]
-    model = factory.build_model(config.model, model_classes)
-    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=spe, epochs=config.train.epochs,
-                                        global_batch=spec.global_batch)
     logging.info("compiling the train step: %s, global batch %d over %d devices (%d processes), %d classes "
                  "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch, spec.global_batch,
                  jax.device_count(), jax.process_count(), num_classes, model_classes, len(source), spe, stop_step)
-    compile_start = time.perf_counter()
-    train_step = step_lib.build_train_step(model, tx, schedule, spec.contract, mesh, global_batch=spec.global_batch)
-    compiled = train_step.step.lower(train_step.abstract_state, train_step.abstract_batch).compile()
-    flops = metrics_lib.jaxpr_flops(train_step.step, train_step.abstract_state, train_step.abstract_batch)
-    logging.info("compiled in %.1f s (%.3g FLOPs per step)", time.perf_counter() - compile_start, flops)
+    model, train_step, compiled, flops = _compile(config, spec, model_classes, spe, mesh)
 
     writer = _writer(workdir)
     config_dict = config.to_dict()
     try:
         state, step = _initial_state(config, spec, ckpt, latest, train_step)
-        # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
-        validator = (FaceModel(model, state.variables(), spec.contract, batch_size=config.eval.batch_size)
-                     if evaluator else None)
+        validation = _Validation(config, spec, model, state, evaluator, writer, ckpt, stop_step,
+                                 best=(meta.get(checkpoint_lib.BEST_METRIC), latest))
         _sync_processes("oaml_train_ready")
-        hooks = []
-        if config.train.profile_steps > 0 and jax.process_index() == 0:
-            hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
-                                                  first_profile=step + 5, logdir=str(workdir)))
+        profile = (periodic_actions.Profile(num_profile_steps=config.train.profile_steps, first_profile=step + 5,
+                                            logdir=str(workdir))
+                   if config.train.profile_steps > 0 and jax.process_index() == 0 else None)
         totals = {"corrupt_total": meta.get("corrupt", 0), "skipped_total": meta.get("skipped", 0)}
 
         def check(index: int, host: dict[str, float]) -> None:
@@ -381,9 +372,8 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
             global_batch=spec.global_batch, steps_per_epoch=spe, flops_per_step=flops, check=check,
             totals=lambda: dict(totals))
         batches = _Batches(config, spec, source, num_classes, mesh, spe, neighbours)
-        result = {"metrics": {}, "validation": {}, "num_classes": num_classes, "preempted": False, "signal": None}
+        result = {"num_classes": num_classes, "preempted": False, "signal": None}
         first_step, run_start = step, time.perf_counter()
-        best = (meta.get(checkpoint_lib.BEST_METRIC), latest)
 
         def items(step: int, extra: Optional[dict] = None) -> dict[str, Any]:
             step_meta = {"epoch": step // spe, "corrupt": totals["corrupt_total"],
@@ -398,24 +388,12 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
                 state, device_metrics = compiled(state, batch)
             logger.push(step, device_metrics)
             step += 1
-            for hook in hooks:
-                hook(step)
+            if profile is not None:
+                profile(step)
             if lock is not None:
                 lock.refresh()
-            extra = {}
-            evaluate = bool(evaluator) and (step == stop_step or (config.train.eval_every > 0
-                                                                  and step % config.train.eval_every == 0))
-            if evaluate:
-                logger.flush()
-                with logger.paused():
-                    validation = _validate_or_save(validator, evaluator, state, step, ckpt, items(step))
-                writer.write_scalars(step, validation)
-                logging.info("step %d validation: %s", step, _validation_line(validation, evaluator.sets))
-                result["validation"], extra = validation, {checkpoint_lib.BEST_METRIC: validation[
-                    checkpoint_lib.BEST_METRIC]}
-                if best[0] is None or validation[checkpoint_lib.BEST_METRIC] > best[0]:
-                    best = (validation[checkpoint_lib.BEST_METRIC], step)
-            if ckpt.maybe_save(step, state, stop=stop, force=evaluate or step == stop_step,
+            extra = validation.maybe_run(step, state, logger, items)
+            if ckpt.maybe_save(step, state, stop=stop, force=bool(extra) or step == stop_step,
                                before_save=logger.flush, items=lambda: items(step, extra)):
                 result["preempted"], result["signal"] = True, stop.signal or "SIGTERM"
                 break
@@ -428,7 +406,8 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
         ckpt.wait_until_finished()
         ckpt.close()
         writer.close()
-    result.update(step=step, metrics=logger.last, losses=logger.losses)
+    result.update(step=step, metrics=logger.last, losses=logger.losses, validation=validation.last)
+    best = validation.best
     seconds = logger.train_seconds
     logging.info("%s: steps %d-%d in %s, %.0f images/s while training; best validation %s; checkpoints in %s",
                  "stopped for preemption" if result["preempted"] else "done", first_step, step,
@@ -436,6 +415,49 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
                  (step - first_step) * spec.global_batch / seconds if seconds else 0.0,
                  "none" if best[0] is None else f"{best[0]:.4f} at step {best[1]}", ckpt.directory)
     return result
+
+
+def _compile(config: ml_collections.ConfigDict, spec: RunSpec, model_classes: int, spe: int, mesh
+             ) -> tuple[Any, step_lib.TrainStep, Any, float]:
+    """The model, the train step (oaml_jax/step.py), its compiled program and its FLOPs per step."""
+    model = factory.build_model(config.model, model_classes)
+    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=spe, epochs=config.train.epochs,
+                                        global_batch=spec.global_batch)
+    start = time.perf_counter()
+    train_step = step_lib.build_train_step(model, tx, schedule, spec.contract, mesh, global_batch=spec.global_batch)
+    compiled = train_step.step.lower(train_step.abstract_state, train_step.abstract_batch).compile()
+    flops = metrics_lib.jaxpr_flops(train_step.step, train_step.abstract_state, train_step.abstract_batch)
+    logging.info("compiled in %.1f s (%.3g FLOPs per step)", time.perf_counter() - start, flops)
+    return model, train_step, compiled, flops
+
+
+class _Validation:
+    """Train-time validation every `train.eval_every` steps and at the last step; tracks the best result."""
+
+    def __init__(self, config: ml_collections.ConfigDict, spec: RunSpec, model: Any, state: TrainState,
+                 evaluator: Optional[PairSetEvaluator], writer: Any, ckpt: checkpoint_lib.Checkpointer,
+                 stop_step: int, best: tuple[Optional[float], Optional[int]]):
+        self.evaluator, self.writer, self.ckpt, self.stop_step, self.best = evaluator, writer, ckpt, stop_step, best
+        self.every = config.train.eval_every
+        self.last: dict[str, float] = {}
+        # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
+        self.validator = (FaceModel(model, state.variables(), spec.contract, batch_size=config.eval.batch_size)
+                          if evaluator else None)
+
+    def maybe_run(self, step: int, state: TrainState, logger: metric_logger.MetricLogger,
+                  items: Callable[[int], dict]) -> dict[str, float]:
+        """Validates at `step` when due; returns the checkpoint's ranking metric ({} when not run)."""
+        if not self.evaluator or (step != self.stop_step and (self.every <= 0 or step % self.every)):
+            return {}
+        logger.flush()
+        with logger.paused():
+            self.last = _validate_or_save(self.validator, self.evaluator, state, step, self.ckpt, items(step))
+        self.writer.write_scalars(step, self.last)
+        logging.info("step %d validation: %s", step, _validation_line(self.last, self.evaluator.sets))
+        value = self.last[checkpoint_lib.BEST_METRIC]
+        if self.best[0] is None or value > self.best[0]:
+            self.best = (value, step)
+        return {checkpoint_lib.BEST_METRIC: value}
 
 
 def _writer(workdir: epath.Path) -> Any:
