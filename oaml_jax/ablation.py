@@ -47,7 +47,7 @@ import scipy.stats
 from absl import app, flags, logging
 from etils import epath
 
-from oaml_jax import checkpoint, demo, logs, train
+from oaml_jax import checkpoint, demo, logs, resume, train
 from oaml_jax.evaluation import fusion, pairs, plots, runner, verification
 from oaml_jax.paths import user_path
 from oaml_jax.serving import FaceModel
@@ -282,8 +282,8 @@ def run_one(config: ml_collections.ConfigDict,
         try:
             # The data folder may move with the workdir; what is in it is guarded by demo.ensure_data (and
             # demo.ensure_occlusion_set).
-            changed = train.config_differences(saved.restore_config(saved.latest_step()), config,
-                                               ignore=("data.path", "data.occlusion_sets"))
+            changed = resume.config_differences(saved.restore_config(saved.latest_step()), config,
+                                                ignore=("data.path", "data.occlusion_sets"))
         finally:
             saved.close()
         if changed:

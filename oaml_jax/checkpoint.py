@@ -6,7 +6,8 @@ A training checkpoint (`<workdir>/checkpoints/<step>/`) holds the items
 - "meta": JSON {"epoch", "corrupt", "num_model_classes", "val_accuracy"?, ...};
 - "config": JSON of the run's config;
 - "neighbours": the graph sampler's class graph `[C, k]` of the current epoch (graph sampler only), so a
-  resumed run rebuilds exactly the same epoch.
+  resumed run rebuilds exactly the same epoch;
+- "data": JSON record of the training data (`oaml_jax.data_record`), so a resume on other data is refused.
 A converted checkpoint (`oaml_jax.convert`, `write_converted`) is a checkpoint folder with one step (0)
 holding "variables" ({"params": {"backbone"}, "batch_stats": {"backbone"}}) and "config" ({"model": the
 backbone's model fields, input channel order included, "converted_from": source}).
@@ -16,6 +17,14 @@ give); eval.py, `FaceModel` and `init_from` all go through it, so the saved mode
 feature stage, channel order) are honoured the same way everywhere. Restores go onto the current devices
 through ShapeDtypeStruct targets that carry the current shardings, so a checkpoint written on N devices
 restores on any device count. Every path is an `etils.epath.Path` (gs:// works).
+
+Two guarantees hold on every read. Variables holding a NaN or Inf are refused, naming the tensor (`check_finite`,
+which serving code also calls on what it writes). A step folder that cannot be read (a missing or truncated
+file: an interrupted copy, storage without atomic renames) is a `DamagedCheckpointError` naming the step and
+the newest step that reads, with what to do: pass `--step=<that step>`, or move the damaged folder aside to
+resume from it. Nothing falls back silently: a resume that quietly restarted from an older step would repeat
+work and then save over the damaged step number (an interrupted copy can often simply be completed), and an
+evaluation of another step than the one asked for would report figures for a model nobody chose.
 """
 
 from __future__ import annotations
@@ -24,7 +33,10 @@ import contextlib
 import dataclasses
 import errno
 import json
-from collections.abc import Iterator, Mapping
+import os
+import re
+import signal
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -35,6 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from oaml_jax import sharding as sharding_lib
 from oaml_jax.models import factory
@@ -44,6 +57,87 @@ from oaml_jax.paths import user_path
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "val_accuracy"
 TRAINING_ITEM, CONVERTED_ITEM = "state", "variables"
+DATA_ITEM = "data"
+_JSON_ITEMS = ("config", "meta", DATA_ITEM)
+# How many offending tensors a non-finite refusal names before it counts the rest.
+_NAMED = 5
+
+
+class DamagedCheckpointError(OSError):
+    """A step folder that cannot be read (missing or truncated file); the message says what to do."""
+
+
+def check_finite(tree: Any, what: str) -> None:
+    """Refuses NaN and Inf in every floating-point leaf of `tree` (arrays, numpy or jax, any shape).
+
+    Args:
+        tree: a pytree of arrays: model variables, embeddings `[N, E]`, scores `[N]`. jax arrays are read
+            from this process's first shard (restored variables are replicated).
+        what: the thing checked, for the message (a checkpoint folder, "embeddings of photos/...").
+
+    Raises:
+        ValueError: naming the first few non-finite leaves by tree path, each with its count of bad values.
+    """
+    bad = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)
+        values = np.asarray(leaf)
+        if np.issubdtype(values.dtype, np.inexact):
+            count = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if count:
+                bad.append(f"{jax.tree_util.keystr(path) or 'value'} ({count} of {values.size} values)")
+    if bad:
+        more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
+        raise ValueError(f"{what} holds NaN or Inf in {', '.join(bad[:_NAMED])}{more}; refusing to use it")
+
+
+class StopRequests:
+    """SIGTERM and Ctrl-C (SIGINT) as a step at which every process saves and stops (use as a context manager).
+
+    A preemption notice (SIGTERM: TPU maintenance, spot VMs, SLURM) and a first Ctrl-C are handled alike: the
+    run saves at the next step and stops (`train.py` exits 75 after SIGTERM, 130 after Ctrl-C, see
+    oaml_jax/cli.py). A second Ctrl-C raises KeyboardInterrupt at once. Multi-process jobs agree on the step
+    through JAX's preemption service (`multihost_utils.reached_preemption_sync_point`), which listens for
+    SIGTERM: a Ctrl-C there is passed on to it as a SIGTERM to this process.
+
+    Attributes:
+        signal: "SIGTERM" or "SIGINT" once one arrived (None before).
+    """
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if jax.process_count() == 1:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.signal = self.signal or "SIGTERM"
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        if self.signal == "SIGINT":
+            raise KeyboardInterrupt("second Ctrl-C: stopping without saving")
+        logging.warning("Ctrl-C: saving at the next step, then stopping (press Ctrl-C again to stop at once)")
+        self.signal = "SIGINT"
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def reached(self, step: int) -> bool:
+        """Whether the run saves and stops at `step` (every process must call it at every step)."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signal is not None
 
 
 class Checkpointer:
@@ -92,7 +186,8 @@ class Checkpointer:
                           f"the last complete checkpoint is {self.last_complete()}") from e
 
     def save(self, step: int, state: Any, *, data_iter: Optional[grain.DatasetIterator], meta: dict,
-             config: dict, neighbours: Optional[np.ndarray] = None, force: bool = False) -> bool:
+             config: dict, neighbours: Optional[np.ndarray] = None, data: Optional[dict] = None,
+             force: bool = False) -> bool:
         """Saves step `step` when the interval policy (or `force`) says so.
 
         Args:
@@ -102,6 +197,7 @@ class Checkpointer:
             meta: JSON-serializable run facts; a "val_accuracy" entry ranks the checkpoint for "best".
             config: the config as a dict.
             neighbours: the graph sampler's class graph of the current epoch.
+            data: the record of the training data (`oaml_jax.data_record.describe`).
             force: save regardless of the interval.
 
         Returns:
@@ -111,6 +207,8 @@ class Checkpointer:
                  "config": ocp.args.JsonSave(config)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        if data is not None:
+            items[DATA_ITEM] = ocp.args.JsonSave(data)
         if neighbours is not None:
             items["neighbours"] = ocp.args.StandardSave({"neighbours": np.asarray(neighbours)})
         metrics = {BEST_METRIC: meta[BEST_METRIC]} if BEST_METRIC in meta else None
@@ -124,6 +222,33 @@ class Checkpointer:
             self._saving = step
         return started
 
+    def maybe_save(self, step: int, state: Any, *, stop: StopRequests, force: bool = False,
+                   before_save: Callable[[], None] = lambda: None, items: Callable[[], dict]) -> bool:
+        """The save-or-stop decision of one step (MaxText `maybe_save_checkpoint`): saves when the interval
+        policy, `force` or a stop request says so.
+
+        Args:
+            step, state, force: as for `save`.
+            stop: the run's stop requests; a request reached at `step` forces the save and waits for it.
+            before_save: called before a save starts (the train loop checks the step's metrics there, so a
+                checkpoint never follows an unchecked step); it may raise, and then nothing is saved.
+            items: returns `save`'s keyword items (data_iter, meta, config, neighbours, data), built only
+                when a save happens (after `before_save`).
+
+        Returns:
+            Whether the run stops here (the state of `step` is saved and written).
+        """
+        stopping = stop.reached(step)
+        if not (force or stopping or self.manager.should_save(step)):
+            return False
+        before_save()
+        self.save(step, state, force=True, **items())
+        if stopping:
+            self.wait_until_finished()
+            logging.warning("%s: saved step %d to %s; exiting (rerun the same command to resume)",
+                            "Ctrl-C" if stop.signal == "SIGINT" else "preemption notice", step, self.directory)
+        return stopping
+
     def item_names(self, step: int) -> set[str]:
         return _item_names(self.directory / str(step))
 
@@ -133,25 +258,38 @@ class Checkpointer:
         has_neighbours = "neighbours" in self.item_names(step)
         if has_neighbours:
             items["neighbours"] = ocp.args.StandardRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        with reading(self.directory, step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         neighbours = np.asarray(restored["neighbours"]["neighbours"]) if has_neighbours else None
         return dict(restored["meta"]), neighbours
 
     def restore_config(self, step: int) -> dict:
         """The config dict saved with step `step`."""
-        return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+        with reading(self.directory, step):
+            return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+    def restore_data_record(self, step: int) -> Optional[dict]:
+        """The record of the training data saved with step `step` (None for checkpoints written before it was)."""
+        if DATA_ITEM not in self.item_names(step):
+            return None
+        with reading(self.directory, step):
+            return dict(self.manager.restore(step, args=ocp.args.Composite(
+                **{DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM])
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """The TrainState of step `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(**{TRAINING_ITEM: ocp.args.StandardRestore(abstract_state)}))
+        with reading(self.directory, step):
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(**{TRAINING_ITEM: ocp.args.StandardRestore(abstract_state)}))
         return restored[TRAINING_ITEM]
 
     def restore_data_iter(self, step: int, data_iter: grain.DatasetIterator) -> None:
         """Sets `data_iter` (a fresh iterator of the checkpoint's epoch) to the saved position."""
         if "data_iter" not in self.item_names(step):
             raise ValueError(f"{self.directory}/{step} holds no data_iter item to resume the epoch from")
-        self.manager.restore(step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+        with reading(self.directory, step):
+            self.manager.restore(step, args=ocp.args.Composite(
+                data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
 
     def wait_until_finished(self) -> None:
         """Blocks until the async save in flight is written (a full disk is reported here or at `save`)."""
@@ -181,6 +319,79 @@ def _item_names(step_dir: epath.Path) -> set[str]:
     return {p.name for p in step_dir.iterdir() if not p.name.startswith(("_", "."))}
 
 
+def _read_item(item_dir: epath.Path) -> None:
+    """Reads one item of a step folder completely (arrays as numpy), raising whatever the read raises."""
+    if item_dir.name in _JSON_ITEMS:
+        ocp.JsonCheckpointHandler().restore(item_dir)
+    elif item_dir.name == "data_iter":
+        parts = list(item_dir.glob("process_*.json"))
+        if not parts:
+            raise FileNotFoundError(f"no iterator state in {item_dir}")
+        for part in parts:
+            json.loads(part.read_text())
+    else:
+        handler = ocp.PyTreeCheckpointHandler()
+        metadata = handler.metadata(item_dir)
+        metadata = getattr(metadata, "tree", metadata)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        handler.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _unreadable(directory: epath.Path, step: int) -> Optional[str]:
+    """Why step `step` of `directory` cannot be read (None when every item reads completely)."""
+    step_dir = directory / str(step)
+    try:
+        names = _item_names(step_dir)
+        missing = [n for n in ("config",) if n not in names]
+        if missing or not names & {TRAINING_ITEM, CONVERTED_ITEM}:
+            return f"item(s) {missing or [TRAINING_ITEM]} missing"
+        for name in sorted(names):
+            if (step_dir / name).is_dir():
+                _read_item(step_dir / name)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the damage reported
+        return _short_reason(e)
+    return None
+
+
+def _short_reason(error: BaseException) -> str:
+    """The file a storage error names and its status code, else the error's first line (tensorstore's are long)."""
+    text = str(error)
+    files = re.findall(r'(?:local )?file "([^"]+)"', text)
+    code = re.match(r"([A-Z_]{4,}):", text)
+    if files:
+        return f"{code.group(1) if code else type(error).__name__} reading {files[-1]}"
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def damaged_step_error(directory: epath.Path, step: int, reason: str) -> DamagedCheckpointError:
+    """The one-line refusal for a damaged step: names it and the newest step that reads, and what to do."""
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    intact = next((s for s in steps if s != step and _unreadable(directory, s) is None), None)
+    where = f"{directory}/{step}"
+    if intact is None:
+        advice = "no other step in that folder reads either; restore the folder from a copy or start a new run"
+    else:
+        advice = (f"the newest intact step is {intact}: pass --step={intact} to evaluate or serve it, or move the "
+                  f"damaged folder aside (mv {where} {where}.damaged) to resume training from it; a step is not "
+                  "chosen for you")
+    return DamagedCheckpointError(f"checkpoint {where} is damaged ({reason}); {advice}")
+
+
+@contextlib.contextmanager
+def reading(directory: epath.Path, step: int) -> Iterator[None]:
+    """Turns a failed read of step `step` into `DamagedCheckpointError` when the step folder itself does not
+    read (errors of an intact folder, e.g. a target of other shapes, pass through unchanged)."""
+    try:
+        yield
+    except DamagedCheckpointError:
+        raise
+    except Exception as e:
+        reason = _unreadable(directory, step)
+        if reason is None:
+            raise
+        raise damaged_step_error(directory, step, reason) from e
+
+
 def write_converted(variables: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir: epath.PathLike,
                     source: str) -> epath.Path:
     """Writes backbone variables from elsewhere as a checkpoint that `restore` reads (step 0).
@@ -196,7 +407,8 @@ def write_converted(variables: Mapping[str, Any], model_cfg: Mapping[str, Any], 
         The checkpoint directory.
 
     Raises:
-        ValueError: an unknown arch/override, a model field missing, or a field JSON cannot hold.
+        ValueError: an unknown arch/override, a model field missing, a field JSON cannot hold, or a NaN or Inf in
+            a variable (named).
         FileExistsError: `out_dir` already holds a step 0.
     """
     model_cfg = {k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in model_cfg.items()}
@@ -211,6 +423,7 @@ def write_converted(variables: Mapping[str, Any], model_cfg: Mapping[str, Any], 
     except TypeError as e:
         raise ValueError(f"write_converted: the model fields must be JSON-serializable: {e}") from e
     tree = {"params": {"backbone": variables["params"]}, "batch_stats": {"backbone": variables["batch_stats"]}}
+    check_finite(tree, f"write_converted: the weights from {source}")
     save_args = ocp.args.Composite(**{CONVERTED_ITEM: ocp.args.StandardSave(tree), "config": ocp.args.JsonSave(config)})
     directory = user_path(out_dir, "out")
     with ocp.CheckpointManager(directory) as manager:
@@ -295,6 +508,28 @@ def check_tree(expected: Any, actual: Any, what: str) -> None:
         raise ValueError(f"{what} does not match the model its config describes: " + "; ".join(problems))
 
 
+def _read_variables(directory: epath.Path, step: int) -> tuple[dict, dict, str]:
+    """The model variables (replicated on the current devices), the config and the item name of one step."""
+    step_dir = directory / str(step)
+    names = _item_names(step_dir)
+    item = TRAINING_ITEM if TRAINING_ITEM in names else CONVERTED_ITEM if CONVERTED_ITEM in names else None
+    if item is None:
+        raise ValueError(f"{step_dir} holds neither a {TRAINING_ITEM!r} nor a {CONVERTED_ITEM!r} item "
+                         f"(found {sorted(names)})")
+    # The item handlers themselves (a read-only manager would warn about every item it is not asked for), and
+    # only the model variables: the optimizer state (a copy of the params per slot) stays on disk.
+    handler = ocp.PyTreeCheckpointHandler()
+    metadata = handler.metadata(step_dir / item)
+    metadata = getattr(metadata, "tree", metadata)
+    replicated = sharding_lib.replicated(sharding_lib.make_mesh())
+    targets = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                           {"params": metadata["params"], "batch_stats": metadata.get("batch_stats", {})})
+    restored = handler.restore(step_dir / item, args=ocp.args.PyTreeRestore(
+        item=targets, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)))
+    config = dict(ocp.JsonCheckpointHandler().restore(step_dir / "config"))
+    return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}, config, item
+
+
 def restore(path: epath.PathLike, step: Optional[int] = None) -> Restored:
     """Restores any checkpoint oaml_jax writes (training or converted) onto the current devices.
 
@@ -307,28 +542,14 @@ def restore(path: epath.PathLike, step: Optional[int] = None) -> Restored:
 
     Raises:
         FileNotFoundError: see `locate`.
+        DamagedCheckpointError: the step folder does not read (names the newest step that does).
         ValueError: the checkpoint holds neither a "state" nor a "variables" item, its config lacks a model
-            field, or its variables do not match the model its config describes.
+            field, its variables do not match the model its config describes, or hold a NaN or Inf (named).
     """
     directory, step = locate(path, step)
-    names = _item_names(directory / str(step))
-    item = TRAINING_ITEM if TRAINING_ITEM in names else CONVERTED_ITEM if CONVERTED_ITEM in names else None
-    if item is None:
-        raise ValueError(f"{directory}/{step} holds neither a {TRAINING_ITEM!r} nor a {CONVERTED_ITEM!r} item "
-                         f"(found {sorted(names)})")
-    # The item handlers themselves (a read-only manager would warn about every item it is not asked for), and
-    # only the model variables: the optimizer state (a copy of the params per slot) stays on disk.
-    step_dir = directory / str(step)
-    handler = ocp.PyTreeCheckpointHandler()
-    metadata = handler.metadata(step_dir / item)
-    metadata = getattr(metadata, "tree", metadata)
-    replicated = sharding_lib.replicated(sharding_lib.make_mesh())
-    targets = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                           {"params": metadata["params"], "batch_stats": metadata.get("batch_stats", {})})
-    restored = handler.restore(step_dir / item, args=ocp.args.PyTreeRestore(
-        item=targets, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)))
-    config = dict(ocp.JsonCheckpointHandler().restore(step_dir / "config"))
-    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    with reading(directory, step):
+        variables, config, item = _read_variables(directory, step)
+    check_finite(variables, f"checkpoint {directory}/{step}")
     model_cfg = config.get("model")
     fields = factory.EMBEDDING_FIELDS if item == CONVERTED_ITEM else factory.MODEL_FIELDS
     missing = [k for k in fields if not isinstance(model_cfg, Mapping) or k not in model_cfg]

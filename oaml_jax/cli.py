@@ -8,7 +8,9 @@
 
 Exit status of training: 0 when the run reached its last step, `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL:
 "try again") when it saved a checkpoint and stopped on a preemption notice (SIGTERM, or JAX's preemption
-service on multi-host jobs) so a requeue script can restart it; anything else is a failure.
+service on multi-host jobs) so a requeue script can restart it, `INTERRUPTED_EXIT_CODE` (130, the shell's
+code for Ctrl-C) when a Ctrl-C made it save and stop the same way (a requeue script does not restart what
+a person stopped; rerun the command to resume); anything else is a failure.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ml_collections import config_flags
 from oaml_jax import logs
 
 PREEMPTED_EXIT_CODE = 75
+INTERRUPTED_EXIT_CODE = 130
 
 
 def _define_common(config_help: str, default_config: str | None = None) -> None:
@@ -56,7 +59,7 @@ def _train_main(argv: list[str]) -> None:
     from oaml_jax import train  # After flag parsing: the import pulls in the data stack and TensorFlow.
     result = train.train_and_evaluate(config, flags.FLAGS.workdir)
     if result["preempted"]:
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(INTERRUPTED_EXIT_CODE if result["signal"] == "SIGINT" else PREEMPTED_EXIT_CODE)
 
 
 def shorthand_evaluators(*, folder: str = "", pairs_file: str = "", images: str = "", gallery: str = "",

@@ -193,7 +193,8 @@ def adaface_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, **overrides
         `{"params": ..., "batch_stats": ...}` of float32 numpy arrays for the backbone.
 
     Raises:
-        ValueError: listing every missing, unused and mis-shaped tensor (name, expected, got shape).
+        ValueError: listing every missing, unused, mis-shaped and non-finite (NaN or Inf) tensor (name, expected,
+            got shape).
     """
     module = build_backbone(arch, **overrides)
     entries = _plan(module)
@@ -222,6 +223,10 @@ def adaface_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, **overrides
             problems.append(
                 f"mis-shaped: {entry.torch_key} expected shape {entry.torch_shape}, got {tuple(value.shape)}"
             )
+            continue
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            problems.append(f"non-finite: {entry.torch_key} holds {bad} NaN or Inf values of {value.size}")
             continue
         flat[entry.collection][entry.flax_path] = np.ascontiguousarray(entry.to_flax(value))
     for name, value in sorted(tensors.items()):

@@ -6,17 +6,23 @@ One mesh axis "data" over every device of every process: the batch is split over
 split along the class axis (see oaml_jax/sharding.py), everything else is replicated. Each process feeds
 its contiguous part of every global batch; `jax.make_array_from_process_local_data` assembles them.
 The step itself lives in oaml_jax/step.py. Runs resume automatically from the latest checkpoint in
-`<workdir>/checkpoints`, data order included. Metrics are fetched every step (a handful of scalars) so a
-non-finite loss is caught at its own step.
+`<workdir>/checkpoints`, data order included.
+
+The host never waits for the device inside the loop: the next global batch is read and put on the devices
+while the current step runs, and a step's metrics are fetched after the next step is dispatched
+(oaml_jax/metric_logger.py). The non-finite policy keeps its guarantees: the step itself never applies a
+non-finite update (oaml_jax/step.py), a checkpoint is only written after the metrics of its last step were
+checked (the logger is flushed before every save and every validation), and under "stop" the run stops
+naming the offending step, at most one step after it (that next step may run, its state is never saved).
+Whether to save or stop at a step is the checkpointer's decision (`Checkpointer.maybe_save`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import signal
+import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import jax
@@ -30,9 +36,10 @@ from orbax.checkpoint import multihost
 
 from data_pipelines import occlusion_sets, pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
-from oaml_jax.configs import default as default_config
+from oaml_jax import metric_logger
 from oaml_jax import metrics as metrics_lib
 from oaml_jax import optim
+from oaml_jax import resume
 from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
@@ -40,10 +47,11 @@ from oaml_jax.evaluation.base import Evaluator
 from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
 from oaml_jax.serving import FaceModel
 from oaml_jax.models import factory
+from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import check_group_size
 from oaml_jax.paths import user_path
 from oaml_jax.train_state import TrainState
-from oaml_jax.workdir_lock import WorkdirBusyError, WorkdirLock
+from oaml_jax.workdir_lock import WorkdirBusyError, WorkdirLock, not_writable
 
 NONFINITE = ("stop", "skip")
 
@@ -77,20 +85,49 @@ def check_train_config(train_cfg: Mapping[str, Any], *, num_devices: int, proces
         raise ValueError(f"train.max_skipped_share={train_cfg['max_skipped_share']} must be in [0, 1)")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
-    """Checks the whole config before anything is compiled: each section by the code that consumes it.
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What `validate_config` establishes about a run; the rest of the run takes it as given.
+
+    Attributes:
+        global_batch: images per step over all devices and processes (`train.batch_size`).
+        per_device_batch: images per device and step.
+        per_process_batch: images each process reads per step.
+        identities_per_batch: P of the PK layout (`global_batch // data.k`).
+        group_size: QAConv's matching group in images (`model.qaconv_group_size`, the global batch for 0).
+        graph_k: neighbours per class the graph sampler needs (a class and its nearest fill one group).
+        contract: the model's input contract (channel order, feature-map side).
+    """
+    global_batch: int
+    per_device_batch: int
+    per_process_batch: int
+    identities_per_batch: int
+    group_size: int
+    graph_k: int
+    contract: InputContract
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> RunSpec:
+    """Checks the whole config before anything is read or compiled: each section by the code that consumes it.
+
+    Returns:
+        The run's description.
 
     Raises:
         ValueError: an inconsistent or unknown value, naming the field.
     """
     check_train_config(config.train, num_devices=num_devices, process_count=process_count, k=config.data.k)
     factory.check_config(config.model)
-    check_group_size(config.model.qaconv_group_size, global_batch=config.train.batch_size,
-                     num_devices=num_devices, k=config.data.k)
+    group_size = check_group_size(config.model.qaconv_group_size, global_batch=config.train.batch_size,
+                                  num_devices=num_devices, k=config.data.k)
     optim.check_config(config.optim)
     pipeline.check_config(config.data)
     occlusion_sets.check_config(config.data, num_devices=num_devices, process_count=process_count)
     evaluators_lib.check_config(config)
+    batch = config.train.batch_size
+    return RunSpec(global_batch=batch, per_device_batch=batch // num_devices, per_process_batch=batch // process_count,
+                   identities_per_batch=batch // config.data.k, group_size=group_size,
+                   graph_k=group_size // config.data.k - 1, contract=factory.input_contract(config.model))
 
 
 def _initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> None:
@@ -117,7 +154,8 @@ def _sync_processes(name: str, timeout_s: int = 3600) -> None:
         multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
-def _load_backbone(state: TrainState, config: ml_collections.ConfigDict, state_sh: TrainState) -> TrainState:
+def _load_backbone(state: TrainState, config: ml_collections.ConfigDict, contract: InputContract,
+                   state_sh: TrainState) -> TrainState:
     """Replaces the backbone variables with those of `config.init_from` (any checkpoint `restore` reads).
 
     Raises:
@@ -125,7 +163,7 @@ def _load_backbone(state: TrainState, config: ml_collections.ConfigDict, state_s
     """
     restored = checkpoint_lib.restore(config.init_from)
     what = f"init_from={config.init_from!r}"
-    wanted = factory.input_contract(config.model).channel_order
+    wanted = contract.channel_order
     if restored.contract.channel_order != wanted:
         raise ValueError(f"{what}: the checkpoint's model takes {restored.contract.channel_order} input, this run's "
                          f"model.input_channel_order={wanted!r}")
@@ -158,77 +196,55 @@ def _validate(validator: Optional[FaceModel], evaluator: list[Evaluator], state:
     return evaluators_lib.validation_metrics(evaluator, validator)
 
 
-def _num_classes(config: ml_collections.ConfigDict, source: Any) -> int:
-    """`model.num_classes`, or the data's; labels past the class kernel are refused before compiling
-    (they would index past it and turn the loss into NaN at step 0)."""
-    labels = source.labels()
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0:
-        raise ValueError(f"data.path={config.data.path}: label {low} is negative; labels must be 0..C-1")
-    if config.model.num_classes and high >= config.model.num_classes:
-        raise ValueError(f"model.num_classes={config.model.num_classes} but data.path={config.data.path} holds "
-                         f"labels up to {high}: it needs at least {high + 1} classes (0 = take it from the data)")
-    return config.model.num_classes or source.num_classes
+def _check_data(config: ml_collections.ConfigDict, spec: RunSpec, source: Any) -> tuple[int, np.ndarray, dict]:
+    """Whatever the index tells about the data, checked before anything is written or compiled.
 
-
-# Fields whose change between a checkpoint and its resumed run changes the model or the data order.
-_RESUME_FIELDS = ("seed", "model", "data.source", "data.sampler", "data.k", "data.seed", "data.augment",
-                  "data.occlusion", "train.batch_size")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                       fields: Optional[tuple[str, ...]] = None, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Lists "field: saved X, now Y" for each leaf field where the two configs differ, of those under `fields` (all when
-    None) and not under `ignore`.
-
-    Both sides are compared as JSON (tuples and lists alike), as the checkpoint stores the config. A field the
-    saved config lacks (one added to configs/default.py since it was saved) counts as its default value.
-    """
-    flat_json = lambda tree: _flatten(json.loads(json.dumps(tree)))
-    current = flat_json(config.to_dict())
-    saved = {**flat_json(default_config.get_config().to_dict()), **flat_json(saved)}
-    under = lambda key, prefixes: any(key == f or key.startswith(f + ".") for f in prefixes)
-    relevant = lambda key: (fields is None or under(key, fields)) and not under(key, ignore)
-    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-            if relevant(key) and saved.get(key) != current.get(key)]
-
-
-def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a checkpoint with a config that changes the model or the data order.
+    Returns:
+        (num_classes: `model.num_classes` or the data's, labels int `[N]`, the data record of
+        `oaml_jax.resume.describe_data`).
 
     Raises:
-        ValueError: listing each changed field with its saved and new value, unless
-            `train.allow_config_change` is set (then it is logged as a warning).
+        ValueError: a negative label, labels past `model.num_classes` (they would index past the class kernel
+            and turn the loss into NaN at step 0), or too few identities or records for one batch of the
+            sampler (e.g. a folder with one identity), naming `data.path`.
     """
-    changed = config_differences(saved, config, _RESUME_FIELDS)
-    if not changed:
-        return
-    message = ("the config differs from the one the checkpoint was trained with in fields that change the model or "
-               "the data order: " + "; ".join(changed))
-    if not config.train.allow_config_change:
-        raise ValueError(message + ". Use another --workdir for a new run, or resume as it was; "
-                         "--config.train.allow_config_change=True resumes anyway.")
-    logging.warning("%s (train.allow_config_change=True: resuming anyway)", message)
+    labels = source.labels()
+    low, high = int(labels.min()), int(labels.max())
+    where = f"data.path={config.data.path}"
+    if low < 0:
+        raise ValueError(f"{where}: label {low} is negative; labels must be 0..C-1")
+    if config.model.num_classes and high >= config.model.num_classes:
+        raise ValueError(f"model.num_classes={config.model.num_classes} but {where} holds "
+                         f"labels up to {high}: it needs at least {high + 1} classes (0 = take it from the data)")
+    sampler = samplers.PKSampler if config.data.sampler == "pk" else samplers.GraphSampler
+    try:
+        sampler(labels, spec.identities_per_batch, config.data.k, config.data.seed, spec.group_size)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e} (train.batch_size={spec.global_batch}, data.k={config.data.k})") from e
+    num_classes = config.model.num_classes or source.num_classes
+    if config.data.sampler == "graph" and spec.graph_k > num_classes - 1:
+        raise ValueError(f"{where} holds {num_classes} classes; the graph sampler needs {spec.graph_k} neighbours "
+                         "per class (model.qaconv_group_size / data.k - 1)")
+    return num_classes, labels, resume.describe_data(source, labels)
 
 
 @contextlib.contextmanager
 def _workdir_lock(workdir: epath.Path) -> Iterator[Optional[WorkdirLock]]:
-    """Holds the workdir's lock on process 0 for the run; every process stops when it cannot be taken."""
+    """Creates the workdir and holds its lock on process 0 for the run; every process stops when it cannot be
+    taken (busy, or the workdir cannot be written)."""
     lock, error = None, None
     if jax.process_index() == 0:
         lock = WorkdirLock(workdir)
         try:
+            try:
+                workdir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise not_writable(workdir, e) from e
             lock.acquire()
-        except WorkdirBusyError as e:
+        except OSError as e:
             error = e
     if jax.process_count() > 1 and not bool(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
-        raise error or WorkdirBusyError(f"{workdir} is in use by another training run (see process 0's log)")
+        raise error or WorkdirBusyError(f"{workdir} cannot be used (see process 0's log)")
     if error is not None:
         raise error
     try:
@@ -238,222 +254,263 @@ def _workdir_lock(workdir: epath.Path) -> Iterator[Optional[WorkdirLock]]:
             lock.release()
 
 
-class _Preemption:
-    """The preemption notice: an agreed step at which every process saves and stops.
-
-    Multi-process jobs use JAX's preemption service (`multihost_utils.reached_preemption_sync_point`: the
-    coordination service turns a SIGTERM on any host into one step for all). A single process handles
-    SIGTERM itself (TPU maintenance, spot VMs and SLURM send it, then wait seconds to minutes).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        del signum, frame
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Trains (resuming from `<workdir>/checkpoints` if present) and validates.
 
     Args:
-        config: see configs/default.py.
+        config: see oaml_jax/configs/default.py.
         workdir: checkpoints, TensorBoard summaries and profiles go here (local or any epath URI).
 
     Returns:
         dict with "step" (final step), "metrics" (mean metrics of the last logging interval), "validation"
         (last validation results, possibly empty), "losses" (loss of every step run by this call, by
-        step), "num_classes", "preempted" (True when a preemption notice stopped the run after saving).
+        step), "num_classes", "preempted" (True when SIGTERM, JAX's preemption service or a Ctrl-C stopped
+        the run after saving), "signal" ("SIGTERM", "SIGINT" or None).
 
     Raises:
         FloatingPointError: a non-finite loss with train.nonfinite="stop", or more than
             train.max_skipped_share of the steps skipped with "skip" (names the step and the last
             complete checkpoint).
         WorkdirBusyError: another live run holds the workdir.
-        ValueError: a bad config (named), labels past `model.num_classes`, or a resumed checkpoint whose
-            config differs in a field that changes the model or the data order.
+        OSError: the workdir cannot be written (named).
+        ValueError: a bad config (named), labels past `model.num_classes`, too few identities for a batch,
+            or a resumed checkpoint whose config or data differs (named).
+        DamagedCheckpointError: the checkpoint to resume from does not read (names the step and what to do).
         RuntimeError: validation failed (the training state of that step is saved first).
+        KeyboardInterrupt: a second Ctrl-C.
     """
     _initialize_distributed(config.distributed)
-    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    spec = validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     workdir = user_path(workdir, "workdir")
     source = pipeline.open_source(config.data)
-    num_classes = _num_classes(config, source)
+    num_classes, labels, record = _check_data(config, spec, source)
     evaluators = evaluators_lib.from_config(config, training=True) if config.train.eval_every >= 0 else []
-    workdir.mkdir(parents=True, exist_ok=True)
-    with _workdir_lock(workdir) as lock:
-        preemption = _Preemption()
-        try:
-            return _train(config, workdir, source, num_classes, evaluators, lock, preemption)
-        finally:
-            preemption.close()
+    with _workdir_lock(workdir) as lock, checkpoint_lib.StopRequests() as stop:
+        return _train(config, spec, workdir, source, (num_classes, labels, record), evaluators, lock,
+                      stop)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, source: Any, num_classes: int,
-           evaluator: list[Evaluator], lock: Optional[WorkdirLock], preemption: _Preemption
-           ) -> dict[str, Any]:
+class _Batches:
+    """The run's global batches, epoch by epoch, each put on the devices while the step before it runs
+    (big_vision's prefetch). The graph sampler's class graph is rebuilt from the state at each epoch start."""
+
+    def __init__(self, config: ml_collections.ConfigDict, spec: RunSpec, source: Any, num_classes: int, mesh,
+                 steps_per_epoch: int, neighbours: Optional[np.ndarray]):
+        self.config, self.spec, self.source, self.num_classes, self.mesh = config, spec, source, num_classes, mesh
+        self.spe, self.neighbours = steps_per_epoch, neighbours
+        self.data_iter: Any = None
+
+    def open(self, step: int, state: TrainState, resume: Optional[tuple[checkpoint_lib.Checkpointer, int]] = None
+             ) -> dict[str, jax.Array]:
+        """Opens the epoch of `step` (at its position when `resume` = (checkpointer, step) names a mid-epoch
+        checkpoint) and returns the batch of `step` on the devices."""
+        epoch, offset = divmod(step, self.spe)
+        if self.config.data.sampler != "graph":
+            self.neighbours = None
+        elif offset == 0 or self.neighbours is None:
+            self.neighbours = _class_graph(state, self.num_classes, self.spec.graph_k, self.config.data.graph_chunk,
+                                           self.mesh)
+        self.data_iter = iter(pipeline.train_epoch_dataset(
+            self.source, self.config.data, epoch, global_batch=self.spec.global_batch,
+            process_index=jax.process_index(), process_count=jax.process_count(), grid=self.spec.contract.grid,
+            neighbours=self.neighbours, group_size=self.spec.group_size))
+        if resume is not None and offset:
+            resume[0].restore_data_iter(resume[1], self.data_iter)
+        return self.next_on_devices()
+
+    def next(self, step: int, state: TrainState) -> dict[str, jax.Array]:
+        """The batch of `step`, put on the devices (asynchronously); a new epoch opens at its first step."""
+        return self.open(step, state) if step % self.spe == 0 else self.next_on_devices()
+
+    def next_on_devices(self) -> dict[str, jax.Array]:
+        return sharding_lib.global_batch(next(self.data_iter), self.mesh)
+
+    def iterator_to_save(self, step: int) -> Any:
+        """The iterator a checkpoint of `step` saves (None at an epoch boundary: the next epoch starts fresh)."""
+        return self.data_iter if step % self.spe else None
+
+
+def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path, source: Any,
+           data: tuple[int, np.ndarray, dict], evaluator: list[Evaluator], lock: Optional[WorkdirLock],
+           stop: checkpoint_lib.StopRequests) -> dict[str, Any]:
     """The run itself, with the workdir held (see `train_and_evaluate`)."""
-    global_batch = config.train.batch_size
-    spe = pipeline.steps_per_epoch(len(source), global_batch)
-    total_steps = config.train.epochs * spe
-    stop_step = min(config.train.max_steps or total_steps, total_steps)
-    group_size = config.model.qaconv_group_size
-    # The graph sampler's neighbourhoods fill one matching group each: a seed class and its nearest ones.
-    graph_k = (group_size or global_batch) // config.data.k - 1
+    num_classes, labels, record = data
+    spe = pipeline.steps_per_epoch(len(source), spec.global_batch)
+    stop_step = min(config.train.max_steps or config.train.epochs * spe, config.train.epochs * spe)
     mesh = sharding_lib.make_mesh()
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep)
     latest = ckpt.latest_step()
-    if latest is not None:
-        check_resumed_config(ckpt.restore_config(latest), config)
-    meta, neighbours = ckpt.restore_extras(latest) if latest is not None else ({}, None)
-    model_classes = meta.get("num_model_classes") or sharding_lib.padded_num_classes(num_classes, jax.device_count())
-    if model_classes % jax.device_count():
-        raise ValueError(f"the checkpoint's class kernel ({model_classes} columns) cannot be split over "
-                         f"{jax.device_count()} devices; resume on a device count that divides it")
-    model = factory.build_model(config.model, model_classes)
-    contract = factory.input_contract(config.model)
-    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=spe, epochs=config.train.epochs,
-                                        global_batch=global_batch)
+    meta, neighbours = _resume_checks(config, ckpt, latest, num_classes, labels, record)
+    model_classes = meta["num_model_classes"]
     logging.info("compiling the train step: %s, global batch %d over %d devices (%d processes), %d classes "
-                 "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch, global_batch,
+                 "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch, spec.global_batch,
                  jax.device_count(), jax.process_count(), num_classes, model_classes, len(source), spe, stop_step)
-    compile_start = time.perf_counter()
-    pipeline.occlusion_items(config.data, contract.grid)  # a missing or empty occlusion set stops here
-    train_step = step_lib.build_train_step(model, tx, schedule, contract, mesh, global_batch=global_batch,
-                                           **step_lib.occlusion_options(config))
-    compiled = train_step.step.lower(train_step.abstract_state, train_step.abstract_batch).compile()
-    flops = metrics_lib.jaxpr_flops(train_step.step, train_step.abstract_state, train_step.abstract_batch)
-    logging.info("compiled in %.1f s (%.3g FLOPs per step)", time.perf_counter() - compile_start, flops)
+    model, train_step, compiled, flops = _compile(config, spec, model_classes, spe, mesh)
 
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+    writer = _writer(workdir)
     config_dict = config.to_dict()
     try:
-        if latest is None:
-            state = train_step.init(jax.random.PRNGKey(config.seed))
-            if config.init_from:
-                state = _load_backbone(state, config, train_step.state_shardings)
-            step = 0
-        else:
-            state = ckpt.restore_state(latest, train_step.abstract_state)
-            step = latest
-            logging.info("resuming from %s/%d", ckpt.directory, latest)
-        # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
-        validator = (FaceModel(model, state.variables(), contract, batch_size=config.eval.batch_size)
-                     if evaluator else None)
-        occlusion_evaluator = OcclusionSetEvaluator.from_config(config, contract.grid) if evaluator else None
+        state, step = _initial_state(config, spec, ckpt, latest, train_step)
+        validation = _Validation(config, spec, model, state, evaluator, writer, ckpt, stop_step,
+                                 best=(meta.get(checkpoint_lib.BEST_METRIC), latest))
         _sync_processes("oaml_train_ready")
-        # The progress report's clock counts training time only, so its ETA ignores validation and saving.
-        progress = periodic_actions.ReportProgress(num_train_steps=stop_step, every_steps=config.train.log_every)
-        hooks = []
-        if config.train.profile_steps > 0 and jax.process_index() == 0:
-            hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
-                                                  first_profile=step + 5, logdir=str(workdir)))
-        result = {"step": step, "metrics": {}, "validation": {}, "losses": {}, "num_classes": num_classes,
-                  "preempted": False}
-        first_step, run_start, train_seconds = step, time.perf_counter(), 0.0
-        interval, interval_seconds = [], 0.0
-        corrupt_total, skipped_total = meta.get("corrupt", 0), meta.get("skipped", 0)
-        best = (meta.get(checkpoint_lib.BEST_METRIC), latest)
-        while step < stop_step and not result["preempted"]:
-            epoch, offset = divmod(step, spe)
-            if config.data.sampler == "graph" and (offset == 0 or neighbours is None):
-                neighbours = _class_graph(state, num_classes, graph_k, config.data.graph_chunk, mesh)
-            elif config.data.sampler != "graph":
-                neighbours = None
-            data_iter = iter(pipeline.train_epoch_dataset(
-                source, config.data, epoch, global_batch=global_batch, process_index=jax.process_index(),
-                process_count=jax.process_count(), grid=contract.grid, neighbours=neighbours,
-                group_size=group_size))
-            if latest is not None and offset:
-                ckpt.restore_data_iter(latest, data_iter)
-            latest = None
-            for _ in range(offset, min(spe, offset + stop_step - step)):
-                step_start = time.perf_counter()
-                local = next(data_iter)
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, device_metrics = compiled(state, sharding_lib.global_batch(local, mesh))
-                host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-                seconds = time.perf_counter() - step_start
-                train_seconds += seconds
-                interval_seconds += seconds
-                step += 1
-                if host["nonfinite"]:
-                    skipped_total += 1
-                    _check_nonfinite(config.train, host, step, epoch, skipped_total, ckpt)
-                corrupt_total += int(host["corrupt"])
-                result["losses"][step - 1] = host["loss"]
-                interval.append(host)
-                progress(step, t=run_start + train_seconds)
-                for hook in hooks:
-                    hook(step)
-                if lock is not None:
-                    lock.refresh()
-                if step % config.train.log_every == 0 or step == stop_step:
-                    means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-                    means["images_per_sec"] = len(interval) * global_batch / interval_seconds
-                    means["mfu"] = metrics_lib.mfu(flops * len(interval), interval_seconds, jax.device_count())
-                    means.update(corrupt_total=corrupt_total, skipped_total=skipped_total, epoch=step / spe)
-                    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-                    result["metrics"] = means
-                    interval, interval_seconds = [], 0.0
-                step_meta = {"epoch": step // spe, "corrupt": corrupt_total, "skipped": skipped_total,
-                             "num_model_classes": model_classes}
-                eval_every = config.train.eval_every
-                evaluate = evaluator and ((eval_every > 0 and step % eval_every == 0) or step == stop_step)
-                preempted = preemption.reached(step)
-                if evaluate:
-                    validation = _validate_or_save(validator, evaluator, state, step, ckpt, data_iter, spe,
-                                                   step_meta, config_dict, neighbours)
-                    if occlusion_evaluator is not None:
-                        validation.update({f"val/{k}": v for k, v in occlusion_evaluator.run(validator)})
-                    writer.write_scalars(step, validation)
-                    logging.info("step %d validation: %s", step, validation)
-                    result["validation"] = validation
-                    step_meta[checkpoint_lib.BEST_METRIC] = validation[checkpoint_lib.BEST_METRIC]
-                    if best[0] is None or validation[checkpoint_lib.BEST_METRIC] > best[0]:
-                        best = (validation[checkpoint_lib.BEST_METRIC], step)
-                ckpt.save(step, state, data_iter=data_iter if step % spe else None, meta=step_meta,
-                          config=config_dict, neighbours=neighbours,
-                          force=bool(evaluate) or step == stop_step or preempted)
-                if preempted:
-                    ckpt.wait_until_finished()
-                    logging.warning("preemption notice: saved step %d to %s; exiting for a restart", step,
-                                    ckpt.directory)
-                    result["preempted"] = True
-                    break
+        profile = (periodic_actions.Profile(num_profile_steps=config.train.profile_steps, first_profile=step + 5,
+                                            logdir=str(workdir))
+                   if config.train.profile_steps > 0 and jax.process_index() == 0 else None)
+        totals = {"corrupt_total": meta.get("corrupt", 0), "skipped_total": meta.get("skipped", 0)}
+
+        def check(index: int, host: dict[str, float]) -> None:
+            totals["corrupt_total"] += int(host["corrupt"])
+            if host["nonfinite"]:
+                totals["skipped_total"] += 1
+                _check_nonfinite(config.train, host, index + 1, index // spe, totals["skipped_total"], ckpt)
+
+        logger = metric_logger.MetricLogger(
+            writer, log_every=config.train.log_every, stop_step=stop_step,
+            global_batch=spec.global_batch, steps_per_epoch=spe, flops_per_step=flops, check=check,
+            totals=lambda: dict(totals))
+        batches = _Batches(config, spec, source, num_classes, mesh, spe, neighbours)
+        result = {"num_classes": num_classes, "preempted": False, "signal": None}
+        first_step, run_start = step, time.perf_counter()
+
+        def items(step: int, extra: Optional[dict] = None) -> dict[str, Any]:
+            step_meta = {"epoch": step // spe, "corrupt": totals["corrupt_total"],
+                         "skipped": totals["skipped_total"], "num_model_classes": model_classes, **(extra or {})}
+            return dict(data_iter=batches.iterator_to_save(step), meta=step_meta, config=config_dict,
+                        neighbours=batches.neighbours, data=record)
+
+        batch = batches.open(step, state, resume=(ckpt, latest) if latest is not None else None) \
+            if step < stop_step else None
+        while step < stop_step:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, device_metrics = compiled(state, batch)
+            logger.push(step, device_metrics)
+            step += 1
+            if profile is not None:
+                profile(step)
+            if lock is not None:
+                lock.refresh()
+            extra = validation.maybe_run(step, state, logger, items)
+            if ckpt.maybe_save(step, state, stop=stop, force=bool(extra) or step == stop_step,
+                               before_save=logger.flush, items=lambda: items(step, extra)):
+                result["preempted"], result["signal"] = True, stop.signal or "SIGTERM"
+                break
+            if step < stop_step:
+                batch = batches.next(step, state)
+        logger.flush()
         writer.flush()
     finally:
         # Also on errors: an in-flight async save completes before the exception propagates.
         ckpt.wait_until_finished()
         ckpt.close()
         writer.close()
-    result["step"] = step
-    steps_run = step - first_step
+    result.update(step=step, metrics=logger.last, losses=logger.losses, validation=validation.last)
+    best = validation.best
+    seconds = logger.train_seconds
     logging.info("%s: steps %d-%d in %s, %.0f images/s while training; best validation %s; checkpoints in %s",
                  "stopped for preemption" if result["preempted"] else "done", first_step, step,
-                 _duration(time.perf_counter() - run_start),
-                 steps_run * global_batch / train_seconds if train_seconds else 0.0,
+                 metric_logger.duration(time.perf_counter() - run_start),
+                 (step - first_step) * spec.global_batch / seconds if seconds else 0.0,
                  "none" if best[0] is None else f"{best[0]:.4f} at step {best[1]}", ckpt.directory)
     return result
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+def _compile(config: ml_collections.ConfigDict, spec: RunSpec, model_classes: int, spe: int, mesh
+             ) -> tuple[Any, step_lib.TrainStep, Any, float]:
+    """The model, the train step (oaml_jax/step.py), its compiled program and its FLOPs per step."""
+    model = factory.build_model(config.model, model_classes)
+    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=spe, epochs=config.train.epochs,
+                                        global_batch=spec.global_batch)
+    start = time.perf_counter()
+    pipeline.occlusion_items(config.data, spec.contract.grid)  # a missing or empty occlusion set stops here
+    train_step = step_lib.build_train_step(model, tx, schedule, spec.contract, mesh, global_batch=spec.global_batch,
+                                           **step_lib.occlusion_options(config))
+    compiled = train_step.step.lower(train_step.abstract_state, train_step.abstract_batch).compile()
+    flops = metrics_lib.jaxpr_flops(train_step.step, train_step.abstract_state, train_step.abstract_batch)
+    logging.info("compiled in %.1f s (%.3g FLOPs per step)", time.perf_counter() - start, flops)
+    return model, train_step, compiled, flops
+
+
+class _Validation:
+    """Train-time validation every `train.eval_every` steps and at the last step; tracks the best result."""
+
+    def __init__(self, config: ml_collections.ConfigDict, spec: RunSpec, model: Any, state: TrainState,
+                 evaluator: list[Evaluator], writer: Any, ckpt: checkpoint_lib.Checkpointer,
+                 stop_step: int, best: tuple[Optional[float], Optional[int]]):
+        self.evaluator, self.writer, self.ckpt, self.stop_step, self.best = evaluator, writer, ckpt, stop_step, best
+        self.every = config.train.eval_every
+        self.last: dict[str, float] = {}
+        # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
+        self.validator = (FaceModel(model, state.variables(), spec.contract, batch_size=config.eval.batch_size)
+                          if evaluator else None)
+        self.occlusion = OcclusionSetEvaluator.from_config(config, spec.contract.grid) if evaluator else None
+
+    def maybe_run(self, step: int, state: TrainState, logger: metric_logger.MetricLogger,
+                  items: Callable[[int], dict]) -> dict[str, float]:
+        """Validates at `step` when due; returns the checkpoint's ranking metric ({} when not run)."""
+        if not self.evaluator or (step != self.stop_step and (self.every <= 0 or step % self.every)):
+            return {}
+        logger.flush()
+        with logger.paused():
+            self.last = _validate_or_save(self.validator, self.evaluator, state, step, self.ckpt, items(step))
+            if self.occlusion is not None:
+                self.last.update({f"val/{k}": v for k, v in self.occlusion.run(self.validator)})
+        self.writer.write_scalars(step, self.last)
+        logging.info("step %d validation: %s", step, _validation_line(self.last))
+        value = self.last[checkpoint_lib.BEST_METRIC]
+        if self.best[0] is None or value > self.best[0]:
+            self.best = (value, step)
+        return {checkpoint_lib.BEST_METRIC: value}
+
+
+def _writer(workdir: epath.Path) -> Any:
+    """TensorBoard summaries from process 0 (the log gets the metric logger's short lines instead)."""
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
+
+
+def _resume_checks(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Checkpointer, latest: Optional[int],
+                   num_classes: int, labels: np.ndarray, record: dict) -> tuple[dict, Optional[np.ndarray]]:
+    """The checkpoint's meta and class graph, after refusing a resume whose config or data changed."""
+    if latest is None:
+        padded = sharding_lib.padded_num_classes(num_classes, jax.device_count())
+        return {"num_model_classes": padded}, None
+    resume.check_resumed_config(ckpt.restore_config(latest), config)
+    meta, neighbours = ckpt.restore_extras(latest)
+    meta.setdefault("num_model_classes", sharding_lib.padded_num_classes(num_classes, jax.device_count()))
+    if meta["num_model_classes"] % jax.device_count():
+        raise ValueError(f"the checkpoint's class kernel ({meta['num_model_classes']} columns) cannot be split over "
+                         f"{jax.device_count()} devices; resume on a device count that divides it")
+    resume.check_resumed_data(ckpt.restore_data_record(latest), record, data_path=str(config.data.path),
+                                   allow=config.train.allow_data_change, step=latest,
+                                   num_model_classes=meta["num_model_classes"], max_label=int(labels.max()))
+    return meta, neighbours
+
+
+def _initial_state(config: ml_collections.ConfigDict, spec: RunSpec, ckpt: checkpoint_lib.Checkpointer,
+                   latest: Optional[int], train_step: Any) -> tuple[TrainState, int]:
+    """The state to start from and its step: the latest checkpoint's, else a fresh (or `init_from`) one."""
+    if latest is not None:
+        logging.info("resuming from %s/%d", ckpt.directory, latest)
+        return ckpt.restore_state(latest, train_step.abstract_state), latest
+    state = train_step.init(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+        state = _load_backbone(state, config, spec.contract, train_step.state_shardings)
+    return state, 0
+
+
+def _validation_line(validation: Mapping[str, float]) -> str:
+    """One short table line per validation: each pair set's clean AdaFace / QAConv accuracy and the ranking
+    metric (every scalar goes to TensorBoard)."""
+    cells = []
+    for key in validation:
+        if key.endswith("/clean/adaface_accuracy"):
+            name = key[len("val/"):-len("/clean/adaface_accuracy")]
+            accs = [validation.get(f"val/{name}/clean/{score}_accuracy") for score in ("adaface", "qaconv")]
+            cells.append(f"{name} " + "/".join("-" if a is None else f"{100 * a:.2f}" for a in accs))
+    return (f"{' | '.join(cells)} (% AdaFace/QAConv, clean); ranking metric "
+            f"{100 * validation[checkpoint_lib.BEST_METRIC]:.2f}")
 
 
 # Share of skipped steps is judged over at least this many steps (one early skip is not a trend).
@@ -476,15 +533,13 @@ def _check_nonfinite(train_cfg: ml_collections.ConfigDict, host: Mapping[str, fl
 
 
 def _validate_or_save(validator: FaceModel, evaluator: list[Evaluator], state: TrainState, step: int,
-                      ckpt: checkpoint_lib.Checkpointer, data_iter: Any, spe: int, meta: dict, config_dict: dict,
-                      neighbours: Optional[np.ndarray]) -> dict[str, float]:
+                      ckpt: checkpoint_lib.Checkpointer, items: dict[str, Any]) -> dict[str, float]:
     """`_validate`; if it fails, the state of `step` is saved before the error goes on (no step is lost)."""
     _sync_processes(f"oaml_validate_{step}")
     try:
         return _validate(validator, evaluator, state)
     except Exception as e:
-        ckpt.save(step, state, data_iter=data_iter if step % spe else None, meta=meta, config=config_dict,
-                  neighbours=neighbours, force=True)
+        ckpt.save(step, state, force=True, **items)
         ckpt.wait_until_finished()
         raise RuntimeError(f"validation at step {step} failed ({type(e).__name__}: {e}); the training state of "
                            f"step {step} is saved in {ckpt.directory}/{step}: fix the cause and rerun the same "

@@ -24,8 +24,15 @@ from etils import epath
 LOCK_FILE = "lock.json"
 
 
-class WorkdirBusyError(RuntimeError):
-    """Another live run holds the workdir's lock."""
+class WorkdirBusyError(OSError):
+    """Another live run holds the workdir's lock (an OSError, EBUSY: the command lines report it in one line)."""
+
+
+def not_writable(workdir: epath.Path, error: OSError) -> OSError:
+    """The one-line error for a workdir that cannot be created or written (read-only disk, no permission)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return OSError(f"workdir {workdir} cannot be written ({reason}): training writes its lock, "
+                   "checkpoints and summaries there; choose a --workdir you can write")
 
 
 def _process_exists(pid: int) -> bool:
@@ -74,20 +81,29 @@ class WorkdirLock:
 
         Raises:
             WorkdirBusyError: a live run holds it (host, pid and heartbeat age named).
+            OSError: the lock cannot be written (`not_writable`'s message).
         """
         held = self._read()
         if held is not None and held.get("owner") != self.record["owner"]:
             reason = self._stale_reason(held)
             if reason is None:
                 age = time.time() - float(held.get("heartbeat", 0.0))
+                if held.get("host") == self.record["host"]:
+                    takeover = (f"process {held.get('pid')} on this host is still running: stop it, or wait for it "
+                                "to end (its lock is then taken over at once)")
+                else:
+                    takeover = (f"a killed run's lock is taken over once its heartbeat is older than "
+                                f"{self.ttl_s:.0f} s")
                 raise WorkdirBusyError(
                     f"{self.path.parent} is in use by another training run (host {held.get('host')}, pid "
                     f"{held.get('pid')}, heartbeat {age:.0f} s ago; lock {self.path}). Two runs on one workdir "
-                    f"would overwrite each other's checkpoints: stop that run or choose another --workdir. A "
-                    f"killed run's lock is taken over once its heartbeat is older than {self.ttl_s:.0f} s.")
+                    f"would overwrite each other's checkpoints: choose another --workdir, or {takeover}.")
             logging.warning("taking over the stale lock %s of host %s pid %s: %s", self.path, held.get("host"),
                             held.get("pid"), reason)
-        self._write()
+        try:
+            self._write()
+        except OSError as e:
+            raise not_writable(self.path.parent, e) from e
 
     def _write(self) -> None:
         self._last_beat = time.time()

@@ -1,6 +1,7 @@
 """oaml_jax/checkpoint.py: save/restore round trips, retention, and converted AdaFace checkpoints."""
 
 import os
+import re
 
 import grain
 import jax
@@ -130,3 +131,86 @@ def test_restore_errors(tmp_path):
         checkpoint.restore(str(tmp_path / "run"))
     with pytest.raises(ValueError, match="gs:/bucket.*missing a slash|missing slash"):
         checkpoint.restore("gs:/bucket/run")
+
+
+def _nan_at(variables, where=("params", "backbone")):
+    """`variables` with a NaN in the first leaf under `where` (a copy)."""
+    tree = jax.tree.map(np.array, variables)
+    node = tree
+    for key in where:
+        node = node[key]
+    path, leaf = jax.tree_util.tree_leaves_with_path(node)[0]
+    leaf.reshape(-1)[0] = np.nan
+    return tree, jax.tree_util.keystr(path)
+
+
+def test_restore_refuses_non_finite_variables_naming_the_tensor(tmp_path):
+    from test_inference import tiny_variables, write_training_checkpoint
+    _, _, variables = tiny_variables()
+    poisoned, path = _nan_at(variables)
+    workdir = write_training_checkpoint(str(tmp_path / "run"), variables=poisoned)
+    with pytest.raises(ValueError, match=r"checkpoint .*run/checkpoints/3 holds NaN or Inf in \['params'\]"
+                                         rf"\['backbone'\]{re.escape(path)} \(1 of \d+ values\); refusing to use it"):
+        checkpoint.restore(workdir)
+
+
+def test_check_finite_names_leaves_and_passes_finite_and_integer_trees():
+    checkpoint.check_finite({"embeddings": np.ones((3, 4), np.float32), "ids": np.arange(3)}, "x")
+    scores = np.array([0.5, np.inf, np.nan], np.float32)
+    with pytest.raises(ValueError, match=r"^scores of pairs\.txt holds NaN or Inf in \['scores'\] \(2 of 3 values\)"):
+        checkpoint.check_finite({"scores": scores}, "scores of pairs.txt")
+    many = {f"t{i}": np.full(2, np.nan) for i in range(7)}
+    with pytest.raises(ValueError, match=r"\['t4'\] \(2 of 2 values\) and 2 more; refusing"):
+        checkpoint.check_finite(many, "x")
+
+
+def test_write_converted_refuses_non_finite_weights(tmp_path):
+    from test_inference import tiny_variables
+    config, _, variables = tiny_variables()
+    backbone = {k: v["backbone"] for k, v in variables.items()}
+    poisoned, path = _nan_at(backbone, ("batch_stats",))
+    with pytest.raises(ValueError, match=r"write_converted: the weights from w\.pt holds NaN or Inf in "
+                                         rf"\['batch_stats'\]\['backbone'\]{re.escape(path)}"):
+        checkpoint.write_converted(poisoned, config.model, str(tmp_path / "conv"), "w.pt")
+    assert not (tmp_path / "conv").exists()
+
+
+def _damage(step_dir, how):
+    """Removes or truncates every data file of the step's "state" item (an interrupted copy)."""
+    data = sorted((step_dir / "state" / "d").iterdir())
+    assert data
+    for path in data:
+        if how == "remove":
+            path.unlink()
+        else:
+            path.write_bytes(path.read_bytes()[:20])
+
+
+@pytest.mark.parametrize("how", ["remove", "truncate"])
+def test_a_damaged_latest_step_is_one_error_naming_it_and_the_step_that_reads(tmp_path, how):
+    from test_inference import write_training_checkpoint
+    run = str(tmp_path / "run")
+    for step in (1, 2):
+        write_training_checkpoint(run, step=step)
+    _damage(tmp_path / "run" / "checkpoints" / "2", how)
+    folder = f"{tmp_path}/run/checkpoints"
+    with pytest.raises(checkpoint.DamagedCheckpointError) as caught:
+        checkpoint.restore(run)
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {folder}/2 is damaged (")
+    assert message.endswith(f"the newest intact step is 1: pass --step=1 to evaluate or serve it, or move the "
+                            f"damaged folder aside (mv {folder}/2 {folder}/2.damaged) to resume training from "
+                            "it; a step is not chosen for you")
+    assert "\n" not in message and f"{folder}/2/state/d/" in message
+    assert checkpoint.restore(run, step=1).step == 1
+    os.rename(f"{folder}/2", f"{folder}/2.damaged")
+    assert checkpoint.restore(run).step == 1
+
+
+def test_a_damaged_only_step_says_no_step_reads(tmp_path):
+    from test_inference import write_training_checkpoint
+    run = write_training_checkpoint(str(tmp_path / "run"), step=5)
+    os.remove(tmp_path / "run" / "checkpoints" / "5" / "config" / "metadata")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=r"checkpoints/5 is damaged \(.*\); no other step "
+                                                                r"in that folder reads either"):
+        checkpoint.restore(run)

@@ -232,6 +232,19 @@ def test_every_problem_listed_at_once():
     assert "mis-shaped: output_layer.3.weight expected shape (16, 1568), got (1568, 16)" in message
 
 
+def test_non_finite_tensors_are_refused_by_name():
+    sd = adaface_state_dict(PLAIN["widths"], PLAIN["embedding_size"], se=False)
+    sd["model.body.1.res_layer.4.weight"] = sd["model.body.1.res_layer.4.weight"].copy()
+    sd["model.body.1.res_layer.4.weight"][0, 0, 1, :2] = [np.nan, np.inf]
+    sd["model.output_layer.3.bias"] = np.full(16, np.nan, np.float32)
+    with pytest.raises(ValueError) as info:
+        convert.adaface_to_flax(sd, "ir_18", **PLAIN)
+    message = str(info.value)
+    assert "(2 problems)" in message
+    assert "non-finite: body.1.res_layer.4.weight holds 2 NaN or Inf values of 2304" in message
+    assert "non-finite: output_layer.3.bias holds 16 NaN or Inf values of 16" in message
+
+
 def test_se_checkpoint_into_plain_arch_lists_se_tensors_unused():
     sd = adaface_state_dict(SE["widths"], SE["embedding_size"], se=True)
     with pytest.raises(ValueError, match=r"unused: body\.0\.res_layer\.se_block\.fc1\.weight shape \(1, 16, 1, 1\)"):

@@ -1,6 +1,7 @@
 """Training on the tiny config, in this process (one CPU device)."""
 
 import os
+import signal
 
 import jax
 import numpy as np
@@ -65,6 +66,42 @@ def test_kill_and_resume_reproduces_uninterrupted_run(full_run, data, tmp_path):
         got = first["losses"].get(step, second["losses"].get(step))
         np.testing.assert_allclose(got, full["losses"][step], rtol=1e-6, err_msg=f"step {step}")
     assert second["validation"]["val_accuracy"] == pytest.approx(full["validation"]["val_accuracy"])
+
+
+def test_ctrl_c_mid_epoch_saves_that_step_and_resumes_bitwise(full_run, data, tmp_path, monkeypatch):
+    """One Ctrl-C while step 2 runs (4 steps per epoch): the run saves step 3 and stops like a preemption; the
+    resumed run continues with the very losses of the uninterrupted one."""
+    _, full = full_run
+    calls, real = [], sharding.global_batch
+
+    def interrupted(local, mesh):
+        calls.append(len(calls))
+        if len(calls) == 3:  # the batch of step 2 is put on the devices while step 1 runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", interrupted)
+    workdir = str(tmp_path / "interrupted")
+    first = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6, eval_every=-1), workdir)
+    monkeypatch.undo()
+    assert (first["preempted"], first["signal"], first["step"]) == (True, "SIGINT", 3)
+    assert checkpoint.locate(workdir)[1] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    second = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6, eval_every=0), workdir)
+    assert sorted(second["losses"]) == [3, 4, 5]
+    for step in range(6):
+        got = first["losses"].get(step, second["losses"].get(step))
+        assert got == full["losses"][step], f"step {step}: {got} != {full['losses'][step]}"
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with checkpoint.StopRequests() as stop:
+        assert not stop.reached(0)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGINT" and stop.reached(1)
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def poison_train_batch(monkeypatch, steps) -> None:

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,7 +51,12 @@ def test_train_then_eval_command_lines_and_their_logs(data, tmp_path):
     summary = [line for line in log if "done: steps 0-3 in" in line]
     assert summary and "images/s while training; best validation" in summary[0]
     assert f"checkpoints in {workdir}/checkpoints" in summary[0]
-    assert any("ETA" in line for line in log) and any("train/epoch=" in line for line in log)
+    steps = [line.split("] ", 1)[1] for line in log if "] step " in line]
+    assert re.fullmatch(r"step 1/3 \(epoch 0\.25\): loss [\d.]+ \| acc ada [\d.]+ qa [\d.]+ \| occ mae [\d.]+ \| "
+                        r"[\d.]+ images/s \| ETA \dm\d\ds", steps[0]), steps
+    assert re.fullmatch(r"step 3 validation: val [\d.]+/[\d.]+ \(% AdaFace/QAConv, clean\); mean AdaFace [\d.]+",
+                        steps[-1]), steps
+    assert len(steps) == 4 and max(map(len, steps)) < 120, steps
     noisy = [line for line in log if any(marker in line for marker in LIBRARY_LINE)]
     assert not noisy, noisy[:5]
     evaluated = _run(_command("eval.py", f"--workdir={workdir}", f"--config.data.path={data}",
@@ -80,6 +87,18 @@ def test_a_refused_config_field_is_one_line_and_help_lists_the_flags(tmp_path):
     helped = _run([sys.executable, os.path.join(REPO, "eval.py"), "--help"])
     # absl's flag listing ("\n  --name: help"), not the docstring's mentions of the flags.
     assert all(f"\n  --{name}:" in helped.stdout for name in ("config", "workdir", "step", "checkpoint")), helped.stdout
+
+
+def test_a_busy_workdir_is_one_line(data, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "lock.json").write_text(json.dumps({"owner": "x", "host": socket.gethostname(), "pid": os.getppid(),
+                                                   "heartbeat": time.time()}))
+    result = _run(_command("train.py", f"--workdir={workdir}", f"--config.data.path={data}"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: {workdir} is in use by another training run \(host .*\)\. Two runs on one workdir "
+                        rf"would overwrite each other's checkpoints: choose another --workdir, or process "
+                        rf"{os.getppid()} on this host is still running: .*", result.stderr.splitlines()[-2])
 
 
 def _saved_steps(workdir):

@@ -1,7 +1,9 @@
 """Inputs from the field that used to fail late or silently: each is refused (or survived) before it costs work.
 
-Class count below the labels, a validation set too small for its protocol, a run skipping every step, a
-validation that fails, two runs on one workdir, a resumed config that changes the model, a full disk.
+Class count below the labels, too few identities for a batch, a validation set too small for its protocol, a
+run skipping every step, a validation that fails, two runs on one workdir, a workdir that cannot be written,
+a resumed config that changes the model, a resume on changed identity folders, a damaged latest checkpoint,
+a full disk.
 """
 
 import errno
@@ -13,11 +15,12 @@ import time
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags
+from etils import epath
 
 import train_worker
 from configs import default
 from data_pipelines import bin_pairs
-from oaml_jax import checkpoint, train
+from oaml_jax import checkpoint, logs, resume, train
 from oaml_jax.evaluation import pairs
 from oaml_jax.workdir_lock import LOCK_FILE, WorkdirBusyError
 from test_train import poison_train_batch
@@ -134,10 +137,10 @@ def test_a_field_missing_from_a_saved_config_counts_as_its_default():
     config = default.get_config()
     saved = config.to_dict()
     del saved["model"]["qaconv_block_mb"]  # a checkpoint written before the field existed
-    assert train.config_differences(saved, config) == []
+    assert resume.config_differences(saved, config) == []
     config.model.qaconv_block_mb = 64
-    assert train.config_differences(saved, config, ("model",)) == ["model.qaconv_block_mb: saved 256, now 64"]
-    assert train.config_differences(saved, config, ("data",)) == []
+    assert resume.config_differences(saved, config, ("model",)) == ["model.qaconv_block_mb: saved 256, now 64"]
+    assert resume.config_differences(saved, config, ("data",)) == []
 
 
 def test_a_full_disk_is_one_clear_error(data, tmp_path, monkeypatch):
@@ -154,3 +157,90 @@ def test_a_full_disk_is_one_clear_error(data, tmp_path, monkeypatch):
                                       r"last complete checkpoint is .*work/checkpoints/2"):
         train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6), workdir)
     assert checkpoint.locate(workdir)[1] == 2
+
+
+def test_too_few_identities_for_a_batch_are_refused_before_anything_is_written(tmp_path):
+    folder = train_worker.make_tiny_folders(str(tmp_path / "one"), ["solo"], images_per_identity=20)
+    config = train_worker.tiny_config(folder, max_steps=2)
+    config.data.source = "folder"
+    with pytest.raises(ValueError, match=r"data\.path=.*one: PK sampling needs at least p=4 identities, labels hold "
+                                         r"1 \(train\.batch_size=16, data\.k=4\)"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")
+
+
+def _folder_config(folder, **overrides):
+    config = train_worker.tiny_config(folder, **overrides)
+    config.data.source = "folder"
+    return config
+
+
+def test_resuming_on_changed_identity_folders_is_refused_naming_the_change(tmp_path):
+    names = [f"id{i}" for i in range(8)]
+    data, workdir = str(tmp_path / "faces"), str(tmp_path / "work")
+    train_worker.make_tiny_folders(data, names)
+    train.train_and_evaluate(_folder_config(data, max_steps=2), workdir)
+    # One identity replaced by a name that sorts first: every label below it shifts by one.
+    os.rename(os.path.join(data, "id3"), os.path.join(data, "aaa"))
+    with pytest.raises(ValueError, match=r"faces is not the data the checkpoint of step 2 was trained on: identities "
+                                         r"added: 'aaa'; identities removed: 'id3'; classes renumbered: 'id0' was "
+                                         r"class 0, now 1; 'id1' was class 1, now 2; 'id2' was class 2, now 3\. "
+                                         r"Resume on that data"):
+        train.train_and_evaluate(_folder_config(data, max_steps=4), workdir)
+    allowed = _folder_config(data, max_steps=4, allow_data_change=True)
+    assert sorted(train.train_and_evaluate(allowed, workdir)["losses"]) == [2, 3]
+    # A ninth identity: refused by name, and even when allowed, its label has no row in the class kernel.
+    train_worker.make_tiny_folders(data, ["zzz"])
+    with pytest.raises(ValueError, match=r"identities added: 'zzz'; records: saved 64, now 72; classes: saved 8, "
+                                         r"now 9\. "):
+        train.train_and_evaluate(_folder_config(data, max_steps=6), workdir)
+    with pytest.raises(ValueError, match=r"holds labels up to 8 but the checkpoint of step 4 has a class kernel of 8 "
+                                         r"classes"):
+        train.train_and_evaluate(_folder_config(data, max_steps=6, allow_data_change=True), workdir)
+
+
+def test_a_damaged_latest_checkpoint_stops_the_resume_naming_it(data, tmp_path):
+    workdir = str(tmp_path / "work")
+    train.train_and_evaluate(train_worker.tiny_config(data, max_steps=4), workdir)
+    assert _steps(workdir) == [2, 4]
+    state_data = os.path.join(workdir, "checkpoints", "4", "state", "d")
+    os.remove(os.path.join(state_data, sorted(os.listdir(state_data))[0]))
+    folder = os.path.join(workdir, "checkpoints")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=rf"checkpoint {folder}/4 is damaged \(.*\); the "
+                                                                r"newest intact step is 2: pass --step=2 .* \(mv "
+                                                                rf"{folder}/4 {folder}/4\.damaged\) to resume"):
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6), workdir)
+    os.rename(os.path.join(folder, "4"), os.path.join(folder, "4.damaged"))
+    assert sorted(train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6), workdir)["losses"]) == \
+        [2, 3, 4, 5]
+
+
+def test_a_busy_workdir_on_this_host_promises_no_timeout(data, tmp_path):
+    workdir = str(tmp_path / "work")
+    _write_lock(workdir, socket.gethostname(), os.getppid())
+    with pytest.raises(WorkdirBusyError) as caught:
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
+    assert str(caught.value).endswith(f"choose another --workdir, or process {os.getppid()} on this host is still "
+                                      "running: stop it, or wait for it to end (its lock is then taken over at once).")
+    assert "120 s" not in str(caught.value) and logs._raised_by_the_project(caught.value)
+    _write_lock(workdir, "another-host", 1)
+    with pytest.raises(WorkdirBusyError, match=r"a killed run's lock is taken over once its heartbeat is older than "
+                                               r"120 s\.$"):
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_error(data, tmp_path, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(type(epath.Path(str(tmp_path))), "mkdir", read_only)
+    with pytest.raises(OSError) as caught:
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), str(tmp_path / "work"))
+    assert str(caught.value) == (f"workdir {tmp_path}/work cannot be written (Read-only file system): training "
+                                 "writes its lock, checkpoints and summaries there; choose a --workdir you can write")
+    assert logs._raised_by_the_project(caught.value)
+    monkeypatch.undo()
+    os.makedirs(tmp_path / "existing")
+    monkeypatch.setattr(type(epath.Path(str(tmp_path))), "write_text", read_only)
+    with pytest.raises(OSError, match=r"workdir .*existing cannot be written \(Read-only file system\)"):
+        train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), str(tmp_path / "existing"))

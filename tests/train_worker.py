@@ -85,6 +85,21 @@ def make_tiny_data(folder: str) -> str:
     return folder
 
 
+def make_tiny_folders(folder: str, names, images_per_identity: int = IMAGES_PER_IDENTITY) -> str:
+    """One folder of JPEGs per identity name (a per-name colour pattern plus noise): a "folder" source."""
+    from data_pipelines.images import encode_jpeg
+
+    for name in names:
+        rng = np.random.default_rng(sum(map(ord, name)))
+        base = np.kron(rng.integers(0, 256, size=(7, 7, 3)).astype(np.float32), np.ones((16, 16, 1), np.float32))
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for i in range(images_per_identity):
+            image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            with open(os.path.join(folder, name, f"{i}.jpg"), "wb") as f:
+                f.write(encode_jpeg(image))
+    return folder
+
+
 def tiny_config(data_path: str, **train_overrides):
     """configs/default.py:test on `data_path`, with `config.train` overrides."""
     sys.path.insert(0, ROOT)

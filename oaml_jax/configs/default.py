@@ -153,6 +153,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # Resuming a checkpoint whose config differs in a field that changes the model or the data order
     # (model.*, data sampling and augmentation, batch size, seed) is refused unless this is True.
     config.train.allow_config_change = False
+    # Resuming on data other than the checkpoint's (identities added, removed or renamed) is refused unless
+    # this is True; the class kernel is then kept as it is (row i trains class i of the new data).
+    config.train.allow_data_change = False
     # Steps to trace with the profiler (clu Profile, written to the workdir); 0 = no trace.
     config.train.profile_steps = 0
 

@@ -6,7 +6,7 @@ File format (whitespace-separated, blank lines ignored):
     Aaron_Peirsol 1 2       a genuine pair: <root>/Aaron_Peirsol/Aaron_Peirsol_0001.<ext> and ..._0002.<ext>
     AJ_Cook 1 Marsha_Thomason 1     an impostor pair (the same name twice counts as genuine)
 The folds are the file's own: contiguous, S of them with an "S P" header, else 10. Images: any extension of
-`data_pipelines.folders.IMAGE_EXTENSIONS` (either case), aligned 112x112 crops or photos to detect and align
+`data_pipelines.images.READABLE_EXTENSIONS` (either case), aligned 112x112 crops or photos to detect and align
 (unless `aligned`). A pair whose image gives no face is dropped and counted (the folds are then split over the
 remaining pairs); an image the file names that does not exist is an error naming the file and line.
 
@@ -23,10 +23,10 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from data_pipelines.folders import IMAGE_EXTENSIONS
+from data_pipelines.images import READABLE_EXTENSIONS
 from oaml_jax.evaluation import base, pairs
-from oaml_jax.photos import faces_from_photos
 from oaml_jax.paths import user_path
+from oaml_jax.photos import faces_from_photos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +88,11 @@ def image_path(root: epath.Path, name: str, number: int, listing: dict[str, dict
     """
     if name not in listing:
         folder = root / name
-        listing[name] = ({p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        listing[name] = ({p.stem: p for p in folder.iterdir() if p.suffix.lower() in READABLE_EXTENSIONS}
                          if folder.is_dir() else {})
     stem = f"{name}_{number:04d}"
     if stem not in listing[name]:
-        raise FileNotFoundError(f"{root / name / stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>: no such image")
+        raise FileNotFoundError(f"{root / name / stem}.<{'|'.join(e[1:] for e in READABLE_EXTENSIONS)}>: no such image")
     return listing[name][stem]
 
 
