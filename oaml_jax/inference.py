@@ -191,6 +191,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
         sys.exit(f"embed: no face in {f.images}; nothing written")
     model = CalibratedFaceModel.from_workdir(f.workdir, f.step, batch_size=f.batch_size)
     embeddings, _ = model.embed(photo_faces.faces)
+    checkpoint_lib.check_finite(embeddings, f"the embeddings of {f.images} (nothing written)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as fh:
         np.save(fh, embeddings)

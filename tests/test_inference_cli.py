@@ -301,6 +301,21 @@ def test_no_command_writes_over_its_input(photos, workdir, tmp_path, monkeypatch
     assert _tree_bytes(folder) == before
 
 
+def test_no_command_writes_a_non_finite_embedding_or_score(photos, workdir, tmp_path, monkeypatch):
+    # Restore refuses NaN weights (test_checkpoint); this is the last guard, at the outputs themselves.
+    nan_embed = lambda self, faces: (np.full((len(faces), 4), np.nan, np.float32), np.ones(len(faces), np.float32))
+    monkeypatch.setattr(inference.CalibratedFaceModel, "embed", nan_embed)
+    out = tmp_path / "emb.npy"
+    with pytest.raises(ValueError, match=r"^the embeddings of .*photos\d* \(nothing written\) holds NaN or Inf in "
+                                         r"value \(12 of 12 values\); refusing to use it$"):
+        run_main("embed", f"--workdir={workdir}", f"--images={photos}", f"--out={out}", "--mode=largest")
+    assert not out.exists() and not out.with_suffix(".txt").exists()
+    nan_match = lambda self, a, b, stats=None: {"adaface": np.array([[np.inf]]), "qaconv": None, "fused": None}
+    monkeypatch.setattr(inference.CalibratedFaceModel, "match", nan_match)
+    with pytest.raises(ValueError, match=r"^the pair's scores holds NaN or Inf in \['adaface'\]"):
+        run_main("verify", f"--workdir={workdir}", str(photos / "grace_hopper.jpg"), str(photos / "aligned.png"))
+
+
 def test_an_uncalibrated_far_is_refused_before_the_model_loads(photos, workdir, tmp_path, monkeypatch):
     monkeypatch.setattr(inference.CalibratedFaceModel, "from_workdir", lambda *a, **k: pytest.fail("model loaded"))
     hopper, astronaut = str(photos / "grace_hopper.jpg"), str(photos / "astronaut_head.jpg")

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax.evaluation import calibration as calibration_lib
 from oaml_jax.evaluation import fusion
 from oaml_jax.paths import user_path
@@ -183,10 +184,12 @@ def verify_faces(model: CalibratedFaceModel, face_a: np.ndarray, face_b: np.ndar
         The `Verdict`.
 
     Raises:
-        ValueError: `far` is not a calibrated rate, or a face is not a 112x112 uint8 RGB crop.
+        ValueError: `far` is not a calibrated rate, a face is not a 112x112 uint8 RGB crop, or a score is NaN or
+            Inf (no verdict is given on it).
     """
     scores = model.match(face_a[None], face_b[None])
     values = {name: None if s is None else float(s[0, 0]) for name, s in scores.items()}
+    checkpoint_lib.check_finite({k: np.float64(v) for k, v in values.items() if v is not None}, "the pair's scores")
     cal = model.calibration
     thresholds = {}
     if cal is not None:
