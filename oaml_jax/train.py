@@ -44,7 +44,6 @@ from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation.base import Evaluator
-from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator
 from oaml_jax.serving import FaceModel
 from oaml_jax.models import factory
 from oaml_jax.models.face_input import InputContract
@@ -443,7 +442,6 @@ class _Validation:
         # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
         self.validator = (FaceModel(model, state.variables(), spec.contract, batch_size=config.eval.batch_size)
                           if evaluator else None)
-        self.occlusion = OcclusionSetEvaluator.from_config(config, spec.contract.grid) if evaluator else None
 
     def maybe_run(self, step: int, state: TrainState, logger: metric_logger.MetricLogger,
                   items: Callable[[int], dict]) -> dict[str, float]:
@@ -453,8 +451,6 @@ class _Validation:
         logger.flush()
         with logger.paused():
             self.last = _validate_or_save(self.validator, self.evaluator, state, step, self.ckpt, items(step))
-            if self.occlusion is not None:
-                self.last.update({f"val/{k}": v for k, v in self.occlusion.run(self.validator)})
         self.writer.write_scalars(step, self.last)
         logging.info("step %d validation: %s", step, _validation_line(self.last))
         value = self.last[checkpoint_lib.BEST_METRIC]

@@ -22,6 +22,7 @@ from oaml_jax import step as step_lib
 from oaml_jax import train
 from oaml_jax.configs import default
 from oaml_jax.evaluation import runner
+from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation.occlusion_sets import OcclusionSetEvaluator, score
 from oaml_jax.models import factory
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE, InputContract
@@ -306,7 +307,7 @@ def test_training_with_an_occlusion_set_learns_and_resumes_bitwise(tiny, tmp_pat
     resumed = train.train_and_evaluate(_run_config(data, occ, 16), str(tmp_path / "resumed"))
     assert {**first["losses"], **resumed["losses"]} == full["losses"]  # bitwise, occlusion stream included
     validation = full["validation"]
-    name = "val/occlusion/occ"
+    name = "val/occ"
     # Held-out coverings (never drawn for training): the head beats the all-visible predictor.
     assert validation[f"{name}/faces"] >= 8
     assert validation[f"{name}/mae"] < 0.95 * validation[f"{name}/all_visible_mae"], validation
@@ -318,20 +319,47 @@ def test_training_with_an_occlusion_set_learns_and_resumes_bitwise(tiny, tmp_pat
     config.eval.tensorboard = False
     config.eval.occlusion_variants = ("clean",)
     evaluated = runner.run(config, str(tmp_path / "full"))
-    assert f"{validation[f'{name}/mae']:.3f}" in evaluated["table"].splitlines()[-1]
+    last_row = evaluated["table"].splitlines()[-1]
+    assert last_row.startswith(f"occ ({int(validation[f'{name}/faces'])} faces)")
+    assert f"{100 * validation[f'{name}/mae']:.2f}" in last_row
+    assert evaluated["scalars"]["occlusion"]["occ/mae"] == validation[f"{name}/mae"]
     assert evaluated["files"]["occlusion_sets"].exists()
+
+
+def _occlusion_evaluators(data_sets=(), eval_sets=(), holdout=0.25, training=False, **entry):
+    config = default.get_config("test")
+    config.data.occlusion_sets, config.eval.occlusion_sets = data_sets, eval_sets
+    config.data.occlusion_holdout = holdout
+    config.eval.evaluators = ml_collections.ConfigDict(dict(occlusion=dict(type="occlusion", validation=True,
+                                                                          **entry)))
+    return evaluators_lib.from_config(config, training=training)
 
 
 def test_evaluator_scores_and_report(tiny, tmp_path, face_model):
     _, occ = tiny
-    evaluator = OcclusionSetEvaluator(occ, grid=7, holdout=0.25)
+    evaluator, = _occlusion_evaluators(occ)
+    assert isinstance(evaluator, OcclusionSetEvaluator) and evaluator.validation
     results = evaluator.evaluate(face_model)
     (name, result), = results.items()
-    assert name == "occ" and result.metrics["faces"] == len(OcclusionSet(occ, 7).split(0.25)[1])
-    assert dict(evaluator.run(face_model))[f"occlusion/{name}/mae"] == result.metrics["mae"]
-    files = evaluator.report(results, tmp_path / "eval")
+    held_out = len(OcclusionSet(occ, 7).split(0.25)[1])
+    assert name == "occ" and result.metrics["faces"] == held_out
+    scalars = evaluator.scalars(results)
+    assert sorted(scalars) == [f"occ/{m}" for m in ("all_visible_iou", "all_visible_mae", "faces", "iou", "mae")]
+    assert scalars["occ/mae"] == result.metrics["mae"]
+    # Train-time validation names them "val/<set>/<metric>".
+    validation = evaluators_lib.validation_metrics(_occlusion_evaluators(occ, training=True), face_model)
+    assert validation["val/occ/mae"] == pytest.approx(result.metrics["mae"], abs=1e-6)
+    table, = evaluator.tables(results)
+    assert table.columns == ("MAE", "IoU", "all-visible MAE", "all-visible IoU")
+    assert table.rows == {f"occ ({held_out} faces)": {"MAE": 100 * result.metrics["mae"],
+                                                      "IoU": 100 * result.metrics["iou"],
+                                                      "all-visible MAE": 100 * result.metrics["all_visible_mae"],
+                                                      "all-visible IoU": 100 * result.metrics["all_visible_iou"]}}
+    files = evaluator.write(results, tmp_path / "eval")
     assert cv2.imread(str(files["occlusion_sets"])).shape[0] > 100
-    assert "all-visible MAE" in evaluator.table(results)
+    # A named validation set is scored whole (and wins over the held-out part of the training sets).
+    whole, = _occlusion_evaluators(occ, eval_sets=(occ,))
+    assert whole.evaluate(face_model)["occ"].metrics["faces"] == 48
     # Known answers: a perfect map, and the all-visible map.
     targets = np.stack([np.eye(7), np.ones((7, 7))]).astype(np.float32)
     assert score(targets, targets) == {"mae": 0.0, "iou": 1.0, "all_visible_mae": pytest.approx(42 / 98),
@@ -341,11 +369,58 @@ def test_evaluator_scores_and_report(tiny, tmp_path, face_model):
     assert half["iou"] == pytest.approx(42 / 98)
 
 
+def test_evaluator_left_out_or_refused(tiny, tmp_path):
+    _, occ = tiny
+    # Neither eval.occlusion_sets nor data.occlusion_sets (the default): left out; no held-out share: too.
+    assert _occlusion_evaluators() == [] and _occlusion_evaluators(occ, holdout=0.0) == []
+    with pytest.raises(FileNotFoundError, match=r"eval.occlusion_sets\[0\]: occlusion set folder .*missing"):
+        _occlusion_evaluators(eval_sets=(str(tmp_path / "missing"),))
+    for bad in (0.0, "0.5"):
+        with pytest.raises(ValueError, match=rf"eval.evaluators.occlusion.threshold={bad!r}: expected a visible"):
+            _occlusion_evaluators(occ, threshold=bad)
+
+
+class _AllVisible14:
+    """A model stand-in with a 14x14 grid (model.feature_stage=3) whose head predicts all visible."""
+
+    has_qaconv = True
+    contract = InputContract(grid=14)
+
+    @staticmethod
+    def occlusion_maps(faces):
+        return np.ones((len(faces), 14, 14), np.float32)
+
+
+def test_evaluator_takes_targets_at_the_model_grid(tiny):
+    _, occ = tiny
+    evaluator, = _occlusion_evaluators(occ)
+    result = evaluator.evaluate(_AllVisible14())["occ"]
+    held = OcclusionSet(occ, 14)
+    targets = np.stack([held[int(i)][1] for i in held.split(0.25)[1]])
+    assert result.targets.shape[1:] == (14, 14)
+    np.testing.assert_array_equal(result.targets, targets[:result.targets.shape[0]])
+    assert result.metrics == score(np.ones_like(targets), targets)
+    assert result.metrics["mae"] == result.metrics["all_visible_mae"] > 0
+
+
+def test_converted_adaface_checkpoint_gets_nothing(tiny, tmp_path):
+    from oaml_jax.serving import FaceModel
+    from tiny_checkpoint import write_converted_checkpoint
+
+    _, occ = tiny
+    model = FaceModel.from_checkpoint(write_converted_checkpoint(str(tmp_path / "adaface")), batch_size=4)
+    evaluator, = _occlusion_evaluators(occ)
+    result = evaluator.evaluate(model)
+    assert not model.has_qaconv and result == {}
+    assert evaluator.scalars(result) == {} and evaluator.tables(result) == []
+    assert evaluator.write(result, tmp_path / "eval") == {} and not (tmp_path / "eval").exists()
+
+
 def test_items_index_all_sets(tiny, tmp_path):
     _, occ = tiny
     other = _two_folder_set(str(tmp_path / "two"))
     items = OcclusionItems([OcclusionSet(occ, 7), OcclusionSet(other, 7)], 0.0, held_out=False)
     assert len(items) == 49 and items.name(48) == "e"
     np.testing.assert_array_equal(items[48][1], OcclusionSet(other, 7)[0][1])
-    with pytest.raises(ValueError, match="no held-out pair"):
-        OcclusionSetEvaluator(other, grid=7, holdout=0.0)
+    with pytest.raises(ValueError, match=r"data.occlusion_sets\[0\]=.*two: no held-out pair"):
+        _occlusion_evaluators(other, holdout=1e-9)

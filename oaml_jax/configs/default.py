@@ -164,11 +164,13 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # `validation=True` also by train-time validation (clean pairs). Types: "bin_pairs" (the .bin sets below),
     # "pairs_file" (pairs=<LFW-format pairs.txt>, images=<root>), "folder" (path=<identity folders>,
     # identity_pattern, aligned), "ijb" (eval.ijb_* below), 1:N "identification" (gallery, probe, aligned),
-    # "tinyface" (root) and "ijb_1n" (root, default eval.ijb_root). Add one with e.g.
+    # "tinyface" (root) and "ijb_1n" (root, default eval.ijb_root), "occlusion" (the occlusion head on
+    # eval.occlusion_sets, else the held-out part of data.occlusion_sets; left out with neither). Add one with e.g.
     # `--config.eval.evaluators.niqab="dict(type='folder', path='/data/niqab')"` or eval.py's --folder.
     config.eval.evaluators = ml_collections.ConfigDict(dict(
         bins=dict(type="bin_pairs", validation=True),
-        ijb=dict(type="ijb")))
+        ijb=dict(type="ijb"),
+        occlusion=dict(type="occlusion", validation=True)))
     # Validation pair sets looked up in data.path as <name>.bin; missing ones are skipped with a warning.
     config.eval.bin_names = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
     config.eval.batch_size = 256  # global
@@ -181,8 +183,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     # OAML's visibility-gated score takes QAConv for a pair whose mean predicted visibility is below this, else
     # AdaFace; protocols with training folds (pair sets) fit it there instead.
     config.eval.gate_threshold = 0.5
-    # Occlusion sets to score the occlusion head on, whole (oaml_jax/evaluation/occlusion_sets.py); () = the
-    # held-out part (data.occlusion_holdout) of data.occlusion_sets. Train-time validation and eval.py.
+    # Occlusion sets the "occlusion" evaluator scores whole (oaml_jax/evaluation/occlusion_sets.py); () = the
+    # held-out part (data.occlusion_holdout) of data.occlusion_sets.
     config.eval.occlusion_sets = ml_collections.FieldReference((), field_type=object)
     # Folder of the .bin sets for eval.py; "" = data.path.
     config.eval.data_dir = ""

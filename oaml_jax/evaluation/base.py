@@ -36,6 +36,7 @@ class Common:
         training: built for train-time validation (clean pairs only, nothing written).
         data_path: `data.path` (where `.bin` sets are looked for when `eval.data_dir` is empty).
         eval_config: the whole `config.eval` section (the defaults a type's settings fall back on).
+        data_config: the whole `config.data` section (e.g. the occlusion sets whose held-out part is scored).
     """
 
     fusion_weights: Mapping[str, float]
@@ -44,6 +45,7 @@ class Common:
     training: bool
     data_path: str = ""
     eval_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

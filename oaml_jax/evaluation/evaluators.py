@@ -35,6 +35,7 @@ REGISTRY = {
     "identification": "oaml_jax.evaluation.identification:IdentificationEvaluator",
     "tinyface": "oaml_jax.evaluation.identification_benchmarks:TinyFaceEvaluator",
     "ijb_1n": "oaml_jax.evaluation.identification_benchmarks:IJB1NEvaluator",
+    "occlusion": "oaml_jax.evaluation.occlusion_sets:OcclusionSetEvaluator",
 }
 
 
@@ -67,7 +68,8 @@ def common_settings(config: Mapping[str, Any], *, training: bool) -> base.Common
     variants = pairs.check_variants(eval_cfg["occlusion_variants"])
     return base.Common(fusion_weights=fusion.check_weights(eval_cfg["fusion_weights"]),
                        variants=("clean",) if training else variants, gate_threshold=float(gate),
-                       training=training, data_path=str(config["data"]["path"]), eval_config=eval_cfg)
+                       training=training, data_path=str(config["data"]["path"]), eval_config=eval_cfg,
+                       data_config=config["data"])
 
 
 def check_config(config: Mapping[str, Any]) -> None:

@@ -8,11 +8,11 @@ saved); `config` gives the evaluation fields (`eval.*`, and `data.path` where th
 loop over the evaluators (`evaluators.from_config`): each evaluates the model, then the table is printed
 (`print_table`), then each writes its files. Outputs under `<workdir>/eval/` (process 0): results.txt (the
 table), results.json, each evaluator's figures (roc_<set>_<variant>.png, occlusion_grid.png, ijb_<name>.png,
-<folder>_roc.png, <folder>_hist.png, ...), calibration.json (thresholds at FAR 1e-2, 1e-3, 1e-4 of each score
-and the fused score's statistics, fitted on the clean pairs of every pair set; `CalibratedFaceModel.from_workdir` and
-`inference verify` use it), and TensorBoard summaries: one events file per evaluated checkpoint step (suffix
-`.step_<N>`), replaced when that step is evaluated again, so no curve holds a step twice
-(`config.eval.tensorboard = False` skips them and the tensorflow import).
+occlusion_sets.png, <folder>_roc.png, <folder>_hist.png, ...), calibration.json (thresholds at FAR 1e-2, 1e-3,
+1e-4 of each score and the fused score's statistics, fitted on the clean pairs of every pair set;
+`CalibratedFaceModel.from_workdir` and `inference verify` use it), and TensorBoard summaries: one events file
+per evaluated checkpoint step (suffix `.step_<N>`), replaced when that step is evaluated again, so no curve
+holds a step twice (`config.eval.tensorboard = False` skips them and the tensorflow import).
 
 The output folder is checked writable before anything is loaded: a workdir eval.py cannot write is refused
 in one line before any work.
