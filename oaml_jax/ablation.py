@@ -49,8 +49,8 @@ from etils import epath
 
 from oaml_jax import checkpoint, demo, logs, resume, train
 from oaml_jax.evaluation import fusion, pairs, plots, runner, verification
+from oaml_jax.evaluation.verdict import CalibratedFaceModel
 from oaml_jax.paths import user_path
-from oaml_jax.serving import FaceModel
 
 # The AdaFace-only baseline on top of the demo config: the AdaFace loss alone at weight 1 (the demo's 0.1
 # would only scale its learning rate). It keeps the demo's optimizer, schedule, augmentation and AdaFace
@@ -223,7 +223,7 @@ def score_run_pairs(config: ml_collections.ConfigDict, run_dir: epath.Path) -> d
     if set_name not in sets:
         raise FileNotFoundError(f"{field}={folder}: no {set_name}.bin for the ablation's paired comparisons")
     pair_set = sets[set_name]
-    model = FaceModel.from_checkpoint(run_dir, batch_size=config.eval.batch_size, fusion_weights=weights)
+    model = CalibratedFaceModel.from_checkpoint(run_dir, batch_size=config.eval.batch_size, fusion_weights=weights)
     correct = {}
     for variant in config.eval.occlusion_variants:
         scores, _ = pairs.pair_scores(model, pairs.variant_images(pair_set.images, variant, model.contract.grid))

@@ -26,6 +26,7 @@ from oaml_jax.evaluation import (
     ijb,
     runner,
 )
+from oaml_jax.evaluation.verdict import CalibratedFaceModel
 from oaml_jax.serving import FaceModel
 
 COMMON = base.Common(fusion_weights={"adaface": 0.5, "qaconv": 0.5}, variants=("clean",), gate_threshold=0.5,
@@ -124,7 +125,7 @@ def _brute(model, images, probe_rows, probe_labels, gallery_labels, k):
 def test_folder_evaluator_equals_the_whole_score_matrix(sets, workdir, tmp_path):
     root, images = sets
     stats = fusion.FusionStats(mean={"adaface": 0.1, "qaconv": 0.2}, std={"adaface": 0.5, "qaconv": 2.0})
-    model = FaceModel.from_checkpoint(workdir, batch_size=4, fusion_stats=stats)
+    model = CalibratedFaceModel.from_checkpoint(workdir, batch_size=4, fusion_stats=stats)
     evaluator = identification.IdentificationEvaluator(
         "mine", {"gallery": str(root / "gallery"), "probe": str(root / "probe"), "aligned": True, "gallery_chunk": 4,
                  "fpirs": (0.5,)}, COMMON)

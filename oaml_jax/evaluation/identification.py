@@ -32,6 +32,7 @@ from oaml_jax.evaluation.identification_metrics import (
     identity_ids,
     method_result,
 )
+from oaml_jax.evaluation.verdict import CalibratedFaceModel
 from oaml_jax.paths import user_path
 from oaml_jax.photos import faces_from_photos
 from oaml_jax.serving import FaceModel, Features
@@ -139,7 +140,7 @@ def search(model: FaceModel, probe_faces: np.ndarray, probe_ids: np.ndarray,
 
     AdaFace: cosine of flip-fused embeddings. QAConv (with `qaconv`): the model's occlusion-weighted
     matcher, mean of both directions. Fused (with QAConv): `fusion.fuse` with the model's statistics
-    (`FaceModel.fusion_stats`, e.g. eval.py's calibration), else statistics fitted, label-free, on all
+    (`CalibratedFaceModel.fusion_stats`, e.g. eval.py's calibration), else statistics fitted, label-free, on all
     probes against the first gallery chunk.
 
     Args:
@@ -156,7 +157,7 @@ def search(model: FaceModel, probe_faces: np.ndarray, probe_ids: np.ndarray,
     """
     probe = model.extract(probe_faces, keep_maps=qaconv)
     accumulators: dict[str, TopScoreAccumulator] = {}
-    stats = model.fusion_stats
+    stats = model.fusion_stats if isinstance(model, CalibratedFaceModel) else None
     for faces, ids in gallery_chunks:
         if faces.shape[0] == 0:
             continue
