@@ -1,7 +1,9 @@
 """A synthetic occlusion set in OAML's layout: procedural coverings on the embedded synthetic faces.
 
-    write_occlusion_set("demo_workdir/data/occlusion", num_images=256, seed=0)
+    write_occlusion_set("demo_workdir/data/occlusion", num_images=320, seed=0)
     -> kept_faces/occ_00000.png ... + masks/occ_00000_mask.png ... (masks 160x160, 255 = visible)
+or, from the command line (the demo's set: `python -m oaml_jax.demo` writes the same one itself):
+    python -m data_pipelines.synthetic_occlusion --out demo_workdir/data/occlusion --images 320 --seed 0
 
 Each image is a synthetic face (`synthetic.render_face`, identities of their own) covered by one of:
 "lower" (everything below a curved line under the nose: niqab, high collar), "slit" (all but an eye slit:
@@ -15,10 +17,11 @@ the face's visibility, which the reader turns into the grid targets.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 
 from data_pipelines import synthetic
 from data_pipelines.images import encode_png
@@ -149,3 +152,24 @@ def write_occlusion_set(out_dir: str, num_images: int, seed: int) -> dict:
     (out / RECORD_NAME).write_text(json.dumps({"version": VERSION, "seed": seed, **summary}))
     logging.info("synthetic occlusion set: %d faces %s -> %s", num_images, kinds, out_dir)
     return summary
+
+
+def _define_flags() -> None:
+    """Command-line flags, defined only when this module is the program (importers keep their own)."""
+    flags.DEFINE_string("out", None, "Output folder (OAML's layout: kept_faces/ + masks/).", required=True)
+    flags.DEFINE_integer("images", 320, "Number of occluded faces (the demo's set has 320).")
+    flags.DEFINE_integer("seed", 0, "Set seed (the demo's is its --data_seed).")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    summary = write_occlusion_set(f.out, f.images, f.seed)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in summary["kinds"].items())
+    print(f"wrote {summary['num_images']} occluded faces with masks ({kinds}) to {summary['out_dir']}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

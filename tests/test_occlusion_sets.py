@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import cv2
 import jax
@@ -31,6 +33,9 @@ flags.FLAGS.mark_as_parsed()
 train_worker.enable_compilation_cache()
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png(path, array):
@@ -424,3 +429,14 @@ def test_items_index_all_sets(tiny, tmp_path):
     np.testing.assert_array_equal(items[48][1], OcclusionSet(other, 7)[0][1])
     with pytest.raises(ValueError, match=r"data.occlusion_sets\[0\]=.*two: no held-out pair"):
         _occlusion_evaluators(other, holdout=1e-9)
+
+
+def test_synthetic_occlusion_command_writes_the_sets_write_occlusion_set_writes(tmp_path):
+    command = subprocess.run([sys.executable, "-m", "data_pipelines.synthetic_occlusion", f"--out={tmp_path / 'cli'}",
+                              "--images=3", "--seed=2"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert command.returncode == 0, command.stderr[-2000:]
+    assert command.stdout.startswith("wrote 3 occluded faces with masks (") and str(tmp_path / "cli") in command.stdout
+    synthetic_occlusion.write_occlusion_set(str(tmp_path / "lib"), 3, 2)
+    written = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+    assert len(written(tmp_path / "cli")) == 6 and written(tmp_path / "cli") == written(tmp_path / "lib")
+    assert len(OcclusionSet(str(tmp_path / "cli"), 7).names) == 3
