@@ -172,7 +172,7 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """A validated augmentation config, applied per image without re-reading the config.
+    """A checked augmentation config, applied per image without re-reading the config.
 
     Attributes:
       flip_prob: probability of a horizontal flip.
@@ -190,12 +190,15 @@ class Augmentation:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> "Augmentation":
-        """Validates `config.data.augment` (see `check_config`) and keeps its values."""
-        check_config(cfg)
-        return cls(flip_prob=float(cfg["flip_prob"]), crop_prob=float(cfg["crop_prob"]),
-                   crop_scale=tuple(float(v) for v in cfg["crop_scale"]),
-                   lowres_prob=float(cfg["lowres_prob"]),
-                   photometric_prob=float(cfg["photometric_prob"]))
+        """Keeps the values of `config.data.augment`, taken as given: `check_config` checked it, once, before.
+
+        Raises:
+          KeyError: a key is missing (the message names it).
+        """
+        return cls(flip_prob=float(_cfg_value(cfg, "flip_prob")), crop_prob=float(_cfg_value(cfg, "crop_prob")),
+                   crop_scale=tuple(float(v) for v in _cfg_value(cfg, "crop_scale")),
+                   lowres_prob=float(_cfg_value(cfg, "lowres_prob")),
+                   photometric_prob=float(_cfg_value(cfg, "photometric_prob")))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Applies each augmentation with its probability.

@@ -517,7 +517,7 @@ def _occlude_kind(kind: str, image: np.ndarray, rng: np.random.Generator, grid: 
 
 @dataclasses.dataclass(frozen=True)
 class Occlusion:
-    """A validated occlusion config, applied per image without re-reading the config.
+    """A checked occlusion config, applied per image without re-reading the config.
 
     Attributes:
       probs: probability of each kind of `KINDS` (sum <= 1); the rest is left unoccluded.
@@ -533,13 +533,16 @@ class Occlusion:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> "Occlusion":
-        """Validates `config.data.occlusion` (see `check_config`) and keeps its values."""
-        check_config(cfg)
-        probs = _probabilities(cfg)
+        """Keeps the values of `config.data.occlusion`, taken as given: `check_config` checked it, once, before.
+
+        Raises:
+          KeyError: a key is missing (the message names it).
+        """
+        probs = tuple(float(_cfg_value(cfg, key)) for key in PROB_KEYS)
         return cls(probs=probs,
                    blocks_count=tuple(int(v) for v in _cfg_value(cfg, "blocks_count")),
                    blocks_size=tuple(float(v) for v in _cfg_value(cfg, "blocks_size")),
-                   rgba_path=_rgba_path(cfg) if probs[3] > 0.0 else "")
+                   rgba_path=str(_cfg_value(cfg, "rgba_path")) if probs[3] > 0.0 else "")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator,
                  grid: int = 7) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ import dataclasses
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import cv2
@@ -60,12 +60,17 @@ _HOLDOUT_BUCKETS = 10_000
 _RECORD_HEADER = struct.Struct("<III")
 
 
-def check_config(data_cfg: ml_collections.ConfigDict | Any, *, num_devices: int, process_count: int) -> None:
+def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
     """Checks the occlusion-stream fields of `config.data`; raises ValueError naming the field.
 
     `data.occlusion_sets` may be one path (as the command line gives it) or a tuple of paths; the sets
     themselves are opened (and a set with no pair refused) by `open_sets` before the first step.
+
+    Args:
+        config: the whole run config; only `config.data`'s occlusion-stream fields are read.
+        num_devices, process_count: the occlusion batch splits over them like the main batch.
     """
+    data_cfg = config["data"]
     sets = set_paths(data_cfg["occlusion_sets"])
     batch = data_cfg["occlusion_batch"]
     if batch < 0:

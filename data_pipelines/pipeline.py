@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import cv2
@@ -54,12 +55,20 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _WORKER_BUFFER = 2
 
 
-def check_config(data_cfg: ml_collections.ConfigDict) -> None:
+def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
     """Checks `config.data` before anything is read or compiled; raises ValueError naming the field.
 
     The batch-level facts (train.batch_size divisible by data.k and by the processes) are checked with
-    `config.train`; whether `data.path` exists is checked when the source is opened.
+    `config.train`, the occlusion stream's fields by `occlusion_sets.check_config`; whether `data.path` exists
+    is checked when the source is opened. `data.augment` and `data.occlusion` are checked here, once: the
+    per-epoch `BatchLoader` builds its `Augmentation` and `Occlusion` from them as given.
+
+    Args:
+        config: the whole run config; only `config.data` is read.
+        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+            shares).
     """
+    data_cfg = config["data"]
     if data_cfg.source not in SOURCES:
         raise ValueError(f"data.source: unknown source {data_cfg.source!r}; expected one of {SOURCES}")
     if data_cfg.sampler not in SAMPLERS:
@@ -199,7 +208,8 @@ class BatchLoader(grain.transforms.Map):
                  occlusion_items: Optional[OcclusionItems] = None):
         """Args:
             source: a random-access source (`open_source`).
-            data_cfg: `config.data` (seed, on_corrupt, augment, occlusion, and the occlusion_* fields).
+            data_cfg: `config.data` (seed, on_corrupt, augment, occlusion, and the occlusion_* fields), taken
+                as given: `check_config` checked it once, before the first epoch.
             epoch: the epoch (keys the per-element random streams).
             grid: side of the visibility maps (the model's feature map, `InputContract.grid`).
             global_batch, process_index, process_count: the layout of the global batch, needed with

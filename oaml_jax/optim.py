@@ -21,8 +21,15 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 
 
-def check_config(optim_cfg: Mapping[str, Any]) -> None:
-    """Checks `config.optim`; raises ValueError naming the field (a negative lr would climb the loss)."""
+def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
+    """Checks `config.optim`; raises ValueError naming the field (a negative lr would climb the loss).
+
+    Args:
+        config: the whole run config; only `config.optim` is read.
+        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+            shares).
+    """
+    optim_cfg = config["optim"]
     if optim_cfg["name"] not in OPTIMIZERS:
         raise ValueError(f"optim.name={optim_cfg['name']!r} is unknown; expected one of {OPTIMIZERS}")
     if optim_cfg["schedule"] not in SCHEDULES:

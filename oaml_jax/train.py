@@ -55,8 +55,14 @@ from oaml_jax.workdir_lock import WorkdirBusyError, WorkdirLock, not_writable
 NONFINITE = ("stop", "skip")
 
 
-def check_train_config(train_cfg: Mapping[str, Any], *, num_devices: int, process_count: int, k: int) -> None:
-    """Checks `config.train`; raises ValueError naming the field."""
+def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
+    """Checks `config.train` (and the batch's split by `data.k`); raises ValueError naming the field.
+
+    Args:
+        config: the whole run config; `config.train` and `config.data.k` are read.
+        num_devices, process_count: the global batch must split evenly over them.
+    """
+    train_cfg, k = config["train"], config["data"]["k"]
     batch = train_cfg["batch_size"]
     if batch <= 0:
         raise ValueError(f"train.batch_size={batch} must be positive")
@@ -82,6 +88,12 @@ def check_train_config(train_cfg: Mapping[str, Any], *, num_devices: int, proces
         raise ValueError(f"train.nonfinite={train_cfg['nonfinite']!r}; expected one of {NONFINITE}")
     if not 0 <= train_cfg["max_skipped_share"] < 1:
         raise ValueError(f"train.max_skipped_share={train_cfg['max_skipped_share']} must be in [0, 1)")
+
+
+# What `validate_config` runs, in order: each checks the fields its module consumes, with one signature
+# `check(config, *, num_devices, process_count)` over the whole config.
+SECTION_CHECKS = (check_config, factory.check_config, optim.check_config, pipeline.check_config,
+                  occlusion_sets.check_config, evaluators_lib.check_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +127,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
     Raises:
         ValueError: an inconsistent or unknown value, naming the field.
     """
-    check_train_config(config.train, num_devices=num_devices, process_count=process_count, k=config.data.k)
-    factory.check_config(config.model)
+    for check in SECTION_CHECKS:
+        check(config, num_devices=num_devices, process_count=process_count)
     group_size = check_group_size(config.model.qaconv_group_size, global_batch=config.train.batch_size,
                                   num_devices=num_devices, k=config.data.k)
-    optim.check_config(config.optim)
-    pipeline.check_config(config.data)
-    occlusion_sets.check_config(config.data, num_devices=num_devices, process_count=process_count)
-    evaluators_lib.check_config(config)
     batch = config.train.batch_size
     return RunSpec(global_batch=batch, per_device_batch=batch // num_devices, per_process_batch=batch // process_count,
                    identities_per_batch=batch // config.data.k, group_size=group_size,

@@ -39,7 +39,7 @@ def test_variants_build_the_configs_they_say():
     assert detached.qaconv_to_backbone is False and detached.lam_ada == 1.0 and detached.lam_qa > 0
     assert base.model.qaconv_occlusion_weighting and base.model.qaconv_to_backbone  # base left as it was
     for config in configs.values():
-        factory.check_config(config.model)
+        factory.check_config(config, num_devices=1, process_count=1)
     with pytest.raises(ValueError, match=r"--variants: unknown 'huge'"):
         ablation.variant_config(base, "huge", 0)
 

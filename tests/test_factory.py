@@ -32,12 +32,12 @@ def _model(**overrides):
 ])
 def test_check_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
-        factory.check_config(_model(**{field: value}))
+        factory.check_config({"model": _model(**{field: value})}, num_devices=1, process_count=1)
 
 
 def test_defaults_and_recipes_pass():
-    factory.check_config(default.get_config().model)
-    factory.check_config(_model())
+    factory.check_config(default.get_config(), num_devices=1, process_count=1)
+    factory.check_config({"model": _model()}, num_devices=1, process_count=1)
 
 
 def test_contract_follows_channel_order_and_feature_stage():

@@ -227,7 +227,7 @@ def test_occlusion_batch_in_the_grain_element(tiny):
 
 def test_check_config_names_the_field():
     cfg = _data_cfg("x")
-    occlusion_sets.check_config(cfg, num_devices=2, process_count=1)
+    occlusion_sets.check_config({"data": cfg}, num_devices=2, process_count=1)
     for field, value, match in (("occlusion_batch", 9, r"occlusion_batch=9 must split evenly over the 2 devices"),
                                 ("occlusion_batch", 0, "needs data.occlusion_batch > 0"),
                                 ("occlusion_real_share", 0.0, r"occlusion_real_share=0.0 must be in \(0, 1\]"),
@@ -235,7 +235,7 @@ def test_check_config_names_the_field():
                                 ("occlusion_sets", "gs:/bucket", r"occlusion_sets\[0\].*a missing slash")):
         bad = _data_cfg("x", **{field: value})
         with pytest.raises(ValueError, match=match):
-            occlusion_sets.check_config(bad, num_devices=2, process_count=1)
+            occlusion_sets.check_config({"data": bad}, num_devices=2, process_count=1)
     assert occlusion_sets.set_paths("gs://b/one") == ("gs://b/one",) and occlusion_sets.set_paths(()) == ()
 
 

@@ -43,11 +43,11 @@ def test_warmup_then_cosine():
 ])
 def test_check_config_refuses_nonsense_by_name(field, value, match):
     with pytest.raises(ValueError, match=match):
-        optim.check_config(_optim(**{field: value}))
+        optim.check_config({"optim": _optim(**{field: value})}, num_devices=1, process_count=1)
 
 
 def test_defaults_pass_the_check():
-    optim.check_config(_optim())
+    optim.check_config({"optim": _optim()}, num_devices=1, process_count=1)
 
 
 PARAMS = {"backbone": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)},

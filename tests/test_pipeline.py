@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 
-from data_pipelines import pipeline
+from data_pipelines import augment, occlusion, pipeline
 from data_pipelines.folders import ImageFolderSource
 from data_pipelines.images import CorruptImageError, CorruptRecordError, decode_image, encode_jpeg
 from data_pipelines.recordio import RecordIOSource
@@ -296,15 +296,36 @@ def test_faults_that_are_not_per_record_stop_under_skip(tmp_path):
 ])
 def test_check_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
-        pipeline.check_config(_cfg(**{field: value}, path="/data") if field != "path" else _cfg(path=value))
+        _check(_cfg(**{field: value}, path="/data") if field != "path" else _cfg(path=value))
+
+
+def _check(data_cfg):
+    pipeline.check_config({"data": data_cfg}, num_devices=1, process_count=1)
 
 
 def test_check_config_checks_augment_and_occlusion():
-    pipeline.check_config(_cfg(path="/data"))
+    _check(_cfg(path="/data"))
     cfg = _cfg(path="/data")
     cfg.augment.flip_prob = 1.5
     with pytest.raises(ValueError, match=r"data\.augment\.flip_prob"):
-        pipeline.check_config(cfg)
+        _check(cfg)
+    cfg = _cfg(path="/data")
+    cfg.occlusion.prob_mask = 0.9
+    with pytest.raises(ValueError, match=r"data\.occlusion\.prob_blocks \+ prob_mask"):
+        _check(cfg)
+
+
+def test_augment_and_occlusion_are_checked_once_not_every_epoch(source, monkeypatch):
+    calls = []
+    for module in (augment, occlusion):
+        monkeypatch.setattr(module, "check_config", lambda cfg, check=module.check_config: calls.append(cfg) or
+                            check(cfg))
+    cfg = _cfg(path="/data")
+    _check(cfg)
+    assert calls == [cfg.augment, cfg.occlusion]
+    for epoch in (0, 1):
+        _batches(source, cfg, epoch)
+    assert len(calls) == 2  # the per-epoch loaders take the checked configs as given
 
 
 def test_epoch_longer_than_the_data_is_refused():

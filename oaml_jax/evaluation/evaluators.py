@@ -72,10 +72,15 @@ def common_settings(config: Mapping[str, Any], *, training: bool) -> base.Common
                        data_config=config["data"])
 
 
-def check_config(config: Mapping[str, Any]) -> None:
+def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
     """Checks `config.eval` before anything is loaded or compiled: the shared settings and every entry's type.
 
     Each type checks its own settings when it is built (`from_config`), next to where it uses them.
+
+    Args:
+        config: the whole run config (`config.eval` is checked).
+        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+            shares).
     """
     common_settings(config, training=False)
     for name, entry in _entries(config["eval"]).items():

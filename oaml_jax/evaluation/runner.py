@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
         OSError: the output folder cannot be written (before any work).
         FileNotFoundError: no checkpoint, or no evaluation set at all.
     """
-    evaluators_lib.check_config(config)
+    evaluators_lib.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     workdir = user_path(workdir, "workdir")
     out_dir = workdir / EVAL_SUBDIR
     is_main = jax.process_index() == 0

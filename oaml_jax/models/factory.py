@@ -35,14 +35,20 @@ EMBEDDING_FIELDS = ("arch", "backbone", "feature_stage", "dtype", "input_channel
 MODEL_FIELDS = EMBEDDING_FIELDS + ("head", "head_kwargs", "occ_loss", "qaconv_group_size") + LOSS_WEIGHTS + SWITCHES
 
 
-def check_config(model_cfg: Mapping[str, Any]) -> None:
+def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
     """Checks `config.model` before anything is built; raises ValueError naming the field.
 
     Checks arch, backbone overrides (by building the backbone), feature_stage, dtype, input_channel_order,
     head, loss weights (>= 0), occ_loss, qaconv_block_mb (>= 1) and num_classes (>= 0); ml_collections
     types the switches. The matching group size depends on the batch layout: `oaml.check_group_size` checks
     it with `config.train`.
+
+    Args:
+        config: the whole run config; only `config.model` is read.
+        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+            shares).
     """
+    model_cfg = config["model"]
     if model_cfg["arch"] not in ARCHS:
         raise ValueError(f"model.arch={model_cfg['arch']!r} is unknown; expected one of {ARCHS}")
     unknown = sorted(set(model_cfg["backbone"]) - set(BACKBONE_OVERRIDES))
