@@ -47,7 +47,7 @@ import scipy.stats
 from absl import app, flags, logging
 from etils import epath
 
-from oaml_jax import checkpoint, demo, logs, resume, train
+from oaml_jax import checkpointing, demo, logs, resume, train
 from oaml_jax.evaluation import fusion, pairs, plots, runner, verification
 from oaml_jax.evaluation.verdict import CalibratedFaceModel
 from oaml_jax.paths import user_path
@@ -278,7 +278,7 @@ def run_one(config: ml_collections.ConfigDict,
     """
     results = run_dir / "eval" / "results.json"
     if results.exists() and (run_dir / "ablation_done").exists():
-        saved = checkpoint.Checkpointer(run_dir, every=1, keep=1)
+        saved = checkpointing.Checkpointer(run_dir, every=1, keep=1)
         try:
             # The data folder may move with the workdir; what is in it is guarded by demo.ensure_data (and
             # demo.ensure_occlusion_set).

@@ -36,6 +36,7 @@ from orbax.checkpoint import multihost
 
 from data_pipelines import occlusion_sets, pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
+from oaml_jax import checkpointing
 from oaml_jax import metric_logger
 from oaml_jax import metrics as metrics_lib
 from oaml_jax import optim
@@ -292,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     source = pipeline.open_source(config.data)
     num_classes, labels, record = _check_data(config, spec, source)
     evaluators = evaluators_lib.from_config(config, training=True) if config.train.eval_every >= 0 else []
-    with _workdir_lock(workdir) as lock, checkpoint_lib.StopRequests() as stop:
+    with _workdir_lock(workdir) as lock, checkpointing.StopRequests() as stop:
         return _train(config, spec, workdir, source, (num_classes, labels, record), evaluators, lock,
                       stop)
 
@@ -307,7 +308,7 @@ class _Batches:
         self.spe, self.neighbours = steps_per_epoch, neighbours
         self.data_iter: Any = None
 
-    def open(self, step: int, state: TrainState, resume: Optional[tuple[checkpoint_lib.Checkpointer, int]] = None
+    def open(self, step: int, state: TrainState, resume: Optional[tuple[checkpointing.Checkpointer, int]] = None
              ) -> dict[str, jax.Array]:
         """Opens the epoch of `step` (at its position when `resume` = (checkpointer, step) names a mid-epoch
         checkpoint) and returns the batch of `step` on the devices."""
@@ -339,13 +340,13 @@ class _Batches:
 
 def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path, source: Any,
            data: tuple[int, np.ndarray, dict], evaluator: list[Evaluator], lock: Optional[WorkdirLock],
-           stop: checkpoint_lib.StopRequests) -> dict[str, Any]:
+           stop: checkpointing.StopRequests) -> dict[str, Any]:
     """The run itself, with the workdir held (see `train_and_evaluate`)."""
     num_classes, labels, record = data
     spe = pipeline.steps_per_epoch(len(source), spec.global_batch)
     stop_step = min(config.train.max_steps or config.train.epochs * spe, config.train.epochs * spe)
     mesh = sharding_lib.make_mesh()
-    ckpt = checkpoint_lib.Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep)
+    ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep)
     latest = ckpt.latest_step()
     meta, neighbours = _resume_checks(config, ckpt, latest, num_classes, labels, record)
     model_classes = meta["num_model_classes"]
@@ -442,7 +443,7 @@ class _Validation:
     """Train-time validation every `train.eval_every` steps and at the last step; tracks the best result."""
 
     def __init__(self, config: ml_collections.ConfigDict, spec: RunSpec, model: Any, state: TrainState,
-                 evaluator: list[Evaluator], writer: Any, ckpt: checkpoint_lib.Checkpointer,
+                 evaluator: list[Evaluator], writer: Any, ckpt: checkpointing.Checkpointer,
                  stop_step: int, best: tuple[Optional[float], Optional[int]]):
         self.evaluator, self.writer, self.ckpt, self.stop_step, self.best = evaluator, writer, ckpt, stop_step, best
         self.every = config.train.eval_every
@@ -474,7 +475,7 @@ def _writer(workdir: epath.Path) -> Any:
     return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
 
 
-def _resume_checks(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Checkpointer, latest: Optional[int],
+def _resume_checks(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, latest: Optional[int],
                    num_classes: int, labels: np.ndarray, record: dict) -> tuple[dict, Optional[np.ndarray]]:
     """The checkpoint's meta and class graph, after refusing a resume whose config or data changed."""
     if latest is None:
@@ -492,7 +493,7 @@ def _resume_checks(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Check
     return meta, neighbours
 
 
-def _initial_state(config: ml_collections.ConfigDict, spec: RunSpec, ckpt: checkpoint_lib.Checkpointer,
+def _initial_state(config: ml_collections.ConfigDict, spec: RunSpec, ckpt: checkpointing.Checkpointer,
                    latest: Optional[int], train_step: Any) -> tuple[TrainState, int]:
     """The state to start from and its step: the latest checkpoint's, else a fresh (or `init_from`) one."""
     if latest is not None:
@@ -522,7 +523,7 @@ _MIN_STEPS_FOR_SHARE = 10
 
 
 def _check_nonfinite(train_cfg: ml_collections.ConfigDict, host: Mapping[str, float], step: int, epoch: int,
-                     skipped_total: int, ckpt: checkpoint_lib.Checkpointer) -> None:
+                     skipped_total: int, ckpt: checkpointing.Checkpointer) -> None:
     """Raises FloatingPointError for a non-finite step under "stop", or too many of them under "skip"."""
     stop = train_cfg.nonfinite == "stop"
     if not stop and skipped_total <= train_cfg.max_skipped_share * max(step, _MIN_STEPS_FOR_SHARE):
@@ -537,7 +538,7 @@ def _check_nonfinite(train_cfg: ml_collections.ConfigDict, host: Mapping[str, fl
 
 
 def _validate_or_save(validator: FaceModel, evaluator: list[Evaluator], state: TrainState, step: int,
-                      ckpt: checkpoint_lib.Checkpointer, items: dict[str, Any]) -> dict[str, float]:
+                      ckpt: checkpointing.Checkpointer, items: dict[str, Any]) -> dict[str, float]:
     """`_validate`; if it fails, the state of `step` is saved before the error goes on (no step is lost)."""
     _sync_processes(f"oaml_validate_{step}")
     try:

@@ -13,7 +13,7 @@ from absl import flags
 
 import train_worker
 from configs import demo
-from oaml_jax import ablation, checkpoint
+from oaml_jax import ablation, checkpointing
 from oaml_jax.evaluation import pairs, verification
 from oaml_jax.models import factory
 
@@ -143,7 +143,7 @@ def test_command_runs_variants_and_reuses_finished_runs(tmp_path):
     assert decisions["mask/qaconv"].shape == (20,)
     assert 100 * decisions["mask/qaconv"].mean() == pytest.approx(saved["summary"]["full"]["mask"]["qaconv"][0])
 
-    saver = checkpoint.Checkpointer(run_dir, every=1, keep=1)
+    saver = checkpointing.Checkpointer(run_dir, every=1, keep=1)
     config = ml_collections.ConfigDict(saver.restore_config(saver.latest_step()))
     saver.close()
     done = (run_dir / "ablation_done").stat().st_mtime

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oaml_jax import checkpoint, sharding
+from oaml_jax import checkpoint, checkpointing, sharding
 from oaml_jax.models import factory
 from oaml_jax.models.face_input import InputContract
 from oaml_jax.train_state import TrainState
@@ -28,7 +28,7 @@ def _iterator():
 
 
 def test_round_trip_with_iterator_meta_and_neighbours(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), every=1, keep=2)
     it = _iterator()
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     neighbours = np.arange(12, dtype=np.int32).reshape(6, 2)
@@ -58,7 +58,7 @@ def _abstract_state(mesh):
 
 
 def test_keeps_latest_and_best(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
     accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: None}
     for step, acc in accuracies.items():
         meta = {} if acc is None else {checkpoint.BEST_METRIC: acc}
@@ -122,7 +122,7 @@ def test_restore_errors(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         checkpoint.restore(str(tmp_path / "empty"))
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), every=1, keep=2, async_save=False)
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), every=1, keep=2, async_save=False)
     ckpt.save(1, _state(1.0), data_iter=None, meta={}, config={"seed": 0})
     ckpt.close()
     with pytest.raises(FileNotFoundError, match=r"no step 7 .*have \[1\]"):

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 import train_worker
-from oaml_jax import checkpoint, sharding, train
+from oaml_jax import checkpoint, checkpointing, sharding, train
 
 flags.FLAGS.mark_as_parsed()
 train_worker.enable_compilation_cache()
@@ -95,7 +95,7 @@ def test_ctrl_c_mid_epoch_saves_that_step_and_resumes_bitwise(full_run, data, tm
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    with checkpoint.StopRequests() as stop:
+    with checkpointing.StopRequests() as stop:
         assert not stop.reached(0)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal == "SIGINT" and stop.reached(1)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from oaml_jax import checkpoint
+from oaml_jax import checkpoint, checkpointing
 from oaml_jax.models import factory
 from oaml_jax.train_state import TrainState
 
@@ -48,13 +48,13 @@ def tiny_variables(seed: int = 0):
 
 
 def write_training_checkpoint(workdir: str, variables=None, step: int = STEP, config=None):
-    """A training checkpoint through `checkpoint.Checkpointer` (the layout train.py writes)."""
+    """A training checkpoint through `checkpointing.Checkpointer` (the layout train.py writes)."""
     if variables is None:
         config, _, variables = tiny_variables()
     tx = optax.sgd(0.1, momentum=0.9)
     state = TrainState(step=jnp.int32(step), params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
-    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False)
+    ckpt = checkpointing.Checkpointer(workdir, every=1, keep=2, async_save=False)
     ckpt.save(step, state, data_iter=None, meta={"epoch": 0, "num_model_classes": NUM_CLASSES},
               config=(config or tiny_config()).to_dict(), force=True)
     ckpt.wait_until_finished()
