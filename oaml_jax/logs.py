@@ -9,7 +9,8 @@ runtime prints two start-up lines before any filter can act; TF 2.21 ignores TF_
 `run` is how every command line starts: `--help` shows the command's description and all of its own flags
 (also for the console scripts, whose `__main__` is a generated wrapper), and an input the project's own code
 refuses (a ValueError or OSError raised in oaml_jax, data_pipelines or configs: a config field, a missing
-file, a busy workdir) ends in one line naming it, exit status 1, its traceback logged at `--verbosity=1`.
+file, a busy workdir) ends in one line naming it (ending in where its traceback is: `--verbosity=1`), exit
+status 1.
 So do a flag or a `--config.field=value` override that cannot be parsed (a misspelt field with its "did you
 mean" hint) and a command's usage error (`app.UsageError`: a wrong `--config` path, a missing argument):
 one line, not the help text. Errors raised inside libraries keep their whole traceback.
@@ -68,7 +69,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             if logging.level_debug():
                 logging.debug("traceback of the error below", exc_info=True)
                 sys.exit(f"error: {e}")
-            sys.exit(f"error: {e}\n(the traceback: --verbosity=1)")
+            sys.exit(f"error: {e} [traceback: --verbosity=1]")
 
     app.run(wrapped, flags_parser=parse_flags)
 

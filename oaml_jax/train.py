@@ -416,7 +416,8 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     best = validation.best
     seconds = logger.train_seconds
     logging.info("%s: steps %d-%d in %s, %.0f images/s while training; best validation %s; checkpoints in %s",
-                 "stopped for preemption" if result["preempted"] else "done", first_step, step,
+                 ("stopped by Ctrl-C" if result["signal"] == "SIGINT" else "stopped for preemption")
+                 if result["preempted"] else "done", first_step, step,
                  metric_logger.duration(time.perf_counter() - run_start),
                  (step - first_step) * spec.global_batch / seconds if seconds else 0.0,
                  "none" if best[0] is None else f"{best[0]:.4f} at step {best[1]}", ckpt.directory)

@@ -45,7 +45,8 @@ def test_workdir_it_cannot_write_is_refused_in_one_line_before_any_work(tmp_path
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: eval.py writes its results to {blocker}/run/eval and cannot write there (Not a "
-                      "directory); pass a --workdir you can write (with --checkpoint=<the run> to evaluate another's)"]
+                      "directory); pass a --workdir you can write (with --checkpoint=<the run> to evaluate another's) "
+                      "[traceback: --verbosity=1]"]
     assert "Traceback" not in done.stderr and "no_such_folder" not in done.stderr and done.stdout == ""
 
 

@@ -134,6 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
             files["calibration"] = calibration.save(fitted, out_dir / calibration.CALIBRATION_FILE)
         if config.eval.tensorboard:
             files["events"] = write_summaries(out_dir, model.step or 0, scalars, files)
+        logging.info("step %s: results.txt, results.json and %d other files in %s", model.step, len(files) - 2,
+                     out_dir)
     return {"step": model.step, "table": text, "scalars": scalars, "results": results, **sections,
             "files": files, "has_qaconv": model.has_qaconv}
 
