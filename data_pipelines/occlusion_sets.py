@@ -21,6 +21,8 @@ Images must be 112x112 aligned faces, refused naming the file otherwise, unless 
 unaligned (`aligned=False`): faces are then detected and aligned when the set is opened (MTCNN,
 `oaml_jax.align`) and each mask is warped by the same similarity transform (composed with the size rule),
 at 4x the face's resolution so the targets keep the mask's detail; outside the photo counts as not visible.
+There too, as in `oaml-inference align`, a 112x112 photo is taken as an aligned face: not detected, its
+mask kept as it is (the size rule scales it to the face).
 `align_set` writes such a set once, aligned, in OAML's layout (`oaml-inference align --masks=...`).
 
 Images without a mask and masks without an image are counted and logged (names of the first few); a set
@@ -205,7 +207,9 @@ def _similarity_for_mask(landmarks: np.ndarray, image_hw: tuple[int, int], mask_
 
 
 def align_pair(image: np.ndarray, mask: np.ndarray, **detection: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """Detects the largest face of a photo, aligns it, and warps its mask by the same similarity.
+    """Aligns a photo's face and its mask: a 112x112 photo is taken as an aligned face (as `oaml-inference
+    align` takes it) with its mask kept as it is; any other is detected (largest face), aligned, and its mask
+    warped by the same similarity.
 
     Args:
         image: uint8 `[H, W, 3]` RGB photo.
@@ -213,9 +217,12 @@ def align_pair(image: np.ndarray, mask: np.ndarray, **detection: Any) -> Optiona
         **detection: `min_face_size`, `min_score` of `align.detect_and_align`.
 
     Returns:
-        (uint8 `[112, 112, 3]` face, float32 `[448, 448]` mask in the face's frame, 0 outside the photo),
+        (uint8 `[112, 112, 3]` face, float32 mask in the face's frame): for a 112x112 photo `mask` itself
+        (`[h, w]`, stretched to the face by the size rule when read), else `[448, 448]`, 0 outside the photo;
         or None when no face is found.
     """
+    if image.shape[:2] == (FACE_SIZE, FACE_SIZE):
+        return image, mask
     from oaml_jax import align
     faces = align.detect_and_align(image, mode="largest", **detection)
     if not faces:
@@ -245,8 +252,8 @@ class OcclusionSet:
         Args:
             root: a set folder or a `.array_record` file from `convert_to_array_record`.
             grid: the model's feature-map side.
-            aligned: the faces are 112x112 aligned crops (others are refused when read); False detects and
-                aligns every face now and warps its mask.
+            aligned: the faces are 112x112 aligned crops (others are refused when read); False aligns every
+                face now (`align_pair`: a 112x112 photo as it is, others detected, their masks warped).
             field: the config field or flag named in errors.
             **detection: `min_face_size`, `min_score` for unaligned sets.
 
@@ -418,8 +425,9 @@ def _canonical(path: epath.Path) -> str:
 def align_set(images: epath.PathLike, masks: epath.PathLike, out: epath.PathLike, **detection: Any) -> dict:
     """Aligns an unaligned set once, offline: `out/kept_faces/{name}.png` + `out/masks/{name}_mask.png`.
 
-    Masks are warped by each face's similarity (`align_pair`) and written at 4x the face's side, so the
-    targets keep their detail. Nothing is written over an input.
+    A 112x112 photo is taken as aligned and its mask written as it is (grayscale); the others' masks are
+    warped by each face's similarity (`align_pair`) and written at 4x the face's side, so the targets keep
+    their detail. Nothing is written over an input.
 
     Args:
         images: folder of photos. masks: folder of their masks (either naming, see `pair_folders`).

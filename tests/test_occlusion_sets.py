@@ -168,6 +168,29 @@ def test_unaligned_photo_mask_follows_the_face(tmp_path, capsys):
     assert all(target[r, c] < 0.5 for c, r in mouth_cell) and np.all(target[:4] == 1.0)
 
 
+
+def test_aligned_crops_are_kept_as_they_are_when_aligning_a_set(tmp_path):
+    """112x112 crops (the synthetic set's faces, masks at another resolution) are taken as aligned, as plain
+    `align` takes them: none is run through detection and dropped; faces, masks and targets come out unchanged,
+    through `align_set` and through an unaligned set opened for training."""
+    source = tmp_path / "synthetic"
+    synthetic_occlusion.write_occlusion_set(str(source), 4, 3)
+    counts = occlusion_sets.align_set(source / "kept_faces", source / "masks", tmp_path / "aligned")
+    assert counts == {"written": 4, "without_face": 0, "unpaired_images": 0, "unpaired_masks": 0}
+    original, aligned = OcclusionSet(source, 7), OcclusionSet(tmp_path / "aligned", 7)
+    unaligned = OcclusionSet(source, 7, aligned=False)
+    assert aligned.names == original.names == unaligned.names and unaligned.without_face == ()
+    for name in original.names:
+        mask = f"masks/{name}_mask.png"
+        read = lambda root: cv2.imread(str(root / mask), cv2.IMREAD_GRAYSCALE)
+        assert read(source).shape != (112, 112)
+        np.testing.assert_array_equal(read(tmp_path / "aligned"), read(source))
+    for i in range(len(original)):
+        for other in (aligned, unaligned):
+            np.testing.assert_array_equal(other[i][0], original[i][0])
+            np.testing.assert_array_equal(other[i][1], original[i][1])
+
+
 def _data_cfg(occlusion_set, **overrides):
     cfg = default.get_config("test").data
     cfg.occlusion_sets = (occlusion_set,)
@@ -427,8 +450,17 @@ def test_items_index_all_sets(tiny, tmp_path):
     items = OcclusionItems([OcclusionSet(occ, 7), OcclusionSet(other, 7)], 0.0, held_out=False)
     assert len(items) == 49 and items.name(48) == "e"
     np.testing.assert_array_equal(items[48][1], OcclusionSet(other, 7)[0][1])
-    with pytest.raises(ValueError, match=r"data.occlusion_sets\[0\]=.*two: no held-out pair"):
+    with pytest.raises(ValueError) as refused:
         _occlusion_evaluators(other, holdout=1e-9)
+    assert str(refused.value) == (
+        f"data.occlusion_sets[0]={other}: no held-out pair to validate the occlusion head on with "
+        "data.occlusion_holdout=1e-09 (a set of 1 pair; add faces, or set data.occlusion_holdout=0 to validate on "
+        "none, or name a validation set in eval.occlusion_sets)")
+    # The remedies it names are accepted: no validation (the empty evaluator is left out), or a named
+    # validation set (scored whole).
+    assert len(_occlusion_evaluators(other, holdout=0.0)) == 0
+    evaluator, = _occlusion_evaluators(other, eval_sets=(other,), holdout=1e-9)
+    assert not evaluator.empty and len(evaluator.sets["two"][1]) == 1
 
 
 def test_synthetic_occlusion_command_writes_the_sets_write_occlusion_set_writes(tmp_path):

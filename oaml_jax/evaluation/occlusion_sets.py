@@ -110,8 +110,11 @@ class OcclusionSetEvaluator(base.Evaluator):
             opened = OcclusionSet(path, _LISTING_GRID, aligned=aligned, field=f"{field}[{i}]")
             indices = opened.split(holdout)[1] if held_out else np.arange(len(opened))
             if not len(indices):
+                pairs = f"{len(opened)} pair{'s' * (len(opened) != 1)}"
                 raise ValueError(f"{field}[{i}]={path}: no held-out pair to validate the occlusion head on with "
-                                 f"data.occlusion_holdout={holdout}")
+                                 f"data.occlusion_holdout={holdout} (a set of {pairs}; add faces, or set "
+                                 "data.occlusion_holdout=0 to validate on none, or name a validation set in "
+                                 "eval.occlusion_sets)")
             set_name = os.path.basename(os.fspath(path).rstrip("/")) or f"set{i}"
             self.sets[set_name if set_name not in self.sets else f"{set_name}_{i}"] = (opened, indices)
 
