@@ -28,13 +28,13 @@ _IDENTITIES = flags.DEFINE_integer("identities", 64, "Identities of 8 images eac
 
 
 def _write_faces(folder: str) -> None:
-    from data_pipelines import recordio
+    from data_pipelines import recordio_format
     from data_pipelines.images import encode_jpeg
 
     rng = np.random.default_rng(0)
     items = [(encode_jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)), i)
              for i in range(_IDENTITIES.value) for _ in range(8)]
-    recordio.write_recordio(folder, items, num_classes=_IDENTITIES.value)
+    recordio_format.write_recordio(folder, items, num_classes=_IDENTITIES.value)
 
 
 def main(argv):
