@@ -66,7 +66,8 @@ def shorthand_evaluators(*, folder: str = "", pairs_file: str = "", images: str 
                          probe: str = "", aligned: bool = False) -> dict[str, dict]:
     """The `config.eval.evaluators` entries eval.py's shorthand flags stand for (empty: none given).
 
-    Each entry is named after its folder (the pairs file's image root, the gallery folder).
+    Each entry is named after its folder (the pairs file's image root, the gallery folder); its `fields` make
+    messages about its paths name the flags (`--folder=DIR: not a folder`), not a config field.
 
     Raises:
         app.UsageError: a flag without its partner (--pairs_file/--images, --gallery/--probe), or --aligned alone.
@@ -74,15 +75,18 @@ def shorthand_evaluators(*, folder: str = "", pairs_file: str = "", images: str 
     name = lambda path, default: epath.Path(path).name or default
     entries = {}
     if folder:
-        entries[name(folder, "folder")] = dict(type="folder", path=folder, aligned=aligned)
+        entries[name(folder, "folder")] = dict(type="folder", path=folder, aligned=aligned,
+                                               fields=dict(path="--folder"))
     if bool(pairs_file) != bool(images):
         raise app.UsageError("--pairs_file and --images go together (the pairs file and the image root it names)")
     if pairs_file:
-        entries[name(images, "pairs_file")] = dict(type="pairs_file", pairs=pairs_file, images=images, aligned=aligned)
+        entries[name(images, "pairs_file")] = dict(type="pairs_file", pairs=pairs_file, images=images, aligned=aligned,
+                                                   fields=dict(pairs="--pairs_file", images="--images"))
     if bool(gallery) != bool(probe):
         raise app.UsageError("--gallery and --probe go together (two folders of identity sub-folders)")
     if gallery:
-        entries[name(gallery, "gallery")] = dict(type="identification", gallery=gallery, probe=probe, aligned=aligned)
+        entries[name(gallery, "gallery")] = dict(type="identification", gallery=gallery, probe=probe, aligned=aligned,
+                                                  fields=dict(gallery="--gallery", probe="--probe"))
     if aligned and not entries:
         raise app.UsageError("--aligned applies to --folder, --pairs_file or --gallery/--probe; none is given")
     return entries

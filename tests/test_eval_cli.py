@@ -4,13 +4,16 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from absl import app
 
 import train_worker
 from oaml_jax import cli
+from oaml_jax.evaluation import evaluators
 
 from test_eval_folder import write_aligned_folder
+from tiny_checkpoint import tiny_config
 
 REPO = train_worker.ROOT
 
@@ -24,17 +27,45 @@ def _eval(*args):
 def test_shorthands_make_evaluator_entries():
     assert cli.shorthand_evaluators() == {}
     assert cli.shorthand_evaluators(folder="/data/niqab/", aligned=True) == {
-        "niqab": dict(type="folder", path="/data/niqab/", aligned=True)}
+        "niqab": dict(type="folder", path="/data/niqab/", aligned=True, fields=dict(path="--folder"))}
     assert cli.shorthand_evaluators(pairs_file="/d/mfr2/pairs.txt", images="/d/mfr2") == {
-        "mfr2": dict(type="pairs_file", pairs="/d/mfr2/pairs.txt", images="/d/mfr2", aligned=False)}
+        "mfr2": dict(type="pairs_file", pairs="/d/mfr2/pairs.txt", images="/d/mfr2", aligned=False,
+                     fields=dict(pairs="--pairs_file", images="--images"))}
     assert cli.shorthand_evaluators(gallery="/d/ar/gallery", probe="/d/ar/probe") == {
-        "gallery": dict(type="identification", gallery="/d/ar/gallery", probe="/d/ar/probe", aligned=False)}
+        "gallery": dict(type="identification", gallery="/d/ar/gallery", probe="/d/ar/probe", aligned=False,
+                        fields=dict(gallery="--gallery", probe="--probe"))}
     with pytest.raises(app.UsageError, match="--pairs_file and --images go together"):
         cli.shorthand_evaluators(pairs_file="pairs.txt")
     with pytest.raises(app.UsageError, match="--gallery and --probe go together"):
         cli.shorthand_evaluators(probe="/d/probe")
     with pytest.raises(app.UsageError, match="--aligned applies to"):
         cli.shorthand_evaluators(aligned=True)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(folder="{d}/nothere"), "--folder={d}/nothere: not a folder"),
+    (dict(pairs_file="{d}/nothere.txt", images="{d}"), "--pairs_file={d}/nothere.txt: no such file"),
+    (dict(pairs_file="{d}/pairs.txt", images="gs:/b/x"), "--images='gs:/b/x': looks like a URI with a missing slash"),
+    (dict(gallery="{d}/nothere", probe="{d}"), "--gallery={d}/nothere: no such folder or list file"),
+    (dict(gallery="{d}/faces", probe="{d}/nothere"), "--probe={d}/nothere: no such folder or list file"),
+])
+def test_shorthand_errors_name_the_flag_and_config_entries_their_field(tmp_path, flags, message):
+    (tmp_path / "pairs.txt").write_text("")
+    write_aligned_folder(str(tmp_path / "faces"), identities=2, images=1)
+    config = tiny_config()
+    config.eval.evaluators = ml_collections.ConfigDict(
+        cli.shorthand_evaluators(**{k: v.format(d=tmp_path) for k, v in flags.items()}))
+    with pytest.raises((ValueError, FileNotFoundError)) as raised:
+        evaluators.from_config(config, training=False)
+    assert str(raised.value).startswith(message.format(d=tmp_path))
+    # The same entry declared in the config (no `fields`) names its config field.
+    name, entry = next(iter(config.eval.evaluators.items()))
+    del entry["fields"]
+    with pytest.raises((ValueError, FileNotFoundError)) as raised:
+        evaluators.from_config(config, training=False)
+    key = {"folder": "path", "pairs_file": "pairs", "images": "images", "gallery": "gallery", "probe": "probe"}[
+        message.split("=")[0][2:]]
+    assert str(raised.value).startswith(f"eval.evaluators.{name}.{key}=")
 
 
 def test_workdir_it_cannot_write_is_refused_in_one_line_before_any_work(tmp_path):

@@ -61,6 +61,12 @@ class Table:
     notes: tuple[str, ...] = ()
 
 
+def setting_field(name: str, settings: Mapping[str, Any], key: str) -> str:
+    """What messages call setting `key` of entry `name`: `eval.evaluators.<name>.<key>`, or the name the entry's
+    `fields` setting gives it (eval.py's shorthand flags name themselves: `fields={"path": "--folder"}`)."""
+    return (settings.get("fields") or {}).get(key, f"eval.evaluators.{name}.{key}")
+
+
 class Evaluator:
     """Base of every evaluator type; subclasses set `evaluate` and `scalars`.
 

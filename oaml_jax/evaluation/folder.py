@@ -219,7 +219,7 @@ class FolderEvaluator(base.Evaluator):
 
     def __init__(self, name: str, settings: Mapping[str, Any], common: base.Common):
         super().__init__(name, settings, common)
-        field = f"eval.evaluators.{name}.path"
+        field = base.setting_field(name, settings, "path")
         if not settings.get("path"):
             raise ValueError(f"{field}: expected the folder of faces")
         self.root = user_path(settings["path"], field)

@@ -43,7 +43,7 @@ CMC_LENGTH = 20
 GALLERY_CHUNK = 1024
 METHOD_LABELS = {"adaface": "AdaFace", "qaconv": "QAConv", "fused": "fused"}
 # Keys of a `config.eval.evaluators` entry that belong to the framework building the evaluators, not to it.
-FRAMEWORK_SETTINGS = ("type", "validation")
+FRAMEWORK_SETTINGS = ("type", "validation", "fields")
 
 
 # Readers.
@@ -258,8 +258,8 @@ class IdentificationEvaluator(base.Evaluator):
         missing = [key for key in ("gallery", "probe") if not settings.get(key)]
         if missing:
             raise ValueError(f"{self.field}: {missing} required (folders of identity sub-folders or list files)")
-        return (read_entries(settings["gallery"], f"{self.field}.gallery"),
-                read_entries(settings["probe"], f"{self.field}.probe"))
+        return (read_entries(settings["gallery"], base.setting_field(self.name, settings, "gallery")),
+                read_entries(settings["probe"], base.setting_field(self.name, settings, "probe")))
 
     def evaluate(self, model: FaceModel) -> IdentificationResult:
         """Reads and aligns the faces, searches every probe, returns the metrics of each score."""

@@ -5,7 +5,8 @@ File format (whitespace-separated, blank lines ignored):
                             or one number N (the rows that follow: N, or N of each kind), or none at all
     Aaron_Peirsol 1 2       a genuine pair: <root>/Aaron_Peirsol/Aaron_Peirsol_0001.<ext> and ..._0002.<ext>
     AJ_Cook 1 Marsha_Thomason 1     an impostor pair (the same name twice counts as genuine)
-The folds are the file's own: contiguous, S of them with an "S P" header, else 10. Images: any extension of
+The folds are the file's own: contiguous, S of them with an "S P" header, else 10; each must hold both kinds of
+pair (LFW's layout: each fold's same rows, then its different rows), else the file is refused. Images: any extension of
 `data_pipelines.images.READABLE_EXTENSIONS` (either case), aligned 112x112 crops or photos to detect and align
 (unless `aligned`). A pair whose image gives no face is dropped and counted (the folds are then split over the
 remaining pairs); an image the file names that does not exist is an error naming the file and line.
@@ -16,7 +17,7 @@ Protocol: `pairs.PairSetEvaluator` (10-fold accuracy, TAR@1e-3, AUC; AdaFace, QA
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import tqdm
 from etils import epath
 
 from data_pipelines.images import READABLE_EXTENSIONS
-from oaml_jax.evaluation import base, pairs
+from oaml_jax.evaluation import base, pairs, verification
 from oaml_jax.paths import user_path
 from oaml_jax.photos import faces_from_photos
 
@@ -67,17 +68,46 @@ def parse_pairs_file(text: str, where: str) -> PairsFile:
     n_folds = pairs.N_FOLDS
     if header is not None and len(header) == 2:
         n_folds, per_fold = header
-        if n_folds < 2 or len(rows) != n_folds * 2 * per_fold:
-            raise ValueError(f"{where}:{header_line}: header '{header[0]} {header[1]}' means {header[0]} folds of "
-                             f"2 x {header[1]} pairs ({n_folds * 2 * per_fold} rows, at least 2 folds); the file has "
-                             f"{len(rows)} rows")
+        if n_folds < 2:
+            raise ValueError(f"{where}:{header_line}: header '{n_folds} {per_fold}': {n_folds} "
+                             f"fold{'' if n_folds == 1 else 's'}; the 10-fold protocol needs at least 2")
+        if len(rows) != n_folds * 2 * per_fold:
+            raise ValueError(f"{where}:{header_line}: header '{n_folds} {per_fold}' means {n_folds} folds of "
+                             f"2 x {per_fold} pairs ({n_folds * 2 * per_fold} rows); the file has {len(rows)} rows")
     elif header is not None and len(rows) not in (header[0], 2 * header[0]):
         raise ValueError(f"{where}:{header_line}: header '{header[0]}' announces {header[0]} rows (or {header[0]} "
                          f"of each kind); the file has {len(rows)}")
     if len(rows) < n_folds:
-        raise ValueError(f"{where}: {len(rows)} pairs cannot be split into {n_folds} folds")
+        per = max(len(rows) // 4, 1)
+        raise ValueError(f"{where}: {len(rows)} pairs cannot be split into {n_folds} folds; for fewer folds, start "
+                         f"the file with LFW's header line '<folds> <pairs per fold>' (e.g. '2 {per}': 2 folds, each "
+                         f"{per} same then {per} different pairs)")
     issame = np.array([r[0] == r[2] for r in rows])
+    check_folds(issame, n_folds, [r[4] for r in rows], where)
     return PairsFile(rows=rows, issame=issame, n_folds=n_folds)
+
+
+def check_folds(issame: np.ndarray, n_folds: int, lines: Sequence[int], where: str) -> None:
+    """Refuses folds without both kinds of pair: their accuracy and threshold mean nothing (0.00 or arbitrary).
+
+    Args:
+        issame: `[N]` bool, the pairs in file order.
+        n_folds: the contiguous folds they are split into (`verification.fold_indices`).
+        lines: `[N]` the line of each pair in the file.
+        where: the file, named in the message.
+
+    Raises:
+        ValueError: naming the first such fold, its lines and its counts, and the layout the protocol expects.
+    """
+    for k, idx in enumerate(verification.fold_indices(issame.size, n_folds), start=1):
+        same = int(issame[idx].sum())
+        if same in (0, idx.size):
+            first, last = lines[idx[0]], lines[idx[-1]]
+            span = f"line {first}" if first == last else f"lines {first}-{last}"
+            raise ValueError(
+                f"{where}: fold {k} of {n_folds} ({span}) holds {same} same and "
+                f"{idx.size - same} different pairs; the folds are the file's own, in file order, and each must hold "
+                "both kinds (LFW's layout: each fold lists its same pairs, then its different pairs)")
 
 
 def image_path(root: epath.Path, name: str, number: int, listing: dict[str, dict[str, epath.Path]]) -> epath.Path:
@@ -102,13 +132,14 @@ class PairsFileEvaluator(pairs.PairSetEvaluator):
 
     def __init__(self, name: str, settings: Mapping[str, Any], common: base.Common):
         self.grid_name = f"occlusion_grid_{name}"
-        field = f"eval.evaluators.{name}"
         if not settings.get("pairs") or not settings.get("images"):
-            raise ValueError(f"{field}: expected `pairs` (an LFW-format pairs.txt) and `images` (its image root)")
-        path = user_path(settings["pairs"], f"{field}.pairs")
-        root = user_path(settings["images"], f"{field}.images")
+            raise ValueError(f"eval.evaluators.{name}: expected `pairs` (an LFW-format pairs.txt) and `images` (its "
+                             "image root)")
+        pairs_field = base.setting_field(name, settings, "pairs")
+        path = user_path(settings["pairs"], pairs_field)
+        root = user_path(settings["images"], base.setting_field(name, settings, "images"))
         if not path.is_file():
-            raise FileNotFoundError(f"{field}.pairs={path}: no such file")
+            raise FileNotFoundError(f"{pairs_field}={path}: no such file")
         parsed = parse_pairs_file(path.read_text(), str(path))
         listing: dict[str, dict[str, epath.Path]] = {}
         try:
@@ -127,6 +158,9 @@ class PairsFileEvaluator(pairs.PairSetEvaluator):
         if len(keep) < parsed.n_folds:
             raise ValueError(f"{path}: {len(keep)} of {len(paths)} pairs have a face in both images; the protocol "
                              f"needs at least {parsed.n_folds}")
+        if len(keep) < len(paths):
+            check_folds(parsed.issame[keep], parsed.n_folds, [parsed.rows[k][4] for k in keep],
+                        f"{path} (without the {len(paths) - len(keep)} pairs that have no face)")
         images = np.stack([faces[p] for k in keep for p in paths[k]])
         self.counts = (len(keep), int(parsed.issame[keep].sum()), parsed.n_folds)
         pair_set = pairs.PairSet(name=name, path=path, images=images, issame=parsed.issame[keep],
