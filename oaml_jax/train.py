@@ -347,13 +347,18 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     stop_step = min(config.train.max_steps or config.train.epochs * spe, config.train.epochs * spe)
     mesh = sharding_lib.make_mesh()
     ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep)
-    latest = ckpt.latest_step()
-    meta, neighbours = _resume_checks(config, ckpt, latest, num_classes, labels, record)
-    model_classes = meta["num_model_classes"]
-    logging.info("compiling the train step: %s, global batch %d over %d devices (%d processes), %d classes "
-                 "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch, spec.global_batch,
-                 jax.device_count(), jax.process_count(), num_classes, model_classes, len(source), spe, stop_step)
-    model, train_step, compiled, flops = _compile(config, spec, model_classes, spe, mesh)
+    try:
+        latest = ckpt.latest_step()
+        meta, neighbours = _resume_checks(config, ckpt, latest, num_classes, labels, record)
+        model_classes = meta["num_model_classes"]
+        logging.info("compiling the train step: %s, global batch %d over %d devices (%d processes), %d classes "
+                     "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch,
+                     spec.global_batch, jax.device_count(), jax.process_count(), num_classes, model_classes,
+                     len(source), spe, stop_step)
+        model, train_step, compiled, flops = _compile(config, spec, model_classes, spe, mesh)
+    except BaseException:
+        ckpt.close()  # a refused resume or failed compile closes the manager (its threads) before the error goes on
+        raise
 
     writer = _writer(workdir)
     config_dict = config.to_dict()
