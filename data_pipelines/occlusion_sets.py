@@ -49,7 +49,7 @@ from data_pipelines.folders import list_images
 from data_pipelines.images import CorruptImageError, decode_image, decode_photo, encode_png
 from data_pipelines.occlusion import visibility_map
 from oaml_jax.models.face_input import FACE_SIZE
-from oaml_jax.paths import user_path
+from oaml_jax.paths import real_path, user_path
 
 IMAGE_DIRS = ("kept_faces", "images")
 MASK_DIR = "masks"
@@ -418,10 +418,6 @@ def convert_to_array_record(root: epath.PathLike, out_file: epath.PathLike) -> i
     return len(source)
 
 
-def _canonical(path: epath.Path) -> str:
-    return os.fspath(path) if "://" in os.fspath(path) else os.path.realpath(os.fspath(path))
-
-
 def align_set(images: epath.PathLike, masks: epath.PathLike, out: epath.PathLike, **detection: Any) -> dict:
     """Aligns an unaligned set once, offline: `out/kept_faces/{name}.png` + `out/masks/{name}_mask.png`.
 
@@ -442,7 +438,7 @@ def align_set(images: epath.PathLike, masks: epath.PathLike, out: epath.PathLike
     """
     images, masks, out = (user_path(images, "--images"), user_path(masks, "--masks"), user_path(out, "--out"))
     outputs = (out / IMAGE_DIRS[0], out / MASK_DIR)
-    if {_canonical(p) for p in outputs} & {_canonical(images), _canonical(masks)}:
+    if {real_path(p) for p in outputs} & {real_path(images), real_path(masks)}:
         raise ValueError(f"--out={out}: its {IMAGE_DIRS[0]}/ or {MASK_DIR}/ folder is an input folder; "
                          "choose a new folder (inputs are never written over)")
     listing = pair_folders(images, masks)

@@ -25,7 +25,6 @@ refusal, which is one line `error: ...`.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,7 +40,7 @@ from oaml_jax import logs
 from oaml_jax.evaluation import calibration as calibration_lib
 from oaml_jax.evaluation.verdict import (DEFAULT_FAR, CalibratedFaceModel, calibration_path, describe_calibration,
                                          plot_verdict, verify_faces)
-from oaml_jax.paths import is_remote, user_path
+from oaml_jax.paths import real_path, user_path
 from oaml_jax.photos import PhotoFaces, faces_from_folder, faces_from_photos
 
 COMMANDS = ("align", "embed", "verify")
@@ -84,21 +83,16 @@ def _require(flag_values: flags.FlagValues, command: str, *names: str) -> None:
         raise app.UsageError(f"{command}: {' and '.join(missing)} required (see --help)")
 
 
-def _real(path: epath.Path) -> str:
-    """The path with symbolic links and "..", resolved locally (object stores: as written)."""
-    return os.fspath(path) if is_remote(path) else os.path.realpath(os.fspath(path))
-
-
 def _refuse_overwrite(command: str, outputs: Sequence[epath.Path], inputs: Sequence[epath.Path]) -> None:
     """Refuses to write any of `outputs` when it is one of the `inputs` (no command writes over its input).
 
     Raises:
         app.UsageError: naming the output and the input it would replace.
     """
-    real_inputs = {_real(p): p for p in inputs}
+    real_inputs = {real_path(p): p for p in inputs}
     for out in outputs:
-        if _real(out) in real_inputs:
-            raise app.UsageError(f"{command}: {out} would be written over the input {real_inputs[_real(out)]}; "
+        if real_path(out) in real_inputs:
+            raise app.UsageError(f"{command}: {out} would be written over the input {real_inputs[real_path(out)]}; "
                                  "nothing written, choose another --out")
 
 
@@ -168,7 +162,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     if command == "embed":
         checkpoint_lib.locate(f.workdir, f.step)  # a wrong --workdir is refused before detection runs
     images, out = user_path(f.images, "--images"), user_path(f.out, "--out")
-    if command == "align" and _real(out) == _real(images):
+    if command == "align" and real_path(out) == real_path(images):
         raise app.UsageError(f"align: --out={f.out} is the --images folder: the crops would be written among the "
                              "photos, over any of the same name; choose another folder")
     try:

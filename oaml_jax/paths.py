@@ -8,6 +8,7 @@ the operating system would take for a folder named `gs:`).
 
 from __future__ import annotations
 
+import os
 import re
 
 from etils import epath
@@ -45,3 +46,9 @@ def user_path(path: epath.PathLike, field: str) -> epath.Path:
 def is_remote(path: epath.PathLike) -> bool:
     """True for URIs (gs://, s3://, ...): no mmap, no OS file locks, no local-only shortcuts."""
     return "://" in str(path)
+
+
+def real_path(path: epath.PathLike) -> str:
+    """The path with symbolic links and ".." resolved, to compare an output with the inputs it must not
+    overwrite (local paths; object-store URIs as written)."""
+    return os.fspath(path) if is_remote(path) else os.path.realpath(os.fspath(path))
