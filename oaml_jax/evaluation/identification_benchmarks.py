@@ -265,8 +265,7 @@ class IJB1NEvaluator(base.Evaluator):
 
     def evaluate(self, model: FaceModel) -> dict[str, IJB1NResult]:
         """set name -> `IJB1NResult`."""
-        multiple = model.batch_size
-        batch_size = -(-(self.batch_size or multiple) // multiple) * multiple
+        batch_size = ijb.extraction_batch(model, self.batch_size)
         results = {}
         for name, protocol in self.sets.items():
             meta = protocol.meta

@@ -378,6 +378,13 @@ def ijb_folder(root: epath.PathLike, name: str) -> Optional[epath.Path]:
     return None
 
 
+def extraction_batch(model: FaceModel, batch_size: int) -> int:
+    """Faces aligned and extracted per call: `batch_size` (0 = the model's) rounded up to a multiple of the
+    model's batch size."""
+    multiple = model.batch_size
+    return -(-(batch_size or multiple) // multiple) * multiple
+
+
 def ijb_face_features(model: FaceModel, meta: IJBMeta, batch_size: int, keep_maps: bool
                       ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """Per-face features of an IJB set, read, aligned and extracted `batch_size` faces at a time.
@@ -545,8 +552,7 @@ class IJBEvaluator(base.Evaluator):
 
     def evaluate(self, model: FaceModel) -> dict[str, IJBResult]:
         """name -> `IJBResult` for every set found."""
-        multiple = model.batch_size
-        batch_size = -(-(self.batch_size or multiple) // multiple) * multiple
+        batch_size = extraction_batch(model, self.batch_size)
         results = {}
         for name, meta in self.metas.items():
             scores = ijb_scores(model, meta, self.common.fusion_weights, batch_size=batch_size, qaconv=self.qaconv,
