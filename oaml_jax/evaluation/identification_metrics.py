@@ -77,13 +77,6 @@ class TopScoreAccumulator:
         return TopScores(mate=self.mate.copy(), nonmate=self.nonmate.copy(), mated=self.mated.copy())
 
 
-def top_scores(scores: np.ndarray, probe_ids: np.ndarray, gallery_ids: np.ndarray, k: int) -> TopScores:
-    """`TopScores` of a whole `[P, G]` matrix (ids: equal ints are the same identity; see `identity_ids`)."""
-    acc = TopScoreAccumulator(len(probe_ids), k)
-    acc.update(scores, np.asarray(probe_ids)[:, None] == np.asarray(gallery_ids)[None, :])
-    return acc.result()
-
-
 def mated_ranks(top: TopScores) -> np.ndarray:
     """`[M]` int rank of each mated probe (probe order); K + 1 means "beyond the K kept" (rank > K)."""
     mate = top.mate[top.mated]
