@@ -292,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     workdir = user_path(workdir, "workdir")
     source = pipeline.open_source(config.data)
     num_classes, labels, record = _check_data(config, spec, source)
+    pipeline.occlusion_items(config.data, spec.contract.grid)  # a missing or empty occlusion set stops here
     evaluators = evaluators_lib.from_config(config, training=True) if config.train.eval_every >= 0 else []
     with _workdir_lock(workdir) as lock, checkpointing.StopRequests() as stop:
         return _train(config, spec, workdir, source, (num_classes, labels, record), evaluators, lock,
@@ -436,7 +437,6 @@ def _compile(config: ml_collections.ConfigDict, spec: RunSpec, model_classes: in
     tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=spe, epochs=config.train.epochs,
                                         global_batch=spec.global_batch)
     start = time.perf_counter()
-    pipeline.occlusion_items(config.data, spec.contract.grid)  # a missing or empty occlusion set stops here
     train_step = step_lib.build_train_step(model, tx, schedule, spec.contract, mesh, global_batch=spec.global_batch,
                                            **step_lib.occlusion_options(config))
     compiled = train_step.step.lower(train_step.abstract_state, train_step.abstract_batch).compile()

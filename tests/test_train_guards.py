@@ -169,6 +169,17 @@ def test_too_few_identities_for_a_batch_are_refused_before_anything_is_written(t
     assert not os.path.exists(tmp_path / "work")
 
 
+
+def test_a_missing_occlusion_set_is_refused_before_anything_is_written(data, tmp_path):
+    # Without train-time validation nothing else opens the sets: the run itself must, before the workdir.
+    config = train_worker.tiny_config(data, max_steps=2, eval_every=-1)
+    config.data.occlusion_sets = (str(tmp_path / "no_set"),)
+    config.data.occlusion_batch = 4
+    with pytest.raises(FileNotFoundError, match=r"data\.occlusion_sets\[0\]: occlusion set folder .*no_set does not "
+                                                r"exist"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")
+
 def _folder_config(folder, **overrides):
     config = train_worker.tiny_config(folder, **overrides)
     config.data.source = "folder"
