@@ -34,6 +34,8 @@ import contextlib
 import dataclasses
 import json
 import re
+import sys
+import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -150,10 +152,37 @@ def damaged_step_error(directory: epath.Path, step: int, reason: str) -> Damaged
     return DamagedCheckpointError(f"checkpoint {where} is damaged ({reason}); {advice}")
 
 
+class _LateReadFilter:
+    """A `sys.unraisablehook` that drops what a failed Orbax read leaves behind and passes on everything else.
+
+    When one file of a step is missing, Orbax's read fails and closes its asyncio loop while tensorstore is
+    still reading the step's other files; each of those completions then raises "RuntimeError: Event loop is
+    closed" in `call_soon_threadsafe` on a tensorstore thread, printed as dozens of tracebacks before the
+    one-line damage report. Only that exception from that frame is dropped.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+                and any(frame.name == "call_soon_threadsafe" for frame in frames)):
+            return
+        self.previous(unraisable)
+
+
 @contextlib.contextmanager
 def reading(directory: epath.Path, step: int) -> Iterator[None]:
     """Turns a failed read of step `step` into `DamagedCheckpointError` when the step folder itself does not
-    read (errors of an intact folder, e.g. a target of other shapes, pass through unchanged)."""
+    read (errors of an intact folder, e.g. a target of other shapes, pass through unchanged).
+
+    While the read runs, and for the rest of the process once it failed (the late completions of a failed
+    read arrive on tensorstore's threads after the error), `_LateReadFilter` keeps the aftermath of a failed
+    read off stderr.
+    """
+    previous = sys.unraisablehook
+    late = sys.unraisablehook = _LateReadFilter(previous)
     try:
         yield
     except DamagedCheckpointError:
@@ -163,6 +192,8 @@ def reading(directory: epath.Path, step: int) -> Iterator[None]:
         if reason is None:
             raise
         raise damaged_step_error(directory, step, reason) from e
+    if sys.unraisablehook is late:
+        sys.unraisablehook = previous
 
 
 def write_converted(variables: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir: epath.PathLike,

@@ -2,6 +2,8 @@
 
 import os
 import re
+import sys
+import time
 
 import grain
 import jax
@@ -187,15 +189,19 @@ def _damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["remove", "truncate"])
-def test_a_damaged_latest_step_is_one_error_naming_it_and_the_step_that_reads(tmp_path, how):
+def test_a_damaged_latest_step_is_one_error_naming_it_and_the_step_that_reads(tmp_path, how, monkeypatch):
     from test_inference import write_training_checkpoint
     run = str(tmp_path / "run")
     for step in (1, 2):
         write_training_checkpoint(run, step=step)
     _damage(tmp_path / "run" / "checkpoints" / "2", how)
     folder = f"{tmp_path}/run/checkpoints"
+    printed = []  # what would reach stderr as "Exception ignored" tracebacks
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
     with pytest.raises(checkpoint.DamagedCheckpointError) as caught:
         checkpoint.restore(run)
+    time.sleep(0.5)  # tensorstore's late completions of the failed read
+    assert printed == []
     message = str(caught.value)
     assert message.startswith(f"checkpoint {folder}/2 is damaged (")
     assert message.endswith(f"the newest intact step is 1: pass --step=1 to evaluate or serve it, or move the "
