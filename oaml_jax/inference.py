@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from data_pipelines.folders import scan_images
 from data_pipelines.images import encode_png
 from oaml_jax import align
 from oaml_jax import checkpoint as checkpoint_lib
@@ -165,21 +166,21 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     if command == "align" and real_path(out) == real_path(images):
         raise app.UsageError(f"align: --out={f.out} is the --images folder: the crops would be written among the "
                              "photos, over any of the same name; choose another folder")
+    if command == "embed" and images.is_dir():  # before detection, which takes a while (align's crop names need it)
+        _refuse_overwrite(command, [out, out.with_suffix(".txt")], scan_images(images)[0])
     try:
         photo_faces = faces_from_folder(images, **detection)
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
-    inputs = [images / name for name in _photo_names(photo_faces)]
     if command == "align":
         names = _crop_names(photo_faces, f.mode)
-        _refuse_overwrite(command, [out / name for name in names], inputs)
+        _refuse_overwrite(command, [out / name for name in names], [images / n for n in _photo_names(photo_faces)])
         out.mkdir(parents=True, exist_ok=True)
         for name, face in zip(names, photo_faces.faces):
             (out / name).write_bytes(encode_png(face))
         logging.info("wrote %d aligned faces to %s", len(names), out)
         print(photo_faces.summary())
         return
-    _refuse_overwrite(command, [out, out.with_suffix(".txt")], inputs)
     print(photo_faces.summary())
     if not photo_faces.sources:
         sys.exit(f"embed: no face in {f.images}; nothing written")

@@ -291,8 +291,10 @@ def test_no_command_writes_over_its_input(photos, workdir, tmp_path, monkeypatch
                                              r".*photos/aligned.png; nothing written"):
         run_main("align", f"--images={folder}", f"--out={crops}")
     assert os.listdir(crops) == ["aligned.png"]
-    # embed's .npy / .txt and verify's PNG: not over a photo either (verify: before the model loads).
+    # embed's .npy / .txt and verify's PNG: not over a photo either (embed: before detection; verify: before the
+    # model loads).
     monkeypatch.setattr(inference.CalibratedFaceModel, "from_workdir", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(inference, "faces_from_folder", lambda *a, **k: pytest.fail("faces detected"))
     with pytest.raises(app.UsageError, match=r"embed: .*photos/grace_hopper.jpg would be written over the input"):
         run_main("embed", f"--workdir={workdir}", f"--images={folder}", f"--out={folder / 'grace_hopper.jpg'}")
     with pytest.raises(app.UsageError, match=r"verify: .*grace_hopper.jpg would be written over the input"):
