@@ -351,6 +351,12 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     try:
         latest = ckpt.latest_step()
         meta, neighbours = _resume_checks(config, ckpt, latest, num_classes, labels, record)
+        if latest is not None and latest >= stop_step:
+            logging.info("nothing to train: the checkpoint of step %d in %s reaches the run's last step %d",
+                         latest, ckpt.directory, stop_step)
+            ckpt.close()
+            return {"num_classes": num_classes, "preempted": False, "signal": None, "step": latest, "metrics": {},
+                    "losses": {}, "validation": {}}
         model_classes = meta["num_model_classes"]
         logging.info("compiling the train step: %s, global batch %d over %d devices (%d processes), %d classes "
                      "(kernel %d), %d records, %d steps/epoch, stop at step %d", config.model.arch,

@@ -210,6 +210,18 @@ def test_resuming_on_changed_identity_folders_is_refused_naming_the_change(tmp_p
         train.train_and_evaluate(_folder_config(data, max_steps=6, allow_data_change=True), workdir)
 
 
+def test_a_finished_run_is_not_compiled_again(data, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "work")
+    assert train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)["step"] == 2
+    monkeypatch.setattr(train, "_compile", lambda *a, **k: pytest.fail("compiled"))
+    again = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
+    assert (again["step"], again["losses"], again["preempted"]) == (2, {}, False)
+    config = train_worker.tiny_config(data, max_steps=2)
+    config.model.lam_qa = 0.5
+    with pytest.raises(ValueError, match=r"model\.lam_qa: saved 0\.9, now 0\.5"):  # the resume checks still hold
+        train.train_and_evaluate(config, workdir)
+
+
 def test_a_damaged_latest_checkpoint_stops_the_resume_naming_it(data, tmp_path):
     workdir = str(tmp_path / "work")
     train.train_and_evaluate(train_worker.tiny_config(data, max_steps=4), workdir)
