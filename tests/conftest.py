@@ -1,6 +1,6 @@
-"""Shared pytest set-up: the fake GCS fixture `gcs` (tests/fake_gcs.py), the tiny checkpoint fixtures, and
-the persistent compilation cache for the whole session (the same tiny programs are compiled by many
-tests, and by the subprocesses that get `train_worker.CACHE_ENV`)."""
+"""Shared pytest set-up: the fake GCS fixture `gcs` (tests/fake_gcs.py), the tiny checkpoint fixtures, the
+persistent compilation cache for the whole session (the same tiny programs are compiled by many tests, by
+every pytest-xdist worker, and by the subprocesses that get `train_worker.CACHE_ENV`)."""
 
 import pytest
 

@@ -23,6 +23,9 @@ from oaml_jax.models.face_input import InputContract
 from oaml_jax.models.oaml import OAML
 from oaml_jax.serving import FaceModel
 
+# One worker runs the whole module: its module fixtures export the model once (pytest.ini runs pytest-xdist).
+pytestmark = pytest.mark.xdist_group("export")
+
 # configs/default.py:test's narrow IR-18.
 TINY = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_size=32)
 BATCH_SIZES = (1, 3)

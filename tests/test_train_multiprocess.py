@@ -12,6 +12,8 @@ from oaml_jax import checkpoint
 
 STEPS = 2
 TIMEOUT_S = 900
+# One worker runs the whole module: the `runs` fixture trains once for both tests (pytest.ini runs pytest-xdist).
+pytestmark = pytest.mark.xdist_group("multiprocess")
 
 
 def _finish(proc, out) -> dict:
