@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.synthetic_faces import identity_params, render_face
-from oaml_jax.evaluation import evaluators, fusion, ijb, pairs, runner
+from oaml_jax.evaluation import evaluators, fusion, ijb, ijb_layout, ijb_templates, pairs, runner
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 from oaml_jax.serving import FaceModel, Features
 
@@ -72,8 +72,8 @@ def workdir(tmp_path_factory):
 def brute(ijb_root, workdir):
     """Template-pair scores by plain loops from FaceModel features of the aligned faces."""
     model = FaceModel.from_checkpoint(workdir, batch_size=_BATCH)
-    meta = ijb.read_ijb_meta(os.path.join(ijb_root, "IJBC"), "ijbc")
-    faces = np.stack(list(ijb.iter_aligned_faces(meta.root, meta)))
+    meta = ijb_layout.read_ijb_meta(os.path.join(ijb_root, "IJBC"), "ijbc")
+    faces = np.stack(list(ijb_layout.iter_aligned_faces(meta.root, meta)))
     features = model.extract(faces, keep_maps=True)
     # AdaFace: (e n + e_flip n_flip) / 2 of each face, times its detector score, mean per media, sum per
     # template, normalized; cosine.
@@ -108,7 +108,7 @@ def brute_tars(scores, labels):
     genuine = [s for s, y in zip(scores, labels) if y]
     impostor = [s for s, y in zip(scores, labels) if not y]
     table = {}
-    for far in ijb.IJB_FARS:
+    for far in ijb_templates.IJB_FARS:
         best = 0.0
         for t in [-np.inf, *scores]:
             if sum(s > t for s in impostor) / len(impostor) <= far:
@@ -181,7 +181,7 @@ def test_ijb_config_errors(tmp_path, ijb_root):
     config.eval.ijb_qaconv_chunk = 0
     with pytest.raises(ValueError, match="eval.ijb_qaconv_chunk=0: expected >= 1"):
         runner.run(config, str(tmp_path))
-    assert str(ijb.ijb_folder(ijb_root, "ijbc")) == os.path.join(ijb_root, "IJBC")
-    assert str(ijb.ijb_folder(os.path.join(ijb_root, "IJBC"), "ijbc")) == os.path.join(ijb_root, "IJBC")
-    assert ijb.ijb_folder(ijb_root, "ijbb") is None
+    assert str(ijb_layout.ijb_folder(ijb_root, "ijbc")) == os.path.join(ijb_root, "IJBC")
+    assert str(ijb_layout.ijb_folder(os.path.join(ijb_root, "IJBC"), "ijbc")) == os.path.join(ijb_root, "IJBC")
+    assert ijb_layout.ijb_folder(ijb_root, "ijbb") is None
     assert "ijb" not in evaluators.from_config(tiny_config(), training=False)

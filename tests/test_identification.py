@@ -24,6 +24,7 @@ from oaml_jax.evaluation import (
     identification_benchmarks,
     identification_metrics,
     ijb,
+    ijb_templates,
     runner,
 )
 from oaml_jax.evaluation.verdict import CalibratedFaceModel
@@ -258,7 +259,7 @@ def test_ijb_1n_meta_and_search(tmp_path, workdir):
     results = evaluator.evaluate(model)
     meta = protocol.meta
     feats, _, _ = ijb.ijb_face_features(model, meta, 4, keep_maps=False)
-    ids, template_feats = ijb.template_features(feats, meta.templates, meta.medias, meta.detector_scores)
+    ids, template_feats = ijb_templates.template_features(feats, meta.templates, meta.medias, meta.detector_scores)
 
     def cos(a, b):
         return float(template_feats[list(ids).index(a)] @ template_feats[list(ids).index(b)])

@@ -1,4 +1,5 @@
-"""Tests for oaml_jax.ijb on a tiny IJB-style folder written here, against plain-loop computations."""
+"""Tests for oaml_jax.evaluation.ijb_layout and ijb_templates on a tiny IJB-style folder written here, against
+plain-loop computations."""
 
 import os
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from oaml_jax import align
-from oaml_jax.evaluation import ijb, verification
+from oaml_jax.evaluation import ijb_layout, ijb_templates, verification
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 
 # (image name, template, media): template 101 has two medias (one with two frames), 7 one media of two
@@ -63,7 +64,7 @@ def _brute_template_features(feats, weights=None):
 
 def test_read_ijb_meta(tiny_ijb):
     root, _, landmarks, det_scores = tiny_ijb
-    meta = ijb.read_ijb_meta(root, "IJBC")
+    meta = ijb_layout.read_ijb_meta(root, "IJBC")
     assert meta.name == "ijbc"
     assert list(meta.image_names) == [n for n, _, _ in _FACES]
     np.testing.assert_array_equal(meta.templates, [t for _, t, _ in _FACES])
@@ -76,34 +77,34 @@ def test_read_ijb_meta(tiny_ijb):
 
 def test_aligned_faces_match_direct_alignment(tiny_ijb):
     root, images, _, _ = tiny_ijb
-    meta = ijb.read_ijb_meta(root, "ijbc")
-    faces = list(ijb.iter_aligned_faces(root, meta))
+    meta = ijb_layout.read_ijb_meta(root, "ijbc")
+    faces = list(ijb_layout.iter_aligned_faces(root, meta))
     assert len(faces) == len(_FACES)
     for face, image, points in zip(faces, images, meta.landmarks):
         np.testing.assert_array_equal(face, align.align_face(image, points))
-    batches = list(ijb.iter_aligned_batches(root, meta, batch_size=3))
+    batches = list(ijb_layout.iter_aligned_batches(root, meta, batch_size=3))
     assert [b.shape[0] for b in batches] == [3, 3, 2]
     np.testing.assert_array_equal(np.concatenate(batches), np.stack(faces))
 
 
 def test_template_features_scores_and_tars_equal_brute_force(tiny_ijb):
     root = tiny_ijb[0]
-    meta = ijb.read_ijb_meta(root, "ijbc")
+    meta = ijb_layout.read_ijb_meta(root, "ijbc")
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(len(_FACES), 6)).astype(np.float32)
     for weights in (None, meta.detector_scores):
-        template_ids, template_feats = ijb.template_features(feats, meta.templates, meta.medias, weights)
+        template_ids, template_feats = ijb_templates.template_features(feats, meta.templates, meta.medias, weights)
         expected = _brute_template_features(feats.astype(np.float64), weights)
         assert list(template_ids) == sorted(expected)
         for t, row in zip(template_ids, template_feats):
             np.testing.assert_allclose(row, expected[t], rtol=1e-5, atol=1e-6)
 
-        scores = ijb.verify_templates(template_ids, template_feats, meta.pairs, chunk=4)
+        scores = ijb_templates.verify_templates(template_ids, template_feats, meta.pairs, chunk=4)
         brute_scores = np.array([expected[a] @ expected[b] for a, b in meta.pairs])
         np.testing.assert_allclose(scores, brute_scores, rtol=1e-5, atol=1e-6)
 
         fars = (0.0, 0.25, 0.5, 1.0)
-        table = ijb.ijb_tar_table(scores, meta.labels, fars)
+        table = ijb_templates.ijb_tar_table(scores, meta.labels, fars)
         genuine = [s for s, y in zip(brute_scores, meta.labels) if y]
         impostor = [s for s, y in zip(brute_scores, meta.labels) if not y]
         for far in fars:
@@ -116,7 +117,7 @@ def test_template_features_scores_and_tars_equal_brute_force(tiny_ijb):
 
 
 def test_template_pair_scores_from_pairwise_equal_brute_force(tiny_ijb):
-    meta = ijb.read_ijb_meta(tiny_ijb[0], "ijbc")
+    meta = ijb_layout.read_ijb_meta(tiny_ijb[0], "ijbc")
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(len(_FACES), 4))
     mix = rng.normal(size=(4, 4))  # asymmetric, so swapping the faces of a pair would show
@@ -126,7 +127,7 @@ def test_template_pair_scores_from_pairwise_equal_brute_force(tiny_ijb):
         calls.append(idx_a.size)
         return np.einsum("ne,ef,nf->n", feats[idx_a], mix, feats[idx_b])
 
-    scores = ijb.template_pair_scores_from_pairwise(meta.templates, meta.pairs, score_fn, chunk=4)
+    scores = ijb_templates.template_pair_scores_from_pairwise(meta.templates, meta.pairs, score_fn, chunk=4)
     expected = []
     for a, b in meta.pairs:
         faces_a = [i for i, (_, t, _) in enumerate(_FACES) if t == a]
@@ -142,18 +143,18 @@ def test_missing_meta_file_is_named(tiny_ijb):
     path = os.path.join(root, "meta", "ijbc_template_pair_label.txt")
     os.remove(path)
     with pytest.raises(FileNotFoundError, match=f"IJB meta file not found: {path}"):
-        ijb.read_ijb_meta(root, "ijbc")
+        ijb_layout.read_ijb_meta(root, "ijbc")
     with pytest.raises(FileNotFoundError, match="ijbb_face_tid_mid.txt"):
-        ijb.read_ijb_meta(root, "ijbb")
+        ijb_layout.read_ijb_meta(root, "ijbb")
 
 
 def test_missing_image_is_named(tiny_ijb):
     root = tiny_ijb[0]
-    meta = ijb.read_ijb_meta(root, "ijbc")
+    meta = ijb_layout.read_ijb_meta(root, "ijbc")
     path = os.path.join(root, "loose_crop", "d.png")
     os.remove(path)
     with pytest.raises(FileNotFoundError, match=f"IJB image listed in the meta files is missing: {path}"):
-        list(ijb.iter_aligned_faces(root, meta))
+        list(ijb_layout.iter_aligned_faces(root, meta))
 
 
 def test_malformed_meta_errors(tiny_ijb):
@@ -165,25 +166,25 @@ def test_malformed_meta_errors(tiny_ijb):
     with open(lmk_path, "w") as f:
         f.writelines(lines)
     with pytest.raises(ValueError, match="5pts_score.txt:1: image 'b.png' differs from 'a.png'"):
-        ijb.read_ijb_meta(root, "ijbc")
+        ijb_layout.read_ijb_meta(root, "ijbc")
     pair_path = os.path.join(root, "meta", "ijbc_template_pair_label.txt")
     with open(pair_path, "a") as f:
         f.write("101 7\n")
     with pytest.raises(ValueError, match="pair_label.txt:7: expected 3 fields"):
-        ijb.read_ijb_meta(root, "ijbc")
+        ijb_layout.read_ijb_meta(root, "ijbc")
 
 
 def test_verify_templates_unknown_template():
     feats = np.eye(2, dtype=np.float32)
     with pytest.raises(KeyError, match="pair 1: template 9 has no feature"):
-        ijb.verify_templates(np.array([3, 4]), feats, np.array([[3, 4], [4, 9]]))
-    np.testing.assert_allclose(ijb.verify_templates(np.array([4, 3]), feats, np.array([[3, 3], [3, 4]])),
+        ijb_templates.verify_templates(np.array([3, 4]), feats, np.array([[3, 4], [4, 9]]))
+    np.testing.assert_allclose(ijb_templates.verify_templates(np.array([4, 3]), feats, np.array([[3, 3], [3, 4]])),
                                [1.0, 0.0])
 
 
 def test_ijb_tar_table_defaults_are_the_ijb_fars():
     labels = np.array([True, False] * 50)
     scores = np.where(labels, 1.0, 0.0) + np.linspace(0, 0.5, 100)
-    table = ijb.ijb_tar_table(scores, labels)
-    assert list(table) == list(ijb.IJB_FARS)
-    assert table == verification.tar_at_far(scores, labels, ijb.IJB_FARS)
+    table = ijb_templates.ijb_tar_table(scores, labels)
+    assert list(table) == list(ijb_templates.IJB_FARS)
+    assert table == verification.tar_at_far(scores, labels, ijb_templates.IJB_FARS)

@@ -6,10 +6,10 @@ TinyFace (Cheng et al., 2018; AdaFace's low-resolution benchmark, `validation_lq
 `Probe/`, `Gallery_Match/`, `Gallery_Distractor/`; the identity of a probe or gallery-match image is the
 number before the first '_' of its file name; distractors are nobody's mate. Rank-1/5/20, closed set.
 
-IJB-B/C 1:N (insightface's `IJB_release` layout, the faces, landmarks and templates of `ijb`):
+IJB-B/C 1:N (insightface's `IJB_release` layout, the faces, landmarks and templates of `ijb_layout`):
 `meta/<name>_1N_gallery_G1.csv` and `_G2.csv` (IJB-B: `_S1`, `_S2`) and `meta/<name>_1N_probe_mixed.csv`,
 comma-separated with a header line naming `TEMPLATE_ID` and `SUBJECT_ID` (otherwise, as insightface reads
-them, the first two columns), one row per face of a template. Templates are pooled as in 1:1 (`ijb`:
+them, the first two columns), one row per face of a template. Templates are pooled as in 1:1 (`ijb_templates`:
 flip-fused norm-weighted features scaled by the detector score, media mean, template sum, L2 norm). The
 two galleries hold disjoint subjects: each probe template is mated in one and non-mated in the other, so
 each gallery gives closed-set rank-N over its mated probes and open-set TPIR at FPIR with the others;
@@ -32,7 +32,7 @@ from absl import logging
 from etils import epath
 
 from data_pipelines.folders import list_images
-from oaml_jax.evaluation import base, identification, identification_metrics, ijb
+from oaml_jax.evaluation import base, identification, identification_metrics, ijb, ijb_layout, ijb_templates
 from oaml_jax.evaluation.identification import Entries, IdentificationEvaluator
 from oaml_jax.paths import user_path
 from oaml_jax.serving import FaceModel
@@ -151,22 +151,22 @@ def read_1n_csv(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class IJB1NSet:
-    """One IJB set's 1:N protocol: `meta` (faces, `ijb.IJBMeta`), `probe` and `galleries` (name -> ids),
+    """One IJB set's 1:N protocol: `meta` (faces, `ijb_layout.IJBMeta`), `probe` and `galleries` (name -> ids),
     each (`[T]` template ids, `[T]` subject ids)."""
 
-    meta: ijb.IJBMeta
+    meta: ijb_layout.IJBMeta
     probe: tuple[np.ndarray, np.ndarray]
     galleries: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def read_ijb_1n(folder: epath.PathLike, name: str) -> IJB1NSet:
-    """Reads one set's face meta files (`ijb.read_ijb_meta`, which also reads and checks the 1:1 pair file that
+    """Reads one set's face meta files (`ijb_layout.read_ijb_meta`, which also reads and checks the 1:1 pair file that
     insightface's layout ships beside them) and its 1:N files; every template must have faces.
 
     Raises:
         FileNotFoundError / ValueError: missing or malformed files (naming file and line).
     """
-    meta = ijb.read_ijb_meta(folder, name)
+    meta = ijb_layout.read_ijb_meta(folder, name)
     meta_dir = epath.Path(folder) / "meta"
     files = {g: meta_dir / f"{meta.name}_1N_gallery_{g}.csv" for g in IJB_GALLERIES[meta.name]}
     files["probe"] = meta_dir / f"{meta.name}_1N_probe_mixed.csv"
@@ -210,7 +210,7 @@ class IJB1NEvaluator(base.Evaluator):
     """IJB-B/C 1:N identification of every set found under a root (type "ijb_1n").
 
     Settings: `root` (default `eval.ijb_root`: insightface's `IJB_release` folder or one set's folder, as
-    `ijb.ijb_folder`); optional `names` (default `eval.ijb_names`; missing sets are warned about and
+    `ijb_layout.ijb_folder`); optional `names` (default `eval.ijb_names`; missing sets are warned about and
     skipped), `ranks` ((1, 5, 10)), `fpirs` ((1e-2, 1e-1)), `batch_size` (faces per extraction call; default
     `eval.ijb_batch_size`, 0 = the model's). Never run by train-time validation (too slow).
 
@@ -240,7 +240,7 @@ class IJB1NEvaluator(base.Evaluator):
             raise ValueError(f"{field}.fpirs={self.fpirs}: expected rates in (0, 1)")
         if self.batch_size < 0:
             raise ValueError(f"{field}.batch_size={self.batch_size}: expected >= 0 (0 = the model's)")
-        names = tuple(n.lower() for n in setting("names", ijb.IJB_NAMES))
+        names = tuple(n.lower() for n in setting("names", ijb_layout.IJB_NAMES))
         unknown = [n for n in names if n not in IJB_GALLERIES]
         if unknown:
             raise ValueError(f"{field}.names: unknown {unknown}; expected names from {tuple(IJB_GALLERIES)}")
@@ -251,7 +251,7 @@ class IJB1NEvaluator(base.Evaluator):
             raise FileNotFoundError(f"{field}.root: expected insightface's IJB_release folder (or eval.ijb_root)")
         root = user_path(setting("root", ""), f"{field}.root")
         for set_name in names:
-            folder = ijb.ijb_folder(root, set_name)
+            folder = ijb_layout.ijb_folder(root, set_name)
             if folder is None:
                 logging.warning("IJB set %s not found under %s.root=%s; skipped", set_name, field, root)
                 continue
@@ -270,8 +270,8 @@ class IJB1NEvaluator(base.Evaluator):
         for name, protocol in self.sets.items():
             meta = protocol.meta
             feats, _, _ = ijb.ijb_face_features(model, meta, batch_size, keep_maps=False)
-            template_ids, template_feats = ijb.template_features(feats, meta.templates, meta.medias,
-                                                                 meta.detector_scores)
+            template_ids, template_feats = ijb_templates.template_features(feats, meta.templates, meta.medias,
+                                                                           meta.detector_scores)
 
             def rows(ids: np.ndarray) -> np.ndarray:
                 return np.searchsorted(template_ids, ids)
