@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from oaml_jax.configs import default  # noqa: E402  (needs the repo root on sys.path)
 from data_pipelines import pipeline  # noqa: E402
-from data_pipelines.synthetic_faces import identity_params, render_face  # noqa: E402
+from data_pipelines.synthetic_faces import render_face  # noqa: E402
+from data_pipelines.synthetic_identity import identity_params  # noqa: E402
 from data_pipelines.images import encode_jpeg  # noqa: E402
 from data_pipelines.recordio import RecordIOSource  # noqa: E402
 from data_pipelines.recordio_format import write_recordio  # noqa: E402

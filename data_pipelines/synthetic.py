@@ -1,6 +1,7 @@
 """The project's embedded default dataset, written from procedurally rendered synthetic identities.
 
-The identities and their images come from `data_pipelines.synthetic_faces` (`identity_params`, `render_face`).
+The identities come from `data_pipelines.synthetic_identity` (`identity_params`), their images from
+`data_pipelines.synthetic_faces` (`render_face`).
 `write_dataset` writes faces_emore-style RecordIO (`train.rec`, `train.idx`, `property`) for the training
 identities and `.bin` verification pair files over held-out identities that training never sees.
 
@@ -19,7 +20,8 @@ from absl import app, flags, logging
 
 from data_pipelines import bin_pairs, images
 from data_pipelines.recordio_format import IDX_NAME, PROPERTY_NAME, REC_NAME, write_recordio
-from data_pipelines.synthetic_faces import identity_params, render_face
+from data_pipelines.synthetic_faces import render_face
+from data_pipelines.synthetic_identity import identity_params
 from oaml_jax.models.face_input import FACE_SIZE
 from oaml_jax.paths import user_path
 

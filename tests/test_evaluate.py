@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import bin_pairs
-from data_pipelines.synthetic_faces import identity_params, render_face
+from data_pipelines.synthetic_faces import render_face
+from data_pipelines.synthetic_identity import identity_params
 from data_pipelines.occlusion import occlude_deterministic
 from oaml_jax.evaluation import calibration, fusion, pairs, runner, verification
 from oaml_jax.evaluation.verdict import CalibratedFaceModel

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines.synthetic_faces import identity_params, render_face
+from data_pipelines.synthetic_faces import render_face
+from data_pipelines.synthetic_identity import identity_params
 from oaml_jax.evaluation import evaluators, fusion, ijb, ijb_layout, ijb_templates, pairs, runner
 from oaml_jax.models.face_input import ARCFACE_TEMPLATE
 from oaml_jax.serving import FaceModel, Features

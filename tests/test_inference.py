@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_pipelines.synthetic_faces import identity_params, render_face
+from data_pipelines.synthetic_faces import render_face
+from data_pipelines.synthetic_identity import identity_params
 from oaml_jax import serving
 from oaml_jax.evaluation import calibration, fusion, plots, verification
 from oaml_jax.evaluation import verdict as verdict_lib

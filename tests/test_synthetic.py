@@ -1,5 +1,5 @@
-"""Tests for data_pipelines/synthetic.py and synthetic_faces.py: determinism, identity information, dataset
-round trip, CLI."""
+"""Tests for data_pipelines/synthetic.py, synthetic_identity.py and synthetic_faces.py: determinism, identity
+information, dataset round trip, CLI."""
 
 import os
 import subprocess
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import bin_pairs, recordio, synthetic
-from data_pipelines.synthetic_faces import identity_params, render_face
+from data_pipelines.synthetic_faces import render_face
+from data_pipelines.synthetic_identity import identity_params
 from data_pipelines.images import decode_image
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
