@@ -23,7 +23,8 @@ unaligned (`aligned=False`): faces are then detected and aligned when the set is
 at 4x the face's resolution so the targets keep the mask's detail; outside the photo counts as not visible.
 There too, as in `oaml-inference align`, a 112x112 photo is taken as an aligned face: not detected, its
 mask kept as it is (the size rule scales it to the face).
-`align_set` writes such a set once, aligned, in OAML's layout (`oaml-inference align --masks=...`).
+`occlusion_set_align.align_set` writes such a set once, aligned, in OAML's layout
+(`oaml-inference align --masks=...`).
 
 Images without a mask and masks without an image are counted and logged (names of the first few); a set
 with no pair is refused. A deterministic share of each set (by a hash of the name, stable when the set
@@ -46,10 +47,10 @@ from absl import logging
 from etils import epath
 
 from data_pipelines.folders import list_images
-from data_pipelines.images import CorruptImageError, decode_image, decode_photo, encode_png
+from data_pipelines.images import CorruptImageError, decode_image, decode_photo
 from data_pipelines.occlusion import visibility_map
 from oaml_jax.models.face_input import FACE_SIZE
-from oaml_jax.paths import real_path, user_path
+from oaml_jax.paths import user_path
 
 IMAGE_DIRS = ("kept_faces", "images")
 MASK_DIR = "masks"
@@ -416,50 +417,3 @@ def convert_to_array_record(root: epath.PathLike, out_file: epath.PathLike) -> i
         writer.write(_RECORD_HEADER.pack(len(raw), len(image), len(mask)) + raw + image + mask)
     writer.close()
     return len(source)
-
-
-def align_set(images: epath.PathLike, masks: epath.PathLike, out: epath.PathLike, **detection: Any) -> dict:
-    """Aligns an unaligned set once, offline: `out/kept_faces/{name}.png` + `out/masks/{name}_mask.png`.
-
-    A 112x112 photo is taken as aligned and its mask written as it is (grayscale); the others' masks are
-    warped by each face's similarity (`align_pair`) and written at 4x the face's side, so the targets keep
-    their detail. Nothing is written over an input.
-
-    Args:
-        images: folder of photos. masks: folder of their masks (either naming, see `pair_folders`).
-        out: output set folder (local or any epath URI).
-        **detection: `min_face_size`, `min_score`.
-
-    Returns:
-        {"written", "without_face", "unpaired_images", "unpaired_masks"}: counts.
-
-    Raises:
-        ValueError: `out` would write into an input folder, or no photo has a mask.
-    """
-    images, masks, out = (user_path(images, "--images"), user_path(masks, "--masks"), user_path(out, "--out"))
-    outputs = (out / IMAGE_DIRS[0], out / MASK_DIR)
-    if {real_path(p) for p in outputs} & {real_path(images), real_path(masks)}:
-        raise ValueError(f"--out={out}: its {IMAGE_DIRS[0]}/ or {MASK_DIR}/ folder is an input folder; "
-                         "choose a new folder (inputs are never written over)")
-    listing = pair_folders(images, masks)
-    if not listing.names:
-        raise ValueError(f"--images={images} --masks={masks}: no photo has a mask "
-                         f"({len(listing.unpaired_images)} photos, {len(listing.unpaired_masks)} masks unpaired)")
-    for folder in outputs:
-        folder.mkdir(parents=True, exist_ok=True)
-    written, without = 0, []
-    for name, image_path, mask_path in zip(listing.names, listing.images, listing.masks):
-        aligned = align_pair(decode_photo(image_path.read_bytes(), str(image_path)),
-                             read_mask(mask_path.read_bytes(), str(mask_path)), **detection)
-        if aligned is None:
-            without.append(name)
-            continue
-        face, mask = aligned
-        (outputs[0] / f"{name}.png").write_bytes(encode_png(face))
-        grey = np.clip(np.rint(mask * 255.0), 0, 255).astype(np.uint8)
-        (outputs[1] / f"{name}{MASK_SUFFIX}.png").write_bytes(cv2.imencode(".png", grey)[1].tobytes())
-        written += 1
-    if without:
-        logging.warning("%d photos without a detected face, e.g. %s", len(without), without[:_SHOWN])
-    return {"written": written, "without_face": len(without), "unpaired_images": len(listing.unpaired_images),
-            "unpaired_masks": len(listing.unpaired_masks)}

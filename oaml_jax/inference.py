@@ -154,9 +154,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
         raise app.UsageError(f"{command}: unexpected arguments {args} (see --help)")
     if command == "align" and f.masks:
         _require(f, command, "images", "out")
-        from data_pipelines import occlusion_sets  # the occlusion-set reader; only this command needs it
-        counts = occlusion_sets.align_set(f.images, f.masks, f.out, min_face_size=f.min_face_size,
-                                          min_score=f.min_score)
+        from data_pipelines import occlusion_set_align  # aligns an occlusion set; only this command needs it
+        counts = occlusion_set_align.align_set(f.images, f.masks, f.out, min_face_size=f.min_face_size,
+                                               min_score=f.min_score)
         print(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
         return
     _require(f, command, "images", "out", *(("workdir",) if command == "embed" else ()))

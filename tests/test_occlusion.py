@@ -1,4 +1,4 @@
-"""Tests for data_pipelines.occlusion."""
+"""Tests for data_pipelines.occlusion and data_pipelines.occluders (the kinds it draws)."""
 
 
 import cv2
@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_pipelines import occlusion
+from data_pipelines import occluders, occlusion
 
 CFG = {"prob_blocks": 0.2, "prob_mask": 0.2, "prob_sunglasses": 0.1, "prob_rgba": 0.0,
        "rgba_path": "", "blocks_count": (1, 3), "blocks_size": (0.1, 0.4)}
@@ -67,8 +67,8 @@ def test_no_occlusion_gives_all_ones_and_same_image():
 @pytest.mark.parametrize("kind", ["blocks", "mask", "sunglasses"])
 def test_kinds_map_matches_pixels_and_leave_visible_pixels_alone(kind):
     image = np.zeros((112, 112, 3), np.uint8)
-    fn = {"blocks": occlusion.random_blocks, "mask": occlusion.medical_mask,
-          "sunglasses": occlusion.sunglasses}[kind]
+    fn = {"blocks": occluders.random_blocks, "mask": occluders.medical_mask,
+          "sunglasses": occluders.sunglasses}[kind]
     for seed in range(10):
         out, visible = fn(image, np.random.default_rng(seed))
         assert out.shape == image.shape and out.dtype == np.uint8
@@ -85,7 +85,7 @@ def test_kinds_map_matches_pixels_and_leave_visible_pixels_alone(kind):
 
 def test_medical_mask_covers_nose_and_mouth_not_eyes():
     for seed in range(20):
-        _, visible = occlusion.medical_mask(_face(seed), np.random.default_rng(seed))
+        _, visible = occluders.medical_mask(_face(seed), np.random.default_rng(seed))
         vis = occlusion.visibility_map(visible)
         assert vis[4:7, 2:5].mean() < 0.4  # nose / mouth / chin cells
         assert vis[3].mean() > 0.8  # eye row mostly visible
@@ -94,7 +94,7 @@ def test_medical_mask_covers_nose_and_mouth_not_eyes():
 
 def test_sunglasses_cover_eyes_not_mouth():
     for seed in range(20):
-        _, visible = occlusion.sunglasses(_face(seed), np.random.default_rng(seed))
+        _, visible = occluders.sunglasses(_face(seed), np.random.default_rng(seed))
         vis = occlusion.visibility_map(visible)
         assert vis[3, 1:6].mean() < 0.8  # eye row
         assert vis[2:4].mean() < 0.9
@@ -104,13 +104,13 @@ def test_sunglasses_cover_eyes_not_mouth():
 
 def test_random_blocks_respect_count_and_size():
     for seed in range(10):
-        _, visible = occlusion.random_blocks(_face(), np.random.default_rng(seed),
+        _, visible = occluders.random_blocks(_face(), np.random.default_rng(seed),
                                              count=(2, 2), size=(0.25, 0.25))
         occluded = (~visible).sum()
         assert 28 * 28 <= occluded <= 2 * 28 * 28
     black = np.zeros((112, 112, 3), np.uint8)
     for seed in range(10):  # solid colours and noise both land exactly on the occluded pixels
-        out, visible = occlusion.random_blocks(black, np.random.default_rng(seed))
+        out, visible = occluders.random_blocks(black, np.random.default_rng(seed))
         assert out[~visible].any(axis=-1).mean() > 0.9
         np.testing.assert_array_equal(out[visible], 0)
 
@@ -199,8 +199,8 @@ def test_rgba_overlay(tmp_path):
         assert vis[6, 2:5].mean() < 0.2 and vis[:4].min() == 1.0
         red = (out[..., 0] > 128) & (out[..., 1] == 0)
         assert red.sum() > 500
-        direct, visible = occlusion.rgba_overlay(image, np.random.default_rng(seed), path)
+        direct, visible = occluders.rgba_overlay(image, np.random.default_rng(seed), path)
         # Visible pixels have alpha <= 0.5, so at most half of the red is blended in.
         assert direct[visible].max() <= 128 and direct[~visible, 0].min() > 127
     with pytest.raises(ValueError, match=r"must have 4 channels"):
-        occlusion.rgba_overlay(image, np.random.default_rng(0), no_alpha)
+        occluders.rgba_overlay(image, np.random.default_rng(0), no_alpha)

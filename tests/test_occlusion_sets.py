@@ -17,7 +17,7 @@ from etils import epath
 from PIL import Image
 
 import train_worker
-from data_pipelines import occlusion_sets, pipeline, synthetic_occlusion
+from data_pipelines import occlusion_set_align, occlusion_sets, pipeline, synthetic_occlusion
 from data_pipelines.images import CorruptImageError
 from data_pipelines.occlusion_sets import OcclusionItems, OcclusionSet
 from oaml_jax import step as step_lib
@@ -151,7 +151,7 @@ def test_unaligned_photo_mask_follows_the_face(tmp_path, capsys):
     _png(raw / "kept_faces" / "astro.jpg", photo[..., ::-1])
     _png(raw / "masks" / "astro_mask.png", half)
     with pytest.raises(ValueError, match="is an input folder"):
-        occlusion_sets.align_set(raw / "kept_faces", raw / "masks", raw / "masks" / "..")
+        occlusion_set_align.align_set(raw / "kept_faces", raw / "masks", raw / "masks" / "..")
     from test_inference_cli import run_main  # `oaml-inference align --images --masks --out`
     run_main("align", f"--images={raw / 'kept_faces'}", f"--masks={raw / 'masks'}", f"--out={tmp_path / 'aligned'}")
     assert capsys.readouterr().out.strip() == "1 written, 0 without face, 0 unpaired images, 0 unpaired masks"
@@ -175,7 +175,7 @@ def test_aligned_crops_are_kept_as_they_are_when_aligning_a_set(tmp_path):
     through `align_set` and through an unaligned set opened for training."""
     source = tmp_path / "synthetic"
     synthetic_occlusion.write_occlusion_set(str(source), 4, 3)
-    counts = occlusion_sets.align_set(source / "kept_faces", source / "masks", tmp_path / "aligned")
+    counts = occlusion_set_align.align_set(source / "kept_faces", source / "masks", tmp_path / "aligned")
     assert counts == {"written": 4, "without_face": 0, "unpaired_images": 0, "unpaired_masks": 0}
     original, aligned = OcclusionSet(source, 7), OcclusionSet(tmp_path / "aligned", 7)
     unaligned = OcclusionSet(source, 7, aligned=False)
