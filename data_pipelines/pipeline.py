@@ -65,7 +65,7 @@ def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: 
 
     Args:
         config: the whole run config; only `config.data` is read.
-        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+        num_devices, process_count: unused here (the signature every section check of `run_spec.validate_config`
             shares).
     """
     data_cfg = config["data"]

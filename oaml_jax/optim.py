@@ -26,7 +26,7 @@ def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: 
 
     Args:
         config: the whole run config; only `config.optim` is read.
-        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+        num_devices, process_count: unused here (the signature every section check of `run_spec.validate_config`
             shares).
     """
     optim_cfg = config["optim"]

@@ -1,12 +1,13 @@
-"""OAML training: config validation, mesh, sharded init, the epoch loop, validation, checkpoints.
+"""OAML training: mesh, sharded init, the epoch loop, validation, checkpoints.
 
     result = train_and_evaluate(config, workdir)
 
 One mesh axis "data" over every device of every process: the batch is split over it, the class kernel is
 split along the class axis (see oaml_jax/sharding.py), everything else is replicated. Each process feeds
 its contiguous part of every global batch; `jax.make_array_from_process_local_data` assembles them.
-The step itself lives in oaml_jax/step.py. Runs resume automatically from the latest checkpoint in
-`<workdir>/checkpoints`, data order included.
+The step itself lives in oaml_jax/step.py, the config checks and the run's description (`RunSpec`) in
+oaml_jax/run_spec.py, train-time validation in oaml_jax/train_validation.py. Runs resume automatically from
+the latest checkpoint in `<workdir>/checkpoints`, data order included.
 
 The host never waits for the device inside the loop: the next global batch is read and put on the devices
 while the current step runs, and a step's metrics are fetched after the next step is dispatched
@@ -20,9 +21,8 @@ Whether to save or stop at a step is the checkpointer's decision (`Checkpointer.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import jax
@@ -32,9 +32,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
-from orbax.checkpoint import multihost
 
-from data_pipelines import occlusion_sets, pipeline, samplers
+from data_pipelines import pipeline, samplers
 from oaml_jax import checkpoint as checkpoint_lib
 from oaml_jax import checkpointing
 from oaml_jax import metric_logger
@@ -45,121 +44,14 @@ from oaml_jax import sharding as sharding_lib
 from oaml_jax import step as step_lib
 from oaml_jax.evaluation import evaluators as evaluators_lib
 from oaml_jax.evaluation.base import Evaluator
-from oaml_jax.serving import FaceModel
 from oaml_jax.models import factory
 from oaml_jax.models.face_input import InputContract
-from oaml_jax.models.oaml import check_group_size
 from oaml_jax.paths import user_path
+from oaml_jax.processes import initialize_distributed, sync_processes
+from oaml_jax.run_spec import RunSpec, validate_config
 from oaml_jax.train_state import TrainState
+from oaml_jax.train_validation import Validation
 from oaml_jax.workdir_lock import WorkdirBusyError, WorkdirLock, not_writable
-
-NONFINITE = ("stop", "skip")
-
-
-def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: int) -> None:
-    """Checks `config.train` (and the batch's split by `data.k`); raises ValueError naming the field.
-
-    Args:
-        config: the whole run config; `config.train` and `config.data.k` are read.
-        num_devices, process_count: the global batch must split evenly over them.
-    """
-    train_cfg, k = config["train"], config["data"]["k"]
-    batch = train_cfg["batch_size"]
-    if batch <= 0:
-        raise ValueError(f"train.batch_size={batch} must be positive")
-    if batch % num_devices:
-        raise ValueError(f"train.batch_size={batch} is not divisible by the {num_devices} devices")
-    if batch % process_count:
-        raise ValueError(f"train.batch_size={batch} is not divisible by the {process_count} processes")
-    if k <= 0 or batch % k:
-        raise ValueError(f"train.batch_size={batch} is not divisible by data.k={k} (P identities x K images per "
-                         "batch)")
-    if batch // k < 2:
-        raise ValueError(f"train.batch_size={batch} / data.k={k} gives fewer than 2 identities per batch: QAConv "
-                         "needs negative pairs")
-    for field in ("epochs", "log_every", "checkpoint_every", "keep"):
-        if train_cfg[field] <= 0:
-            raise ValueError(f"train.{field}={train_cfg[field]} must be positive")
-    for field in ("max_steps", "profile_steps"):
-        if train_cfg[field] < 0:
-            raise ValueError(f"train.{field}={train_cfg[field]} must be >= 0")
-    if train_cfg["eval_every"] < -1:
-        raise ValueError(f"train.eval_every={train_cfg['eval_every']} must be >= -1 (-1 = never, 0 = at the end)")
-    if train_cfg["nonfinite"] not in NONFINITE:
-        raise ValueError(f"train.nonfinite={train_cfg['nonfinite']!r}; expected one of {NONFINITE}")
-    if not 0 <= train_cfg["max_skipped_share"] < 1:
-        raise ValueError(f"train.max_skipped_share={train_cfg['max_skipped_share']} must be in [0, 1)")
-
-
-# What `validate_config` runs, in order: each checks the fields its module consumes, with one signature
-# `check(config, *, num_devices, process_count)` over the whole config.
-SECTION_CHECKS = (check_config, factory.check_config, optim.check_config, pipeline.check_config,
-                  occlusion_sets.check_config, evaluators_lib.check_config)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """What `validate_config` establishes about a run; the rest of the run takes it as given.
-
-    Attributes:
-        global_batch: images per step over all devices and processes (`train.batch_size`).
-        per_device_batch: images per device and step.
-        per_process_batch: images each process reads per step.
-        identities_per_batch: P of the PK layout (`global_batch // data.k`).
-        group_size: QAConv's matching group in images (`model.qaconv_group_size`, the global batch for 0).
-        graph_k: neighbours per class the graph sampler needs (a class and its nearest fill one group).
-        contract: the model's input contract (channel order, feature-map side).
-    """
-    global_batch: int
-    per_device_batch: int
-    per_process_batch: int
-    identities_per_batch: int
-    group_size: int
-    graph_k: int
-    contract: InputContract
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> RunSpec:
-    """Checks the whole config before anything is read or compiled: each section by the code that consumes it.
-
-    Returns:
-        The run's description.
-
-    Raises:
-        ValueError: an inconsistent or unknown value, naming the field.
-    """
-    for check in SECTION_CHECKS:
-        check(config, num_devices=num_devices, process_count=process_count)
-    group_size = check_group_size(config.model.qaconv_group_size, global_batch=config.train.batch_size,
-                                  num_devices=num_devices, k=config.data.k)
-    batch = config.train.batch_size
-    return RunSpec(global_batch=batch, per_device_batch=batch // num_devices, per_process_batch=batch // process_count,
-                   identities_per_batch=batch // config.data.k, group_size=group_size,
-                   graph_k=group_size // config.data.k - 1, contract=factory.input_contract(config.model))
-
-
-def _initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize from `config.distributed` (gloo collectives for CPU processes)."""
-    if not dist_cfg.initialize or jax.distributed.is_initialized():
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if dist_cfg.coordinator_address:
-        kwargs = dict(coordinator_address=dist_cfg.coordinator_address,
-                      num_processes=dist_cfg.num_processes, process_id=dist_cfg.process_id)
-    jax.distributed.initialize(**kwargs)
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
-
-
-def _sync_processes(name: str, timeout_s: int = 3600) -> None:
-    """Blocks until every process reaches `name` (the coordination service's barrier, not a collective).
-
-    Hosts compile and restore at different speeds; without this, the first collective of the train step
-    waits on the slowest host and can time out (gloo's CPU collectives give up after 30 s).
-    """
-    if jax.process_count() > 1:
-        multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def _load_backbone(state: TrainState, config: ml_collections.ConfigDict, contract: InputContract,
@@ -193,15 +85,6 @@ def _class_graph(state: TrainState, num_classes: int, k: int, chunk: int, mesh) 
     centres = np.asarray(kernel)[:, :num_classes].T
     centres = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
     return samplers.knn_classes(centres, k, chunk)
-
-
-def _validate(validator: Optional[FaceModel], evaluator: list[Evaluator], state: TrainState) -> dict[str, float]:
-    """Train-time validation (the evaluators marked `validation`, clean pairs): every metric under "val/", and
-    the checkpoint ranking metric `BEST_METRIC` (`evaluators.validation_metrics`)."""
-    if not evaluator:
-        return {}
-    validator.set_variables(state.variables())
-    return evaluators_lib.validation_metrics(evaluator, validator)
 
 
 def _check_data(config: ml_collections.ConfigDict, spec: RunSpec, source: Any) -> tuple[int, np.ndarray, dict]:
@@ -287,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         RuntimeError: validation failed (the training state of that step is saved first).
         KeyboardInterrupt: a second Ctrl-C.
     """
-    _initialize_distributed(config.distributed)
+    initialize_distributed(config.distributed)
     spec = validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     workdir = user_path(workdir, "workdir")
     source = pipeline.open_source(config.data)
@@ -371,9 +254,9 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     config_dict = config.to_dict()
     try:
         state, step = _initial_state(config, spec, ckpt, latest, train_step)
-        validation = _Validation(config, spec, model, state, evaluator, writer, ckpt, stop_step,
+        validation = Validation(config, spec, model, state, evaluator, writer, ckpt, stop_step,
                                  best=(meta.get(checkpoint_lib.BEST_METRIC), latest))
-        _sync_processes("oaml_train_ready")
+        sync_processes("oaml_train_ready")
         profile = (periodic_actions.Profile(num_profile_steps=config.train.profile_steps, first_profile=step + 5,
                                             logdir=str(workdir))
                    if config.train.profile_steps > 0 and jax.process_index() == 0 else None)
@@ -451,35 +334,6 @@ def _compile(config: ml_collections.ConfigDict, spec: RunSpec, model_classes: in
     return model, train_step, compiled, flops
 
 
-class _Validation:
-    """Train-time validation every `train.eval_every` steps and at the last step; tracks the best result."""
-
-    def __init__(self, config: ml_collections.ConfigDict, spec: RunSpec, model: Any, state: TrainState,
-                 evaluator: list[Evaluator], writer: Any, ckpt: checkpointing.Checkpointer,
-                 stop_step: int, best: tuple[Optional[float], Optional[int]]):
-        self.evaluator, self.writer, self.ckpt, self.stop_step, self.best = evaluator, writer, ckpt, stop_step, best
-        self.every = config.train.eval_every
-        self.last: dict[str, float] = {}
-        # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
-        self.validator = (FaceModel(model, state.variables(), spec.contract, batch_size=config.eval.batch_size)
-                          if evaluator else None)
-
-    def maybe_run(self, step: int, state: TrainState, logger: metric_logger.MetricLogger,
-                  items: Callable[[int], dict]) -> dict[str, float]:
-        """Validates at `step` when due; returns the checkpoint's ranking metric ({} when not run)."""
-        if not self.evaluator or (step != self.stop_step and (self.every <= 0 or step % self.every)):
-            return {}
-        logger.flush()
-        with logger.paused():
-            self.last = _validate_or_save(self.validator, self.evaluator, state, step, self.ckpt, items(step))
-        self.writer.write_scalars(step, self.last)
-        logging.info("step %d validation: %s", step, _validation_line(self.last))
-        value = self.last[checkpoint_lib.BEST_METRIC]
-        if self.best[0] is None or value > self.best[0]:
-            self.best = (value, step)
-        return {checkpoint_lib.BEST_METRIC: value}
-
-
 def _writer(workdir: epath.Path) -> Any:
     """TensorBoard summaries from process 0 (the log gets the metric logger's short lines instead)."""
     if jax.process_index() > 0:
@@ -517,19 +371,6 @@ def _initial_state(config: ml_collections.ConfigDict, spec: RunSpec, ckpt: check
     return state, 0
 
 
-def _validation_line(validation: Mapping[str, float]) -> str:
-    """One short table line per validation: each pair set's clean AdaFace / QAConv accuracy and the ranking
-    metric (every scalar goes to TensorBoard)."""
-    cells = []
-    for key in validation:
-        if key.endswith("/clean/adaface_accuracy"):
-            name = key[len("val/"):-len("/clean/adaface_accuracy")]
-            accs = [validation.get(f"val/{name}/clean/{score}_accuracy") for score in ("adaface", "qaconv")]
-            cells.append(f"{name} " + "/".join("-" if a is None else f"{100 * a:.2f}" for a in accs))
-    return (f"{' | '.join(cells)} (% AdaFace/QAConv, clean); ranking metric "
-            f"{100 * validation[checkpoint_lib.BEST_METRIC]:.2f}")
-
-
 # Share of skipped steps is judged over at least this many steps (one early skip is not a trend).
 _MIN_STEPS_FOR_SHARE = 10
 
@@ -547,17 +388,3 @@ def _check_nonfinite(train_cfg: ml_collections.ConfigDict, host: Mapping[str, fl
               f"{skipped_total} of the {step} steps so far had a non-finite loss or gradient norm, more than "
               f"train.max_skipped_share={train_cfg.max_skipped_share}")
     raise FloatingPointError(f"{reason}; last good checkpoint: {where}")
-
-
-def _validate_or_save(validator: FaceModel, evaluator: list[Evaluator], state: TrainState, step: int,
-                      ckpt: checkpointing.Checkpointer, items: dict[str, Any]) -> dict[str, float]:
-    """`_validate`; if it fails, the state of `step` is saved before the error goes on (no step is lost)."""
-    _sync_processes(f"oaml_validate_{step}")
-    try:
-        return _validate(validator, evaluator, state)
-    except Exception as e:
-        ckpt.save(step, state, force=True, **items)
-        ckpt.wait_until_finished()
-        raise RuntimeError(f"validation at step {step} failed ({type(e).__name__}: {e}); the training state of "
-                           f"step {step} is saved in {ckpt.directory}/{step}: fix the cause and rerun the same "
-                           "command to resume") from e

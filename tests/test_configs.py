@@ -3,7 +3,7 @@
 import pytest
 
 from configs import default, demo, ir50_ms1mv2, ir100_ms1mv2
-from oaml_jax import train
+from oaml_jax import run_spec
 
 CONTRACT_DATA_FIELDS = {"source", "path", "sampler", "k", "num_workers", "seed", "on_corrupt", "graph_chunk",
                         "augment", "occlusion", "occlusion_sets", "occlusion_batch", "occlusion_real_share",
@@ -37,14 +37,14 @@ def test_test_variant_is_tiny_and_valid(tmp_path):
     assert tuple(c.model.backbone.widths) == (8, 16, 16, 32)
     assert c.model.backbone.embedding_size == 32 and c.train.batch_size == 16 and c.data.k == 4
     c.data.path = str(tmp_path)
-    train.validate_config(c, num_devices=1, process_count=1)
+    run_spec.validate_config(c, num_devices=1, process_count=1)
 
 
 @pytest.mark.parametrize("module", [default, ir50_ms1mv2, ir100_ms1mv2])
 def test_full_configs_validate_on_a_pod_slice(module, tmp_path):
     c = module.get_config()
     c.data.path = str(tmp_path)
-    train.validate_config(c, num_devices=8, process_count=2)
+    run_spec.validate_config(c, num_devices=8, process_count=2)
 
 
 def test_demo_is_narrow_and_validates_on_this_cpu(tmp_path):
@@ -52,7 +52,7 @@ def test_demo_is_narrow_and_validates_on_this_cpu(tmp_path):
     assert c.model.arch == "ir_18" and tuple(c.model.backbone.widths) == (16, 32, 32, 64)
     assert c.eval.bin_names == ("lfw",)
     c.data.path = str(tmp_path)
-    train.validate_config(c, num_devices=1, process_count=1)
+    run_spec.validate_config(c, num_devices=1, process_count=1)
 
 
 def test_unknown_variant():

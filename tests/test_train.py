@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 import train_worker
-from oaml_jax import checkpoint, checkpointing, sharding, train
+from oaml_jax import checkpoint, checkpointing, run_spec, sharding, train
 
 flags.FLAGS.mark_as_parsed()
 train_worker.enable_compilation_cache()
@@ -159,7 +159,7 @@ def test_config_validation_errors(data, field, value, devices, error, match):
                "lam_qa": config.model}[field]
     section[field] = value
     with pytest.raises(error, match=match):
-        train.validate_config(config, num_devices=devices, process_count=1)
+        run_spec.validate_config(config, num_devices=devices, process_count=1)
 
 
 def test_missing_data_folder_fails_before_compiling(tmp_path):

@@ -20,7 +20,7 @@ from etils import epath
 import train_worker
 from configs import default
 from data_pipelines import bin_pairs
-from oaml_jax import checkpoint, logs, resume, train
+from oaml_jax import checkpoint, logs, resume, run_spec, train
 from oaml_jax.evaluation import pairs
 from oaml_jax.workdir_lock import LOCK_FILE, WorkdirBusyError
 from test_train import poison_train_batch
@@ -52,7 +52,7 @@ def test_negative_learning_rate_is_refused_by_name(data):
     config = train_worker.tiny_config(data)
     config.optim.lr = -0.1
     with pytest.raises(ValueError, match=r"optim\.lr=-0\.1 must be a positive learning rate"):
-        train.validate_config(config, num_devices=1, process_count=1)
+        run_spec.validate_config(config, num_devices=1, process_count=1)
 
 
 def test_a_validation_set_too_small_for_ten_folds_is_refused_before_step_one(data, tmp_path):

@@ -79,7 +79,7 @@ def check_config(config: Mapping[str, Any], *, num_devices: int, process_count: 
 
     Args:
         config: the whole run config (`config.eval` is checked).
-        num_devices, process_count: unused here (the signature every section check of `train.validate_config`
+        num_devices, process_count: unused here (the signature every section check of `run_spec.validate_config`
             shares).
     """
     common_settings(config, training=False)
