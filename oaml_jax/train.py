@@ -255,7 +255,7 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     try:
         state, step = _initial_state(config, spec, ckpt, latest, train_step)
         validation = Validation(config, spec, model, state, evaluator, writer, ckpt, stop_step,
-                                 best=(meta.get(checkpoint_lib.BEST_METRIC), latest))
+                                best=(meta.get(checkpoint_lib.BEST_METRIC), latest))
         sync_processes("oaml_train_ready")
         profile = (periodic_actions.Profile(num_profile_steps=config.train.profile_steps, first_profile=step + 5,
                                             logdir=str(workdir))
