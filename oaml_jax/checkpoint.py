@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import inspect
 import json
+import os
 import re
 import sys
 import traceback
@@ -59,6 +62,7 @@ DATA_ITEM = "data"
 _JSON_ITEMS = ("config", "meta", DATA_ITEM)
 # How many offending tensors a non-finite refusal names before it counts the rest.
 _NAMED = 5
+_ORBAX_DIR = os.path.dirname(os.path.dirname(ocp.__file__))  # .../orbax: where Orbax's read coroutines live
 
 
 class DamagedCheckpointError(OSError):
@@ -155,10 +159,13 @@ def damaged_step_error(directory: epath.Path, step: int, reason: str) -> Damaged
 class _LateReadFilter:
     """A `sys.unraisablehook` that drops what a failed Orbax read leaves behind and passes on everything else.
 
-    When one file of a step is missing, Orbax's read fails and closes its asyncio loop while tensorstore is
-    still reading the step's other files; each of those completions then raises "RuntimeError: Event loop is
-    closed" in `call_soon_threadsafe` on a tensorstore thread, printed as dozens of tracebacks before the
-    one-line damage report. Only that exception from that frame is dropped.
+    When one file of a step is missing or truncated, Orbax's read fails while tensorstore is still reading the
+    step's other arrays. Two kinds of leftovers then reach `sys.unraisablehook`, each printed as a traceback
+    (dozens to hundreds of them) around the one-line damage report:
+    - "RuntimeError: Event loop is closed" from `call_soon_threadsafe`: completions that land on tensorstore's
+      threads after Orbax closed its asyncio loop;
+    - the exception each of Orbax's unfinished per-array read coroutines raises when it is finalized.
+    Only those two are dropped.
     """
 
     def __init__(self, previous):
@@ -166,10 +173,28 @@ class _LateReadFilter:
 
     def __call__(self, unraisable) -> None:
         frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-        if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-                and any(frame.name == "call_soon_threadsafe" for frame in frames)):
-            return
-        self.previous(unraisable)
+        late_completion = (isinstance(unraisable.exc_value, RuntimeError)
+                           and str(unraisable.exc_value) == "Event loop is closed"
+                           and any(frame.name == "call_soon_threadsafe" for frame in frames))
+        code = getattr(unraisable.object, "cr_code", None)
+        orbax_coroutine = inspect.iscoroutine(unraisable.object) and code.co_filename.startswith(_ORBAX_DIR)
+        if not (late_completion or orbax_coroutine):
+            self.previous(unraisable)
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clears the local variables of the frames in `error`'s traceback chain (the lines stay printable).
+
+    Orbax's read coroutines are held by those frames; freed here, they are finalized while `_LateReadFilter`
+    is installed, not at interpreter exit (where a command line's kept exception would release them and
+    Python prints their exceptions with its own hook).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()
 
 
 @contextlib.contextmanager
@@ -191,6 +216,7 @@ def reading(directory: epath.Path, step: int) -> Iterator[None]:
         reason = _unreadable(directory, step)
         if reason is None:
             raise
+        _release_frames(e)
         raise damaged_step_error(directory, step, reason) from e
     if sys.unraisablehook is late:
         sys.unraisablehook = previous

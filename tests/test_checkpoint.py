@@ -1,5 +1,6 @@
 """oaml_jax/checkpoint.py: save/restore round trips, retention, and converted AdaFace checkpoints."""
 
+import gc
 import os
 import re
 import sys
@@ -201,6 +202,7 @@ def test_a_damaged_latest_step_is_one_error_naming_it_and_the_step_that_reads(tm
     with pytest.raises(checkpoint.DamagedCheckpointError) as caught:
         checkpoint.restore(run)
     time.sleep(0.5)  # tensorstore's late completions of the failed read
+    gc.collect()  # and Orbax's read coroutines that were never finished
     assert printed == []
     message = str(caught.value)
     assert message.startswith(f"checkpoint {folder}/2 is damaged (")
