@@ -1,4 +1,5 @@
-"""The fake GCS of tests/fake_gcs.py: its GCS semantics, and the real gs:// clients running against it."""
+"""The fake GCS (tests/fake_gcs.py, gcs_server.py, gcs_store.py): its GCS semantics, and the real gs:// clients running
+against it."""
 
 import http.client
 import json
@@ -11,6 +12,7 @@ import urllib.parse
 import pytest
 
 import fake_gcs
+import gcs_server
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def server():
         yield gcs
 
 
-def call(gcs, method, path, body=b"", headers=None, token=fake_gcs.TOKEN):
+def call(gcs, method, path, body=b"", headers=None, token=gcs_server.TOKEN):
     """One plain-HTTP request to the server; returns (status, headers, body bytes)."""
     conn = http.client.HTTPConnection("127.0.0.1", gcs.port, timeout=30)
     try:
@@ -194,7 +196,7 @@ def test_tls_tunnel_to_google_hosts_only(server):
     conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=30)
     conn.set_tunnel("storage.googleapis.com", 443)  # the certificate must match the host name
     # The XML API's object GET, with which TensorFlow reads.
-    conn.request("GET", f"/{server.bucket}/tls%2Fobj", headers={"Authorization": f"Bearer {fake_gcs.TOKEN}",
+    conn.request("GET", f"/{server.bucket}/tls%2Fobj", headers={"Authorization": f"Bearer {gcs_server.TOKEN}",
                                                                 "Range": "bytes=4-10"})
     response = conn.getresponse()
     assert (response.status, response.read()) == (206, b"ugh the")
