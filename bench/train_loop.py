@@ -9,7 +9,9 @@ loop's figure is the images/s of the second interval, its steady state: the firs
 warm-up), then times `--steps` calls of the same compiled step (model, optimizer and input contract built
 from the same config by the same functions train.py calls) on one device-resident batch, after one warm-up
 call. Loop and step alternate, so the drift of a shared machine's speed falls on both; the ratio of each
-pair is printed, then the medians.
+pair is printed, then the medians. An epoch is `--identities` x 8 / `--batch` steps (16 by default): with
+2 x `--steps` inside one epoch the second interval is the loop's steady state; one that crosses an epoch
+start also times the start of the next epoch's Grain workers.
 """
 
 import os
