@@ -103,7 +103,8 @@ def _eval_main(argv: list[str]) -> None:
         config = config.copy_and_resolve_references()
         with config.unlocked():
             config.eval.evaluators = ml_collections.ConfigDict(entries)
-    runner.run(config, f.workdir, step=f.step, checkpoint=f.checkpoint, print_table=True)
+    runner.run(config, f.workdir, step=f.step, checkpoint=f.checkpoint, print_table=True,
+               subdir="+".join(entries))
 
 
 def train() -> None:

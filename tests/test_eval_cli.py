@@ -75,10 +75,11 @@ def test_workdir_it_cannot_write_is_refused_in_one_line_before_any_work(tmp_path
     done = _eval(f"--workdir={blocker}/run", f"--folder={tmp_path}/no_such_folder")
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: eval.py writes its results to {blocker}/run/eval and cannot write there (Not a "
-                      "directory); pass a --workdir you can write (with --checkpoint=<the run> to evaluate another's) "
+    out = f"{blocker}/run/eval/no_such_folder"  # a one-off set's own folder
+    assert errors == [f"error: eval.py writes its results to {out} and cannot write there (Not a directory); pass a "
+                      "--workdir you can write (with --checkpoint=<the run> to evaluate another's) "
                       "[traceback: --verbosity=1]"]
-    assert "Traceback" not in done.stderr and "no_such_folder" not in done.stderr and done.stdout == ""
+    assert "Traceback" not in done.stderr and "not a folder" not in done.stderr and done.stdout == ""
 
 
 def test_folder_shorthand_prints_one_table(tmp_path, workdir):
@@ -93,5 +94,7 @@ def test_folder_shorthand_prints_one_table(tmp_path, workdir):
     assert lines[6] == ("niqab: 6 faces of 3 identities from 6 photos (0 without a face; 0 unreadable; 0 other "
                         "entries skipped); 3 genuine and 12 impostor pairs")
     assert "%|" not in done.stderr and "Got images" not in done.stderr + done.stdout
-    with open(tmp_path / "out" / "eval" / "results.txt") as f:
+    # A one-off set's files go to eval/<its name>/: the workdir's own results and calibration stay as they are.
+    with open(tmp_path / "out" / "eval" / "niqab" / "results.txt") as f:
         assert f.read() == done.stdout
+    assert sorted(os.listdir(tmp_path / "out" / "eval")) == ["niqab"]

@@ -353,7 +353,7 @@ def test_eval_gallery_probe_shorthand_prints_rank_rows(sets, workdir, tmp_path):
     assert "gallery: 6 gallery faces, 3 mated and 2 non-mated probes" in lines
     assert ("gallery: FPIR 1e-02, 1e-01: fewer than 1/FPIR non-mated probes, threshold = their highest score "
             "(no false alarm allowed)") in lines
-    results = json.loads((out / "eval" / "results.json").read_text())
+    results = json.loads((out / "eval" / "gallery" / "results.json").read_text())
     assert results["identification"]["gallery"]["scores"]["adaface"]["ranks"] == {"1": 1.0, "5": 1.0}
-    assert (out / "eval" / "cmc_gallery.png").exists()
-    assert (out / "eval" / "results.txt").read_text() == done.stdout
+    assert (out / "eval" / "gallery" / "cmc_gallery.png").exists()
+    assert (out / "eval" / "gallery" / "results.txt").read_text() == done.stdout

@@ -68,7 +68,8 @@ def merge_tables(tables: Sequence[base.Table]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Optional[int] = None,
-        checkpoint: Optional[epath.PathLike] = None, *, print_table: bool = False) -> dict[str, Any]:
+        checkpoint: Optional[epath.PathLike] = None, *, print_table: bool = False, subdir: str = ""
+        ) -> dict[str, Any]:
     """Evaluates the latest (or given) checkpoint of `workdir` (or the checkpoint at `checkpoint`).
 
     Args:
@@ -79,6 +80,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
         checkpoint: a checkpoint directory (training `checkpoints/`, a converted AdaFace checkpoint, or
             one step's directory) to evaluate instead of the workdir's.
         print_table: print the table on stdout (process 0) before any file is written.
+        subdir: write into `<workdir>/eval/<subdir>/` instead (eval.py's one-off sets: the workdir's own
+            results, TensorBoard points and calibration.json, which `verify` and export read, stay as they are).
 
     Returns:
         dict with "step", "table" (the text), "scalars" (evaluator -> name -> value), "results" (evaluator
@@ -92,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Option
     """
     evaluators_lib.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     workdir = user_path(workdir, "workdir")
-    out_dir = workdir / EVAL_SUBDIR
+    out_dir = workdir / EVAL_SUBDIR / subdir if subdir else workdir / EVAL_SUBDIR
     is_main = jax.process_index() == 0
     if is_main:
         check_writable(out_dir)
