@@ -35,6 +35,7 @@ import dataclasses
 import gc
 import inspect
 import json
+import logging as logging_lib
 import os
 import re
 import sys
@@ -182,6 +183,17 @@ class _LateReadFilter:
             self.previous(unraisable)
 
 
+class _LateReadLogFilter(logging_lib.Filter):
+    """Drops asyncio's "... exception was never retrieved" records of Orbax's reads after a failed read (Orbax
+    gathers one future per array; after the first failure nobody collects the others' errors)."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+        return not any(frame.filename.startswith(_ORBAX_DIR) for frame in frames)
+
+
 def _release_frames(error: BaseException) -> None:
     """Clears the local variables of the frames in `error`'s traceback chain (the lines stay printable).
 
@@ -203,11 +215,13 @@ def reading(directory: epath.Path, step: int) -> Iterator[None]:
     read (errors of an intact folder, e.g. a target of other shapes, pass through unchanged).
 
     While the read runs, and for the rest of the process once it failed (the late completions of a failed
-    read arrive on tensorstore's threads after the error), `_LateReadFilter` keeps the aftermath of a failed
-    read off stderr.
+    read arrive on tensorstore's threads after the error), `_LateReadFilter` and `_LateReadLogFilter` keep the
+    aftermath of a failed read off stderr.
     """
     previous = sys.unraisablehook
     late = sys.unraisablehook = _LateReadFilter(previous)
+    late_logs = _LateReadLogFilter()
+    logging_lib.getLogger("asyncio").addFilter(late_logs)
     try:
         yield
     except DamagedCheckpointError:
@@ -218,6 +232,7 @@ def reading(directory: epath.Path, step: int) -> Iterator[None]:
             raise
         _release_frames(e)
         raise damaged_step_error(directory, step, reason) from e
+    logging_lib.getLogger("asyncio").removeFilter(late_logs)
     if sys.unraisablehook is late:
         sys.unraisablehook = previous
 

@@ -102,20 +102,22 @@ def test_a_busy_workdir_is_one_line(data, tmp_path):
 
 
 def test_a_damaged_checkpoint_is_one_line_on_stderr(data, tmp_path):
-    """An interrupted copy (a data file of the latest step truncated): train.py's refusal is its only line."""
+    """An interrupted copy (the latest step's data files truncated): train.py's and eval.py's refusal is all
+    they print after their INFO lines."""
     workdir = tmp_path / "work"
     args = (f"--workdir={workdir}", f"--config.data.path={data}", "--config.train.checkpoint_every=2",
             "--config.train.eval_every=-1")
     assert _run(_command("train.py", *args, "--config.train.max_steps=4")).returncode == 0
-    data_files = sorted((workdir / "checkpoints" / "4" / "state").glob("ocdbt.process_0/d/*"),
-                        key=lambda p: p.stat().st_size)
-    data_files[-1].write_bytes(b"")
+    for data_file in (workdir / "checkpoints" / "4" / "state").glob("ocdbt.process_0/d/*"):
+        data_file.write_bytes(b"")  # parameters too: eval.py reads nothing else
     resumed = _run(_command("train.py", *args, "--config.train.max_steps=6"))
-    assert resumed.returncode == 1
-    refusal = [line for line in resumed.stderr.splitlines() if line.startswith("error: ")]
-    assert len(refusal) == 1 and f"checkpoint {workdir}/checkpoints/4 is damaged (" in refusal[0]
-    after = resumed.stderr[resumed.stderr.index(refusal[0]) + len(refusal[0]):]
-    assert after.strip() == "" and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    evaluated = _run(_command("eval.py", f"--workdir={workdir}", f"--config.data.path={data}"))
+    for done in (resumed, evaluated):
+        assert done.returncode == 1
+        refusal = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(refusal) == 1 and f"checkpoint {workdir}/checkpoints/4 is damaged (" in refusal[0]
+        after = done.stderr[done.stderr.index(refusal[0]) + len(refusal[0]):]
+        assert after.strip() == "" and "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 def _saved_steps(workdir):
