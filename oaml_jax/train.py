@@ -229,6 +229,10 @@ def _train(config: ml_collections.ConfigDict, spec: RunSpec, workdir: epath.Path
     num_classes, labels, record = data
     spe = pipeline.steps_per_epoch(len(source), spec.global_batch)
     stop_step = min(config.train.max_steps or config.train.epochs * spe, config.train.epochs * spe)
+    if config.train.max_steps > stop_step:
+        logging.warning("train.max_steps=%d is past the end of train.epochs=%d (%d steps each): the run stops at step "
+                        "%d; raise train.epochs to train longer (the learning-rate schedule follows the epochs)",
+                        config.train.max_steps, config.train.epochs, spe, stop_step)
     mesh = sharding_lib.make_mesh()
     ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep)
     try:

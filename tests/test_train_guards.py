@@ -212,7 +212,10 @@ def test_resuming_on_changed_identity_folders_is_refused_naming_the_change(tmp_p
 
 def test_a_finished_run_is_not_compiled_again(data, tmp_path, monkeypatch):
     workdir = str(tmp_path / "work")
+    warned = []
+    monkeypatch.setattr(train.logging, "warning", lambda msg, *args: warned.append(msg % args))
     assert train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)["step"] == 2
+    compile_step = train._compile
     monkeypatch.setattr(train, "_compile", lambda *a, **k: pytest.fail("compiled"))
     again = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=2), workdir)
     assert (again["step"], again["losses"], again["preempted"]) == (2, {}, False)
@@ -220,6 +223,12 @@ def test_a_finished_run_is_not_compiled_again(data, tmp_path, monkeypatch):
     config.model.lam_qa = 0.5
     with pytest.raises(ValueError, match=r"model\.lam_qa: saved 0\.9, now 0\.5"):  # the resume checks still hold
         train.train_and_evaluate(config, workdir)
+    assert warned == []
+    # max_steps past the last epoch's end is said, not silently cut (64 records / 16 = 4 steps per epoch).
+    monkeypatch.setattr(train, "_compile", compile_step)
+    assert train.train_and_evaluate(train_worker.tiny_config(data, max_steps=9, epochs=1), workdir)["step"] == 4
+    assert warned == ["train.max_steps=9 is past the end of train.epochs=1 (4 steps each): the run stops at step 4; "
+                      "raise train.epochs to train longer (the learning-rate schedule follows the epochs)"]
 
 
 def test_a_damaged_latest_checkpoint_stops_the_resume_naming_it(data, tmp_path):

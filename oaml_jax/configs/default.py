@@ -139,7 +139,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.train.epochs = 26
     config.train.batch_size = 512  # global, over all devices and processes
     # Stop after this many steps (preemption drills, smoke tests); 0 = epochs * steps_per_epoch. The lr
-    # schedule still follows `epochs`.
+    # schedule still follows `epochs`, which also bound the run: more steps than they hold are cut (warned).
     config.train.max_steps = 0
     config.train.log_every = 100
     config.train.checkpoint_every = 2000
