@@ -184,14 +184,20 @@ class _LateReadFilter:
 
 
 class _LateReadLogFilter(logging_lib.Filter):
-    """Drops asyncio's "... exception was never retrieved" records of Orbax's reads after a failed read (Orbax
-    gathers one future per array; after the first failure nobody collects the others' errors)."""
+    """Drops asyncio's "... exception was never retrieved" records of a failed read's other arrays (Orbax
+    gathers one future per array; after the first failure nobody collects the others' errors): those whose
+    traceback runs through Orbax or whose error names the step folder read."""
+
+    def __init__(self, step_dir: epath.Path):
+        super().__init__()
+        self.step_dir = str(step_dir)
 
     def filter(self, record: logging_lib.LogRecord) -> bool:
         if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
             return True
         frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
-        return not any(frame.filename.startswith(_ORBAX_DIR) for frame in frames)
+        return not (any(frame.filename.startswith(_ORBAX_DIR) for frame in frames)
+                    or self.step_dir in str(record.exc_info[1]))
 
 
 def _release_frames(error: BaseException) -> None:
@@ -220,7 +226,7 @@ def reading(directory: epath.Path, step: int) -> Iterator[None]:
     """
     previous = sys.unraisablehook
     late = sys.unraisablehook = _LateReadFilter(previous)
-    late_logs = _LateReadLogFilter()
+    late_logs = _LateReadLogFilter(directory / str(step))
     logging_lib.getLogger("asyncio").addFilter(late_logs)
     try:
         yield
