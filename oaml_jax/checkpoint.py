@@ -166,11 +166,11 @@ class _LateReadFilter:
     - "RuntimeError: Event loop is closed" from `call_soon_threadsafe`: completions that land on tensorstore's
       threads after Orbax closed its asyncio loop;
     - the exception each of Orbax's unfinished per-array read coroutines raises when it is finalized.
-    Only those two are dropped.
+    Only those two are dropped, and any other whose error names the step folder read.
     """
 
-    def __init__(self, previous):
-        self.previous = previous
+    def __init__(self, previous, step_dir: epath.Path):
+        self.previous, self.step_dir = previous, str(step_dir)
 
     def __call__(self, unraisable) -> None:
         frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
@@ -179,7 +179,7 @@ class _LateReadFilter:
                            and any(frame.name == "call_soon_threadsafe" for frame in frames))
         code = getattr(unraisable.object, "cr_code", None)
         orbax_coroutine = inspect.iscoroutine(unraisable.object) and code.co_filename.startswith(_ORBAX_DIR)
-        if not (late_completion or orbax_coroutine):
+        if not (late_completion or orbax_coroutine or self.step_dir in str(unraisable.exc_value)):
             self.previous(unraisable)
 
 
@@ -225,7 +225,7 @@ def reading(directory: epath.Path, step: int) -> Iterator[None]:
     aftermath of a failed read off stderr.
     """
     previous = sys.unraisablehook
-    late = sys.unraisablehook = _LateReadFilter(previous)
+    late = sys.unraisablehook = _LateReadFilter(previous, directory / str(step))
     late_logs = _LateReadLogFilter(directory / str(step))
     logging_lib.getLogger("asyncio").addFilter(late_logs)
     try:
