@@ -37,6 +37,8 @@ class Validation:
         # Validation shares eval.py's feature extraction; it is pointed at the state's values each time.
         self.validator = (FaceModel(model, state.variables(), spec.contract, batch_size=config.eval.batch_size)
                           if evaluator else None)
+        if self.validator is not None:
+            self.validator.progress = False  # the run's log says a validation ran, in one table line
 
     def maybe_run(self, step: int, state: TrainState, logger: metric_logger.MetricLogger,
                   items: Callable[[int], dict]) -> dict[str, float]:

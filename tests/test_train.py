@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 import train_worker
-from oaml_jax import checkpoint, checkpointing, run_spec, sharding, train
+from oaml_jax import checkpoint, checkpointing, run_spec, serving, sharding, train
 
 flags.FLAGS.mark_as_parsed()
 train_worker.enable_compilation_cache()
@@ -55,10 +55,12 @@ def test_few_steps_learn_and_update_statistics(full_run):
     assert changed["batch_stats"]["head"]["batch_mean"]
 
 
-def test_kill_and_resume_reproduces_uninterrupted_run(full_run, data, tmp_path):
+def test_kill_and_resume_reproduces_uninterrupted_run(full_run, data, tmp_path, monkeypatch, capfd):
     _, full = full_run
     workdir = str(tmp_path / "resumed")
+    monkeypatch.setattr(serving, "PROGRESS_MIN_STEPS", 0)  # validation would show a bar for any run
     first = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=3, eval_every=0), workdir)
+    assert "%|" not in capfd.readouterr().err  # validation is one log line, no progress bar
     assert first["step"] == 3
     second = train.train_and_evaluate(train_worker.tiny_config(data, max_steps=6, eval_every=0), workdir)
     assert sorted(second["losses"]) == [3, 4, 5]  # resumed mid-epoch, crossed into epoch 1
