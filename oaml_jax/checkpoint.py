@@ -149,7 +149,8 @@ def damaged_step_error(directory: epath.Path, step: int, reason: str) -> Damaged
     intact = next((s for s in steps if s != step and _unreadable(directory, s) is None), None)
     where = f"{directory}/{step}"
     if intact is None:
-        advice = "no other step in that folder reads either; restore the folder from a copy or start a new run"
+        advice = ("no other step in that folder reads either" if len(steps) > 1 else "it is the folder's only step")
+        advice += "; restore the folder from a copy or start a new run"
     else:
         advice = (f"the newest intact step is {intact}: pass --step={intact} to evaluate or serve it, or move the "
                   f"damaged folder aside (mv {where} {where}.damaged) to resume training from it; a step is not "

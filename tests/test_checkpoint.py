@@ -226,6 +226,11 @@ def test_a_damaged_only_step_says_no_step_reads(tmp_path):
     from test_inference import write_training_checkpoint
     run = write_training_checkpoint(str(tmp_path / "run"), step=5)
     os.remove(tmp_path / "run" / "checkpoints" / "5" / "config" / "metadata")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=r"checkpoints/5 is damaged \(.*\); it is the "
+                                                                r"folder's only step; restore the folder from a copy"):
+        checkpoint.restore(run)
+    write_training_checkpoint(run, step=3)
+    os.remove(tmp_path / "run" / "checkpoints" / "3" / "config" / "metadata")
     with pytest.raises(checkpoint.DamagedCheckpointError, match=r"checkpoints/5 is damaged \(.*\); no other step "
-                                                                r"in that folder reads either"):
+                                                                r"in that folder reads either; restore"):
         checkpoint.restore(run)
