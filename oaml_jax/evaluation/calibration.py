@@ -38,6 +38,8 @@ from etils import epath
 from oaml_jax.evaluation import fusion, verification
 
 CALIBRATION_FILE = "calibration.json"
+# (file, its step, the step asked for) of the stale calibrations warned about in this process.
+_STALE_WARNED: set[tuple[str, Optional[int], Optional[int]]] = set()
 FARS = (1e-2, 1e-3, 1e-4)
 # How the FAR keys are written in the file ("0.001"): repr of the float, read back with float().
 _FAR_KEY = repr
@@ -196,7 +198,9 @@ def load(path: epath.PathLike, step: Optional[int]) -> Optional[Calibration]:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a calibration file ({type(e).__name__}: {e})") from e
     if calibration.step != step:
-        logging.warning("%s was fitted for step %s, not %s: ignored (run eval.py on step %s to calibrate it)",
-                        path, calibration.step, step, step)
+        if (str(path), calibration.step, step) not in _STALE_WARNED:  # a command may look twice (verify)
+            _STALE_WARNED.add((str(path), calibration.step, step))
+            logging.warning("%s was fitted for step %s, not %s: ignored (run eval.py on step %s to calibrate it)",
+                            path, calibration.step, step, step)
         return None
     return calibration
