@@ -193,6 +193,13 @@ def test_list_files_and_setting_errors(sets, tmp_path):
         identification.IdentificationEvaluator("ar", {"probe": str(root / "probe")}, COMMON)
     with pytest.raises(ValueError, match=r"eval.evaluators.ar.ranks=\(0,\): expected ranks >= 1"):
         identification.IdentificationEvaluator("ar", {"gallery": "x", "probe": "y", "ranks": (0,)}, COMMON)
+    with pytest.raises(ValueError, match=r"eval.evaluators.ar.fpirs=\(1.0,\): expected rates in \(0, 1\)"):
+        identification.IdentificationEvaluator("ar", {"gallery": "x", "probe": "y", "fpirs": (1.0,)}, COMMON)
+    # IJB 1:N reads the same two settings the same way.
+    with pytest.raises(ValueError, match=r"eval.evaluators.i.ranks=\(0,\): expected ranks >= 1"):
+        identification_benchmarks.IJB1NEvaluator("i", {"ranks": (0,)}, COMMON)
+    with pytest.raises(ValueError, match=r"eval.evaluators.i.fpirs=\(0.0,\): expected rates in \(0, 1\)"):
+        identification_benchmarks.IJB1NEvaluator("i", {"fpirs": (0.0,)}, COMMON)
 
 
 def test_built_from_the_config_by_type(sets, workdir):

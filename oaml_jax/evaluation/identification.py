@@ -211,6 +211,23 @@ def check_settings(settings: Mapping[str, Any], known: Sequence[str], field: str
         raise ValueError(f"{field}: unknown settings {unknown}; expected some of {sorted(known)}")
 
 
+def ranks_and_fpirs(settings: Mapping[str, Any], field: str, default_ranks: Sequence[int] = RANKS
+                    ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The `ranks` (CMC points, >= 1) and `fpirs` (open-set false positive identification rates, in (0, 1))
+    of an identification evaluator's settings, defaults filled in.
+
+    Raises:
+        ValueError: naming `<field>.ranks` or `<field>.fpirs` and what was expected.
+    """
+    ranks = tuple(int(r) for r in settings.get("ranks", default_ranks))
+    fpirs = tuple(float(f) for f in settings.get("fpirs", FPIRS))
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"{field}.ranks={ranks}: expected ranks >= 1")
+    if not all(0.0 < f < 1.0 for f in fpirs):
+        raise ValueError(f"{field}.fpirs={fpirs}: expected rates in (0, 1)")
+    return ranks, fpirs
+
+
 CORNER = "identification (%)"
 
 
@@ -240,14 +257,9 @@ class IdentificationEvaluator(base.Evaluator):
         self.field = f"eval.evaluators.{name}"
         check_settings(settings, self.SETTINGS, self.field)
         self.aligned = bool(settings.get("aligned", False))
-        self.ranks = tuple(int(r) for r in settings.get("ranks", self.DEFAULT_RANKS))
-        self.fpirs = tuple(float(f) for f in settings.get("fpirs", FPIRS))
+        self.ranks, self.fpirs = ranks_and_fpirs(settings, self.field, self.DEFAULT_RANKS)
         self.qaconv = bool(settings.get("qaconv", True))
         self.gallery_chunk = int(settings.get("gallery_chunk", GALLERY_CHUNK))
-        if not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"{self.field}.ranks={self.ranks}: expected ranks >= 1")
-        if not all(0.0 < f < 1.0 for f in self.fpirs):
-            raise ValueError(f"{self.field}.fpirs={self.fpirs}: expected rates in (0, 1)")
         if self.gallery_chunk < 1:
             raise ValueError(f"{self.field}.gallery_chunk={self.gallery_chunk}: expected >= 1")
         self.gallery, self.probe = self.read_sets(settings)

@@ -231,13 +231,8 @@ class IJB1NEvaluator(base.Evaluator):
         field = f"eval.evaluators.{name}"
         identification.check_settings(settings, self.SETTINGS, field)
         setting = lambda key, default: settings.get(key, common.eval_config.get(f"ijb_{key}", default))
-        self.ranks = tuple(int(r) for r in settings.get("ranks", identification.RANKS))
-        self.fpirs = tuple(float(f) for f in settings.get("fpirs", identification.FPIRS))
+        self.ranks, self.fpirs = identification.ranks_and_fpirs(settings, field)
         self.batch_size = int(setting("batch_size", 0))
-        if not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"{field}.ranks={self.ranks}: expected ranks >= 1")
-        if not all(0.0 < f < 1.0 for f in self.fpirs):
-            raise ValueError(f"{field}.fpirs={self.fpirs}: expected rates in (0, 1)")
         if self.batch_size < 0:
             raise ValueError(f"{field}.batch_size={self.batch_size}: expected >= 0 (0 = the model's)")
         names = tuple(n.lower() for n in setting("names", ijb_layout.IJB_NAMES))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -115,7 +114,7 @@ class OcclusionSetEvaluator(base.Evaluator):
                                  f"data.occlusion_holdout={holdout} (a set of {pairs}; add faces, or set "
                                  "data.occlusion_holdout=0 to validate on none, or name a validation set in "
                                  "eval.occlusion_sets)")
-            set_name = os.path.basename(os.fspath(path).rstrip("/")) or f"set{i}"
+            set_name = epath.Path(path).name or f"set{i}"
             self.sets[set_name if set_name not in self.sets else f"{set_name}_{i}"] = (opened, indices)
 
     @property
